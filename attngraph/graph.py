@@ -1,0 +1,378 @@
+"""`TokenGraph`: a sparse attention mask as a directed graph over tokens.
+
+Edge ``j -> i`` means *query i attends to key j*. ``edge_index[0]`` holds sources (keys),
+``edge_index[1]`` holds targets (queries), PyG's ``flow="source_to_target"``. Edges are kept
+in the canonical order: sorted by ``(dst, src)`` with no duplicates, so per-edge tensors
+(``edge_bias``, attention weights) line up with ``graph.edge_index`` and rows of the CSR
+over targets (``graph.ptr``) are contiguous slices.
+
+Sort state and the CSR / CSC caches live in a :class:`torch_geometric.EdgeIndex` sorted by
+target (``sort_order="col"``), with ``sparse_size = (num_src, num_dst)``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch_geometric import EdgeIndex
+
+__all__ = ["TokenGraph"]
+
+# Elements evaluated per call of a mask_mod predicate in `TokenGraph.from_mask_mod`.
+MASK_MOD_CHUNK_ELEMENTS = 1 << 24
+
+
+def _check_count(name: str, value, *, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) and not (
+            isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point()):
+        raise TypeError(f"{name} must be a non-negative int, got {value!r} "
+                        f"({type(value).__name__})")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_edge_index(edge_index) -> Tensor:
+    if not isinstance(edge_index, Tensor):
+        raise TypeError(f"edge_index must be a torch.Tensor of shape [2, E], got "
+                        f"{type(edge_index).__name__}")
+    if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
+        raise TypeError(f"edge_index must hold integers (torch.int32 or torch.int64), got "
+                        f"{edge_index.dtype}")
+    if edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(f"edge_index must have shape [2, E] (row 0 = keys/sources, row 1 = "
+                         f"queries/targets), got shape {list(edge_index.shape)}")
+    if isinstance(edge_index, EdgeIndex):
+        edge_index = edge_index.as_tensor()
+    return edge_index.long()
+
+
+class TokenGraph:
+    r"""A sparse attention mask as a graph: ``num_src`` key nodes, ``num_dst`` query nodes.
+
+    Args:
+        edge_index: ``[2, E]`` integer tensor (or PyG ``EdgeIndex``), row 0 = keys ``j``,
+            row 1 = queries ``i``, any order, duplicates allowed (they are dropped).
+        num_nodes: number of tokens for self-attention (``num_src = num_dst = num_nodes``).
+            Inferred as ``max index + 1`` when nothing is given.
+        num_src, num_dst: key / query counts for cross-attention (bipartite graphs).
+
+    Example::
+
+        >>> g = TokenGraph(torch.tensor([[0, 0, 1], [0, 1, 1]]), num_nodes=2)
+        >>> g.to_dense()            # mask[i, j]: query i attends to key j
+        tensor([[ True, False],
+                [ True,  True]])
+    """
+
+    __slots__ = ("_ei",)
+
+    def __init__(self, edge_index, num_nodes: Optional[int] = None, *,
+                 num_src: Optional[int] = None, num_dst: Optional[int] = None):
+        ei = _check_edge_index(edge_index)
+        num_nodes = _check_count("num_nodes", num_nodes, allow_none=True)
+        num_src = _check_count("num_src", num_src, allow_none=True)
+        num_dst = _check_count("num_dst", num_dst, allow_none=True)
+        if num_nodes is not None:
+            for name, val in (("num_src", num_src), ("num_dst", num_dst)):
+                if val is not None and val != num_nodes:
+                    raise ValueError(f"{name}={val} contradicts num_nodes={num_nodes}; give "
+                                     f"num_nodes for self-attention or num_src/num_dst")
+            num_src = num_dst = num_nodes
+        if ei.numel() and int(ei.min()) < 0:
+            raise ValueError(f"edge_index holds a negative index ({int(ei.min())}); node ids "
+                             f"must be in [0, num_nodes)")
+        max_src = int(ei[0].max()) + 1 if ei.numel() else 0
+        max_dst = int(ei[1].max()) + 1 if ei.numel() else 0
+        if num_src is None and num_dst is None:
+            num_src = num_dst = max(max_src, max_dst)
+        elif num_src is None or num_dst is None:
+            raise ValueError("give both num_src and num_dst (or num_nodes), got only one")
+        if max_src > num_src:
+            raise ValueError(f"edge_index[0] (keys) holds index {max_src - 1}, out of range "
+                             f"for num_src={num_src}")
+        if max_dst > num_dst:
+            raise ValueError(f"edge_index[1] (queries) holds index {max_dst - 1}, out of range "
+                             f"for num_dst={num_dst}")
+        # One sort on a combined key puts edges in (dst, src) order and drops duplicates.
+        key = torch.unique(ei[1] * max(num_src, 1) + ei[0], sorted=True)
+        src, dst = key % max(num_src, 1), torch.div(key, max(num_src, 1), rounding_mode="floor")
+        self._ei = self._make_edge_index(src, dst, num_src, num_dst)
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _make_edge_index(src: Tensor, dst: Tensor, num_src: int, num_dst: int) -> EdgeIndex:
+        return EdgeIndex(torch.stack([src.long(), dst.long()]), sparse_size=(num_src, num_dst),
+                         sort_order="col")
+
+    @classmethod
+    def _from_canonical(cls, src: Tensor, dst: Tensor, num_src: int,
+                        num_dst: Optional[int] = None) -> "TokenGraph":
+        """Wrap edges already in canonical (dst, src) order without duplicates (no checks).
+
+        Mask generators build their edges in this order directly, which saves an
+        O(E log E) sort at 10^8 edges.
+        """
+        g = cls.__new__(cls)
+        g._ei = cls._make_edge_index(src, dst, num_src, num_src if num_dst is None else num_dst)
+        return g
+
+    @classmethod
+    def _from_keys(cls, key: Tensor, num_src: int, num_dst: int) -> "TokenGraph":
+        """From sorted unique keys ``dst * num_src + src``."""
+        ns = max(num_src, 1)
+        return cls._from_canonical(key % ns, torch.div(key, ns, rounding_mode="floor"),
+                                   num_src, num_dst)
+
+    @classmethod
+    def from_dense(cls, mask: Tensor) -> "TokenGraph":
+        """Graph of a boolean ``[num_dst, num_src]`` mask (``mask[i, j]``: query i sees key j)."""
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dim() != 2:
+            raise ValueError(f"mask must have shape [num_dst, num_src], got {list(mask.shape)}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = attend), got {mask.dtype}; "
+                            f"use mask.bool() or mask != 0")
+        dst, src = mask.nonzero(as_tuple=True)  # row-major: already canonical
+        return cls._from_canonical(src, dst, mask.size(1), mask.size(0))
+
+    @classmethod
+    def from_mask_mod(cls, fn: Callable[[Tensor, Tensor], Tensor], num_dst: int,
+                      num_src: Optional[int] = None, *, device=None) -> "TokenGraph":
+        """Graph of a FlexAttention-style predicate ``fn(q_idx, kv_idx) -> bool``.
+
+        ``fn`` gets broadcastable index tensors ``q_idx: [R, 1]`` and ``kv_idx: [1, num_src]``
+        for a chunk of R query rows at a time, so peak memory is about
+        ``MASK_MOD_CHUNK_ELEMENTS`` booleans whatever ``num_dst * num_src`` is.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable as fn(q_idx, kv_idx), got {type(fn).__name__}")
+        num_dst = _check_count("num_dst", num_dst)
+        num_src = num_dst if num_src is None else _check_count("num_src", num_src)
+        kv = torch.arange(num_src, device=device).view(1, -1)
+        rows = max(1, MASK_MOD_CHUNK_ELEMENTS // max(num_src, 1))
+        srcs, dsts = [], []
+        for r0 in range(0, num_dst, rows):
+            q = torch.arange(r0, min(r0 + rows, num_dst), device=device).view(-1, 1)
+            m = fn(q, kv)
+            if not isinstance(m, Tensor) or m.dtype != torch.bool:
+                raise TypeError(f"fn must return a bool tensor, got "
+                                f"{getattr(m, 'dtype', type(m).__name__)}")
+            d, s = m.expand(q.size(0), num_src).nonzero(as_tuple=True)
+            srcs.append(s)
+            dsts.append(d + r0)
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        src = torch.cat(srcs) if srcs else empty
+        dst = torch.cat(dsts) if dsts else empty
+        return cls._from_canonical(src, dst, num_src, num_dst)
+
+    @classmethod
+    def from_networkx(cls, G) -> "TokenGraph":
+        """Inverse of :meth:`to_networkx` (integer node ids, or ``("key", j)`` / ``("query", i)``)."""
+        nodes = list(G.nodes)
+        if nodes and isinstance(nodes[0], tuple):
+            num_src = G.graph.get("num_src", sum(1 for n in nodes if n[0] == "key"))
+            num_dst = G.graph.get("num_dst", sum(1 for n in nodes if n[0] == "query"))
+            pairs = [(u[1], v[1]) for u, v in G.edges]
+        else:
+            num_src = num_dst = G.number_of_nodes()
+            pairs = list(G.edges)
+        ei = torch.tensor(pairs, dtype=torch.long).t().reshape(2, -1)
+        return cls(ei, num_src=num_src, num_dst=num_dst)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def edge_index(self) -> EdgeIndex:
+        """``[2, E]`` EdgeIndex in canonical (dst, src) order; row 0 keys, row 1 queries."""
+        return self._ei
+
+    @property
+    def src(self) -> Tensor:
+        """Key index of every edge, ``[E]`` int64 (canonical order)."""
+        return self._ei.as_tensor()[0]
+
+    @property
+    def dst(self) -> Tensor:
+        """Query index of every edge, ``[E]`` int64 (canonical order, non-decreasing)."""
+        return self._ei.as_tensor()[1]
+
+    @property
+    def num_src(self) -> int:
+        return int(self._ei.sparse_size(0))
+
+    @property
+    def num_dst(self) -> int:
+        return int(self._ei.sparse_size(1))
+
+    @property
+    def num_edges(self) -> int:
+        return self._ei.size(1)
+
+    @property
+    def device(self) -> torch.device:
+        return self._ei.device
+
+    @property
+    def is_bipartite(self) -> bool:
+        return self.num_src != self.num_dst
+
+    @property
+    def ptr(self) -> Tensor:
+        """int64 ``[num_dst + 1]`` CSR offsets over queries: row i is ``ptr[i]:ptr[i+1]``."""
+        return self._ei.get_indptr()
+
+    def csc(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """Edges grouped by key: ``(key_ptr [num_src + 1], dst [E], perm [E])``.
+
+        ``perm`` maps this order to the canonical one: the k-th edge of the key-major order
+        is canonical edge ``perm[k]``. Cached on the graph (used by backward passes).
+        """
+        (ptr, dst), perm = self._ei.get_csr()
+        if perm is None:  # pragma: no cover - only when sorted by row, which we never are
+            perm = torch.arange(self.num_edges, device=self.device)
+        return ptr, dst, perm
+
+    @property
+    def density(self) -> float:
+        cells = self.num_src * self.num_dst
+        return self.num_edges / cells if cells else 0.0
+
+    def in_degree(self) -> Tensor:
+        """Keys per query, int64 ``[num_dst]``."""
+        return self.ptr.diff()
+
+    def out_degree(self) -> Tensor:
+        """Queries per key, int64 ``[num_src]``."""
+        return torch.bincount(self.src, minlength=self.num_src)
+
+    def _keys(self) -> Tensor:
+        return self.dst * max(self.num_src, 1) + self.src
+
+    # ------------------------------------------------------------------ conversions
+    def to(self, device) -> "TokenGraph":
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        ei = self._ei.as_tensor().to(device)
+        return self._from_canonical(ei[0], ei[1], self.num_src, self.num_dst)
+
+    def cpu(self) -> "TokenGraph":
+        return self.to("cpu")
+
+    def to_dense(self) -> Tensor:
+        """bool ``[num_dst, num_src]``: ``mask[i, j]`` is True when query i attends to key j."""
+        mask = torch.zeros(self.num_dst, self.num_src, dtype=torch.bool, device=self.device)
+        mask[self.dst, self.src] = True
+        return mask
+
+    def to_networkx(self):
+        """A ``networkx.DiGraph`` with an edge ``j -> i`` per allowed (query i, key j).
+
+        Self-attention graphs use integer node ids; bipartite ones use ``("key", j)`` and
+        ``("query", i)``.
+        """
+        import networkx as nx
+
+        G = nx.DiGraph(num_src=self.num_src, num_dst=self.num_dst)
+        src, dst = self.src.tolist(), self.dst.tolist()
+        if self.is_bipartite:
+            G.add_nodes_from((("key", j) for j in range(self.num_src)), bipartite=0)
+            G.add_nodes_from((("query", i) for i in range(self.num_dst)), bipartite=1)
+            G.add_edges_from((("key", j), ("query", i)) for j, i in zip(src, dst))
+        else:
+            G.add_nodes_from(range(self.num_src))
+            G.add_edges_from(zip(src, dst))
+        return G
+
+    # ------------------------------------------------------------------ algebra
+    def _check_same_nodes(self, other, op: str) -> None:
+        if not isinstance(other, TokenGraph):
+            raise TypeError(f"cannot apply {op} to TokenGraph and {type(other).__name__}")
+        if (self.num_src, self.num_dst) != (other.num_src, other.num_dst):
+            raise ValueError(f"{op} needs graphs over the same nodes, got (num_src, num_dst) = "
+                             f"{(self.num_src, self.num_dst)} and "
+                             f"{(other.num_src, other.num_dst)}")
+        if self.device != other.device:
+            raise ValueError(f"{op} needs graphs on one device, got {self.device} and "
+                             f"{other.device}")
+
+    def __or__(self, other: "TokenGraph") -> "TokenGraph":
+        """Union: an edge of either graph."""
+        self._check_same_nodes(other, "|")
+        key = torch.unique(torch.cat([self._keys(), other._keys()]), sorted=True)
+        return self._from_keys(key, self.num_src, self.num_dst)
+
+    def __and__(self, other: "TokenGraph") -> "TokenGraph":
+        """Intersection: an edge of both graphs."""
+        self._check_same_nodes(other, "&")
+        key = self._keys()
+        return self._from_keys(key[torch.isin(key, other._keys())], self.num_src, self.num_dst)
+
+    def __sub__(self, other: "TokenGraph") -> "TokenGraph":
+        """Difference: an edge of this graph that ``other`` lacks."""
+        self._check_same_nodes(other, "-")
+        key = self._keys()
+        return self._from_keys(key[~torch.isin(key, other._keys())], self.num_src, self.num_dst)
+
+    def transpose(self) -> "TokenGraph":
+        """Swap keys and queries: edge ``j -> i`` becomes ``i -> j``."""
+        order = torch.sort(self.src, stable=True).indices  # (src, dst) order: canonical after swap
+        return self._from_canonical(self.dst[order], self.src[order], self.num_dst, self.num_src)
+
+    def equal(self, other: "TokenGraph") -> bool:
+        """Same node counts and the same edges."""
+        return (isinstance(other, TokenGraph)
+                and (self.num_src, self.num_dst) == (other.num_src, other.num_dst)
+                and torch.equal(self._ei.as_tensor(), other._ei.as_tensor().to(self.device)))
+
+    # ------------------------------------------------------------------ display
+    def __repr__(self) -> str:
+        nodes = (f"num_nodes={self.num_src}" if not self.is_bipartite
+                 else f"num_src={self.num_src}, num_dst={self.num_dst}")
+        dev = "" if self.device.type == "cpu" else f", device={self.device}"
+        return f"TokenGraph({nodes}, num_edges={self.num_edges}, density={self.density:.3g}{dev})"
+
+    def plot(self, *args, **kwargs):
+        """Draw the mask (:func:`attngraph.viz.plot_mask`); returns the matplotlib Axes."""
+        from attngraph.viz import plot_mask
+
+        return plot_mask(self, *args, **kwargs)
+
+    def _repr_png_(self) -> Optional[bytes]:
+        """Notebook picture of the mask (None without matplotlib)."""
+        try:
+            from attngraph.viz import mask_png
+        except ImportError:
+            return None
+        return mask_png(self)
+
+
+def batch(graphs: Iterable[TokenGraph]) -> TokenGraph:
+    """Block-diagonal union: graph k's node ids are offset by the nodes of graphs 0..k-1.
+
+    Example: ``batch([causal(2), full(1)]).to_dense()`` is
+    ``[[1, 0, 0], [1, 1, 0], [0, 0, 1]]``.
+    """
+    graphs = list(graphs)
+    if not graphs:
+        raise ValueError("batch needs at least one TokenGraph, got none")
+    for g in graphs:
+        if not isinstance(g, TokenGraph):
+            raise TypeError(f"batch takes TokenGraphs, got {type(g).__name__}")
+    device = graphs[0].device
+    if any(g.device != device for g in graphs):
+        raise ValueError("batch needs every graph on one device")
+    src_off = dst_off = 0
+    srcs, dsts = [], []
+    for g in graphs:
+        srcs.append(g.src + src_off)
+        dsts.append(g.dst + dst_off)
+        src_off += g.num_src
+        dst_off += g.num_dst
+    # Each block is canonical and blocks ascend in dst, so the concatenation is canonical.
+    return TokenGraph._from_canonical(torch.cat(srcs), torch.cat(dsts), src_off, dst_off)

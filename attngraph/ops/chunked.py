@@ -1,0 +1,180 @@
+"""The torch backend: graph attention in bounded memory, on any device torch supports.
+
+Query rows are processed in chunks of about ``max_chunk_elements / (H * D)`` edges, so the
+forward and the backward hold ``O(N * H * D)`` plus one chunk of per-edge work — never the
+whole ``[E, H, D]`` gather that an unfused implementation (PyG's ``TransformerConv``) keeps
+alive for autograd. The backward recomputes each chunk's probabilities from the saved
+log-sum-exp, as FlashAttention does.
+
+Inputs here are already node-major and grouped: ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``,
+``v [N_src, H_kv, D_v]``; ``bias`` is ``None``, ``[E, 1]`` or ``[E, H]`` (batched inputs are
+folded into heads by :mod:`attngraph.ops.functional`, so ``bias`` may broadcast over a batch
+factor ``B = H // bias_heads`` laid out batch-major).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from attngraph.graph import TokenGraph
+from attngraph.ops.segment import segment_max, segment_sum
+
+__all__ = ["attention", "row_chunks", "MAX_CHUNK_ELEMENTS"]
+
+# Per-edge elements (edges x heads x head dim) materialised at once.
+MAX_CHUNK_ELEMENTS = 1 << 23
+
+
+def row_chunks(ptr: Tensor, max_edges: int) -> List[Tuple[int, int]]:
+    """Split rows ``0..R`` into ``[r0, r1)`` ranges of at most ``max_edges`` edges each
+    (a single row with more edges forms a chunk alone)."""
+    ptr_host = ptr.cpu()
+    num_rows = ptr_host.numel() - 1
+    chunks, r0 = [], 0
+    while r0 < num_rows:
+        limit = ptr_host[r0] + max_edges
+        r1 = int(torch.searchsorted(ptr_host, limit, right=True)) - 1
+        r1 = min(max(r1, r0 + 1), num_rows)
+        chunks.append((r0, r1))
+        r0 = r1
+    return chunks
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Chunk:
+    """Index data of one chunk of query rows ``[r0, r1)``: edges ``[e0, e1)``."""
+
+    __slots__ = ("r0", "r1", "e0", "e1", "ptr", "dst", "src")
+
+    def __init__(self, graph: TokenGraph, r0: int, r1: int, ptr_host: Tensor):
+        self.r0, self.r1 = r0, r1
+        self.e0, self.e1 = int(ptr_host[r0]), int(ptr_host[r1])
+        self.ptr = graph.ptr[r0:r1 + 1] - self.e0
+        self.dst = graph.dst[self.e0:self.e1] - r0
+        self.src = graph.src[self.e0:self.e1]
+
+
+def _chunks(graph: TokenGraph, heads: int, dim: int, max_elements: int) -> List[_Chunk]:
+    ptr_host = graph.ptr.cpu()
+    max_edges = max(1, max_elements // max(1, heads * dim))
+    return [_Chunk(graph, r0, r1, ptr_host) for r0, r1 in row_chunks(ptr_host, max_edges)]
+
+
+def _bias_chunk(bias: Optional[Tensor], c: _Chunk, heads: int) -> Optional[Tensor]:
+    if bias is None:
+        return None
+    b = bias[c.e0:c.e1]
+    return b if b.size(1) in (1, heads) else b.repeat(1, heads // b.size(1))
+
+
+def _scores(q: Tensor, k: Tensor, c: _Chunk, scale: float, bias: Optional[Tensor]) -> Tensor:
+    """Scores of the chunk's edges, ``[E_c, H]``, in the compute dtype."""
+    H, H_kv = q.size(1), k.size(1)
+    qe = q[c.r0:c.r1].index_select(0, c.dst).view(-1, H_kv, H // H_kv, q.size(-1))
+    ke = k.index_select(0, c.src).unsqueeze(-1)                   # [E_c, H_kv, D, 1]
+    s = torch.matmul(qe, ke).view(-1, H) * scale                  # [E_c, H]
+    b = _bias_chunk(bias, c, H)
+    return s if b is None else s + b
+
+
+def _weighted_sum(w: Tensor, x: Tensor, index: Tensor, H: int) -> Tensor:
+    """Per edge ``w [E_c, H] * x[index] [E_c, H_kv, C]`` -> ``[E_c, H, C]`` (GQA-grouped)."""
+    H_kv = x.size(1)
+    xe = x.index_select(0, index).unsqueeze(2)                     # [E_c, H_kv, 1, C]
+    return (w.view(-1, H_kv, H // H_kv, 1) * xe).view(-1, H, x.size(-1))
+
+
+def _forward(q, k, v, graph, scale, bias, max_elements):
+    H = q.size(1)
+    out = q.new_zeros(q.size(0), H, v.size(-1))
+    lse = q.new_full((q.size(0), H), float("-inf"))
+    for c in _chunks(graph, H, max(q.size(-1), v.size(-1)), max_elements):
+        if c.e1 == c.e0:
+            continue
+        s = _scores(q, k, c, scale, bias)
+        m = segment_max(s, c.ptr, c.dst)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m.index_select(0, c.dst))
+        total = segment_sum(p, c.ptr, c.dst)                      # [R_c, H]
+        acc = segment_sum(_weighted_sum(p, v, c.src, H), c.ptr, c.dst)
+        out[c.r0:c.r1] = acc / total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(-1)
+        lse[c.r0:c.r1] = torch.log(total) + m                     # log 0 = -inf for empty rows
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, dout, graph, scale, bias, max_elements, need_bias_grad):
+    H, H_kv = q.size(1), k.size(1)
+    G = H // H_kv
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dbias = None
+    if need_bias_grad:
+        dbias = bias.new_zeros(bias.shape)
+    delta = (dout * out).sum(-1)                                   # [N_dst, H]
+    for c in _chunks(graph, H, max(q.size(-1), v.size(-1)), max_elements):
+        if c.e1 == c.e0:
+            continue
+        s = _scores(q, k, c, scale, bias)
+        lse_e = lse[c.r0:c.r1].index_select(0, c.dst)
+        # exp(-inf - -inf) would be NaN on rows whose every score is -inf: they get p = 0.
+        p = torch.exp(s - torch.where(torch.isfinite(lse_e), lse_e, torch.zeros_like(lse_e)))
+        p = torch.where(torch.isfinite(lse_e), p, torch.zeros_like(p))
+        do_e = dout[c.r0:c.r1].index_select(0, c.dst)              # [E_c, H, D_v]
+        ve = v.index_select(0, c.src).unsqueeze(-1)                # [E_c, H_kv, D_v, 1]
+        dp = torch.matmul(do_e.view(-1, H_kv, G, v.size(-1)), ve).view(-1, H)
+        ds = p * (dp - delta[c.r0:c.r1].index_select(0, c.dst))    # [E_c, H]
+        if dbias is not None:
+            nb = bias.size(1)
+            dbias[c.e0:c.e1] = ds.view(ds.size(0), -1, nb).sum(1) if nb != H else ds
+        dq[c.r0:c.r1] += segment_sum(_weighted_sum(ds, k, c.src, H), c.ptr, c.dst) * scale
+        # dK[src] += scale * sum_g ds * q[dst];  dV[src] += sum_g p * dO[dst]
+        qe = q[c.r0:c.r1].index_select(0, c.dst).view(-1, H_kv, G, q.size(-1))
+        dk.index_add_(0, c.src, (ds.view(-1, H_kv, G, 1) * qe).sum(2) * scale)
+        dv.index_add_(0, c.src, (p.view(-1, H_kv, G, 1) * do_e.view(-1, H_kv, G, v.size(-1))
+                                 ).sum(2))
+    return dq, dk, dv, dbias
+
+
+class ChunkedAttentionFunction(torch.autograd.Function):
+    """Autograd for :func:`attention`: saves inputs, output and lse; recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, graph, scale, max_elements):
+        out, lse = _forward(q, k, v, graph, scale, bias, max_elements)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.graph, ctx.scale, ctx.max_elements = graph, scale, max_elements
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        need_bias = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = _backward(q, k, v, out, lse, dout.contiguous(), ctx.graph,
+                                      ctx.scale, bias, ctx.max_elements, need_bias)
+        return dq, dk, dv, dbias, None, None, None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
+              bias: Optional[Tensor] = None, *, max_chunk_elements: Optional[int] = None
+              ) -> Tuple[Tensor, Tensor]:
+    """Graph attention on grouped node-major inputs -> ``(out, lse)``.
+
+    Computes in float32 (float64 for float64 inputs); returns ``out`` in the input dtype and
+    ``lse`` in the compute dtype. Inputs must already be validated. ``max_chunk_elements``
+    (default ``MAX_CHUNK_ELEMENTS``) bounds the per-edge elements held at once.
+    """
+    if max_chunk_elements is None:
+        max_chunk_elements = MAX_CHUNK_ELEMENTS
+    dtype = q.dtype
+    cdt = _compute_dtype(dtype)
+    q, k, v = (t.to(cdt).contiguous() for t in (q, k, v))
+    if bias is not None:
+        bias = bias.to(cdt)
+    out, lse = ChunkedAttentionFunction.apply(q, k, v, bias, graph, float(scale),
+                                              int(max_chunk_elements))
+    return out.to(dtype), lse

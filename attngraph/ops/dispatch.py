@@ -1,0 +1,110 @@
+"""Backend choice, by declared capability, with reasons.
+
+Each backend says which devices, dtypes and head dims it takes and, when it refuses an
+input, why. ``backend="auto"`` takes the first backend in preference order that accepts the
+input; naming a backend that refuses raises an error listing every backend's reason.
+Import-time flags (``WITH_CUPY``) say what is installed, not what to do.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Backend", "register_backend", "backends", "select_backend", "WITH_CUPY"]
+
+WITH_CUPY = importlib.util.find_spec("cupy") is not None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a backend needs to know to accept or refuse a call."""
+
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int
+    value_dim: int
+    requires_grad: bool
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A way to compute graph attention.
+
+    ``refuse(inputs)`` returns ``None`` when the backend can run the input, else the reason
+    it can't; ``run(q, k, v, graph, scale, bias)`` returns ``(out, lse)`` on grouped
+    node-major inputs (see :mod:`attngraph.ops.chunked`).
+    """
+
+    name: str
+    priority: int            # higher is preferred by "auto"
+    refuse: Callable[[Inputs], Optional[str]]
+    run: Callable
+
+
+_BACKENDS: Dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def backends() -> List[Backend]:
+    """Registered backends, most preferred first."""
+    return sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+
+
+def select_backend(name: str, inputs: Inputs) -> Backend:
+    """The backend to run ``inputs`` with: ``name`` itself, or the best one for "auto"."""
+    if name != "auto" and name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of "
+                         f"{sorted(_BACKENDS)}")
+    reasons: List[Tuple[str, str]] = []
+    for b in backends():
+        if name not in ("auto", b.name):
+            continue
+        why = b.refuse(inputs)
+        if why is None:
+            return b
+        reasons.append((b.name, why))
+    if name != "auto":  # say why the others would or would not have worked too
+        reasons += [(b.name, b.refuse(inputs) or "would accept this input")
+                    for b in backends() if b.name != name]
+    lines = "\n".join(f"  - {n}: {why}" for n, why in reasons)
+    raise RuntimeError(f"no backend can run graph_attention with backend={name!r} on "
+                       f"{inputs.dtype} tensors on {inputs.device} (head dim "
+                       f"{inputs.head_dim}):\n{lines}")
+
+
+_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _torch_refuse(x: Inputs) -> Optional[str]:
+    if x.dtype not in _TORCH_DTYPES:
+        return f"takes float16/bfloat16/float32/float64, got {x.dtype}"
+    return None
+
+
+def _torch_run(q, k, v, graph, scale, bias):
+    from attngraph.ops import chunked
+
+    return chunked.attention(q, k, v, graph, scale, bias)
+
+
+def _cupy_refuse(x: Inputs) -> Optional[str]:
+    if x.device.type != "cuda":
+        return f"needs CUDA tensors, got {x.device.type}"
+    if not WITH_CUPY:
+        return "cupy is not installed (pip install 'attngraph[cuda12]' or '[cuda13]')"
+    return "the CUDA kernels are not part of this release"
+
+
+def _cupy_run(*args):  # pragma: no cover - never selected while _cupy_refuse refuses
+    raise RuntimeError("the cupy backend has no kernels in this release")
+
+
+register_backend(Backend("torch", priority=0, refuse=_torch_refuse, run=_torch_run))
+register_backend(Backend("cupy", priority=10, refuse=_cupy_refuse, run=_cupy_run))

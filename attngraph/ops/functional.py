@@ -1,0 +1,207 @@
+"""Public operators: :func:`graph_attention` and its three stages, with input checks.
+
+Every check happens here, on the host, before any computation: backends receive validated,
+node-major, GQA-grouped inputs.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from attngraph.graph import TokenGraph
+from attngraph.ops import reference
+from attngraph.ops.dispatch import Inputs, select_backend
+
+__all__ = ["graph_attention", "edge_scores", "edge_softmax", "aggregate"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_graph(graph) -> None:
+    if not isinstance(graph, TokenGraph):
+        raise TypeError(f"graph must be an attngraph.TokenGraph, got {type(graph).__name__}; "
+                        f"wrap an edge_index with attngraph.TokenGraph(edge_index, num_nodes)")
+
+
+def _check_tensor(name: str, t, dims: Tuple[int, ...]) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dim() not in dims:
+        shapes = " or ".join({3: "[N, H, D]", 4: "[B, L, H, D]"}[d] for d in dims)
+        raise ValueError(f"{name} must have shape {shapes}, got {list(t.shape)}")
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+    if isinstance(scale, Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def _check_qkv(q, k, v, graph) -> None:
+    """Shapes, dtypes and devices of q/k/v against each other and the graph."""
+    _check_graph(graph)
+    _check_tensor("q", q, (3, 4))
+    _check_tensor("k", k, (q.dim(),))
+    _check_tensor("v", v, (q.dim(),))
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"q is on {q.device} but {name} is on {t.device}")
+    if graph.device != q.device:
+        raise ValueError(f"the graph is on {graph.device} but q is on {q.device}; "
+                         f"use graph.to({str(q.device)!r})")
+    node = q.dim() - 3  # dimension that indexes tokens
+    if q.dim() == 4 and not (q.size(0) == k.size(0) == v.size(0)):
+        raise ValueError(f"batch sizes differ: q {q.size(0)}, k {k.size(0)}, v {v.size(0)}")
+    if q.size(node) != graph.num_dst:
+        raise ValueError(f"q has {q.size(node)} query tokens but the graph has "
+                         f"num_dst={graph.num_dst}")
+    for name, t in (("k", k), ("v", v)):
+        if t.size(node) != graph.num_src:
+            raise ValueError(f"{name} has {t.size(node)} key tokens but the graph has "
+                             f"num_src={graph.num_src}")
+    H, H_kv = q.size(-2), k.size(-2)
+    if v.size(-2) != H_kv:
+        raise ValueError(f"k and v must have the same number of heads, got {H_kv} and "
+                         f"{v.size(-2)}")
+    if H_kv == 0 or H % H_kv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({H_kv})")
+    if k.size(-1) != q.size(-1):
+        raise ValueError(f"q and k must have the same head dim, got {q.size(-1)} and "
+                         f"{k.size(-1)}")
+
+
+def _check_bias(edge_bias, graph: TokenGraph, q: Tensor) -> Optional[Tensor]:
+    if edge_bias is None:
+        return None
+    if not isinstance(edge_bias, Tensor):
+        raise TypeError(f"edge_bias must be a torch.Tensor, got {type(edge_bias).__name__}")
+    if edge_bias.dtype not in _FLOATS:
+        raise TypeError(f"edge_bias must be a float tensor, got {edge_bias.dtype}")
+    H = q.size(-2)
+    E = graph.num_edges
+    if not (edge_bias.dim() == 1 and edge_bias.size(0) == E
+            or edge_bias.dim() == 2 and edge_bias.size(0) == E and edge_bias.size(1) == H):
+        raise ValueError(f"edge_bias must have shape [E] or [E, H] = [{E}] or [{E}, {H}] "
+                         f"(canonical edge order of the graph), got {list(edge_bias.shape)}")
+    if edge_bias.device != q.device:
+        raise ValueError(f"edge_bias is on {edge_bias.device} but q is on {q.device}")
+    if torch.isnan(edge_bias).any():
+        raise ValueError("edge_bias contains NaN; use -inf to mask an edge out")
+    return edge_bias if edge_bias.dim() == 2 else edge_bias.unsqueeze(-1)
+
+
+def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *,
+                    scale: Optional[float] = None, edge_bias: Optional[Tensor] = None,
+                    return_lse: bool = False, backend: str = "auto"
+                    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    r"""Attention of each query over the keys the graph lets it see.
+
+    ``out[i, h] = sum_{j -> i} softmax_j(scale * q[i, h] . k[j, h'] + bias_{ji,h}) v[j, h']``
+    with ``h' = h // (H // H_kv)`` (GQA). Work and memory grow with the number of edges E,
+    never with ``N_dst * N_src``.
+
+    Args:
+        q: ``[N_dst, H, D]`` queries, or ``[B, L, H, D]`` for a batch of sequences sharing
+            one graph over ``L = N_dst`` tokens.
+        k: ``[N_src, H_kv, D]`` keys (``[B, S, H_kv, D]`` batched).
+        v: ``[N_src, H_kv, D_v]`` values (``[B, S, H_kv, D_v]`` batched).
+        graph: :class:`TokenGraph` with ``num_dst`` queries and ``num_src`` keys.
+        scale: score scale, default ``1 / sqrt(D)``.
+        edge_bias: ``[E]`` or ``[E, H]`` added to the scores before the softmax, in the
+            graph's canonical edge order (``-inf`` masks an edge out).
+        return_lse: also return the log-sum-exp of each query's scores.
+        backend: ``"auto"``, ``"torch"`` or ``"cupy"``.
+
+    Returns:
+        ``out [N_dst, H, D_v]`` (``[B, L, H, D_v]`` batched) in the dtype of ``q``, and with
+        ``return_lse`` also ``lse [N_dst, H]`` (``[B, L, H]``), float32 (float64 for
+        float64 inputs). A query without edges gets ``out = 0`` and ``lse = -inf``.
+
+    Differentiable with respect to ``q``, ``k``, ``v`` and ``edge_bias``; computes in
+    float32 (float64 for float64 inputs) whatever the input dtype.
+    """
+    _check_qkv(q, k, v, graph)
+    bias = _check_bias(edge_bias, graph, q)
+    scale = _check_scale(scale, q.size(-1))
+    chosen = select_backend(backend, Inputs(
+        device=q.device, dtype=q.dtype, head_dim=q.size(-1), value_dim=v.size(-1),
+        requires_grad=any(t.requires_grad for t in (q, k, v))))
+
+    batched = q.dim() == 4
+    if batched:  # fold the batch into heads: head b * H + h; GQA grouping is preserved
+        B, L, H = q.shape[:3]
+        q, k, v = (t.transpose(0, 1).reshape(t.size(1), B * t.size(2), t.size(3))
+                   for t in (q, k, v))
+    out, lse = chosen.run(q, k, v, graph, scale, bias)
+    if batched:
+        out = out.view(L, B, H, -1).transpose(0, 1)
+        lse = lse.view(L, B, H).transpose(0, 1)
+    return (out, lse) if return_lse else out
+
+
+def edge_scores(q: Tensor, k: Tensor, graph: TokenGraph, scale: Optional[float] = None
+                ) -> Tensor:
+    """Stage 1: ``s[e, h] = scale * q[dst_e, h] . k[src_e, h // G]`` -> ``[E, H]``.
+
+    ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``; edges in the graph's canonical order.
+    """
+    _check_qkv(q, k, k, graph)
+    if q.dim() != 3:
+        raise ValueError(f"the stage functions take node-major [N, H, D] inputs, got "
+                         f"{list(q.shape)}")
+    return reference.edge_scores(q, k, graph, _check_scale(scale, q.size(-1)))
+
+
+def edge_softmax(scores: Tensor, graph: TokenGraph) -> Tensor:
+    """Stage 2: softmax of ``scores [E, H]`` (or ``[E]``) over each query's edges.
+
+    Each query's weights sum to 1 (queries without edges have none).
+    """
+    _check_graph(graph)
+    if not isinstance(scores, Tensor) or scores.dtype not in _FLOATS:
+        raise TypeError(f"scores must be a float tensor, got "
+                        f"{getattr(scores, 'dtype', type(scores).__name__)}")
+    if scores.dim() not in (1, 2) or scores.size(0) != graph.num_edges:
+        raise ValueError(f"scores must have shape [E] or [E, H] with E={graph.num_edges}, "
+                         f"got {list(scores.shape)}")
+    if scores.device != graph.device:
+        raise ValueError(f"scores are on {scores.device} but the graph is on {graph.device}")
+    if scores.dim() == 1:
+        return reference.edge_softmax(scores.unsqueeze(-1), graph).squeeze(-1)
+    return reference.edge_softmax(scores, graph)
+
+
+def aggregate(p: Tensor, v: Tensor, graph: TokenGraph) -> Tensor:
+    """Stage 3: ``out[i, h] = sum_e p[e, h] v[src_e, h // G]`` -> ``[N_dst, H, D_v]``.
+
+    ``p [E, H]`` edge weights, ``v [N_src, H_kv, D_v]``. Queries without edges get 0.
+    """
+    _check_graph(graph)
+    _check_tensor("v", v, (3,))
+    if not isinstance(p, Tensor) or p.dtype != v.dtype:
+        raise TypeError(f"p must be a tensor of v's dtype {v.dtype}, got "
+                        f"{getattr(p, 'dtype', type(p).__name__)}")
+    if p.dim() != 2 or p.size(0) != graph.num_edges or p.size(1) % max(v.size(1), 1):
+        raise ValueError(f"p must have shape [E, H] with E={graph.num_edges} and H a multiple "
+                         f"of v's {v.size(1)} heads, got {list(p.shape)}")
+    if v.size(0) != graph.num_src:
+        raise ValueError(f"v has {v.size(0)} key tokens but the graph has "
+                         f"num_src={graph.num_src}")
+    if p.device != graph.device or v.device != graph.device:
+        raise ValueError(f"p ({p.device}), v ({v.device}) and the graph ({graph.device}) "
+                         f"must share one device")
+    return reference.aggregate(p, v, graph)

@@ -1,0 +1,63 @@
+"""Reductions over contiguous segments (CSR rows) of an edge tensor.
+
+torch_scatter's CSR kernels are used when installed (``USE_TORCH_SCATTER``, which tests
+switch off to exercise the fallback); otherwise torch's scatter ops over a row index.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:  # optional: import must never fail without it
+    import torch_scatter as _torch_scatter
+
+    WITH_TORCH_SCATTER = True
+except Exception:  # pragma: no cover - depends on the environment
+    _torch_scatter = None
+    WITH_TORCH_SCATTER = False
+
+# Whether to use torch_scatter when it is installed (tests toggle it).
+USE_TORCH_SCATTER = WITH_TORCH_SCATTER
+
+__all__ = ["segment_sum", "segment_max", "WITH_TORCH_SCATTER"]
+
+
+def _expand_index(index: Tensor, like: Tensor) -> Tensor:
+    return index.view(-1, *([1] * (like.dim() - 1))).expand_as(like)
+
+
+def segment_sum(x: Tensor, ptr: Tensor, index: Optional[Tensor] = None) -> Tensor:
+    """Sum ``x [E, ...]`` over rows ``ptr [R + 1]`` -> ``[R, ...]`` (0 for empty rows).
+
+    ``index [E]`` (the row of each element) is used by the torch fallback; it is derived
+    from ``ptr`` when not given.
+    """
+    if USE_TORCH_SCATTER and _torch_scatter is not None:
+        return _torch_scatter.segment_csr(x, ptr, reduce="sum")
+    if index is None:
+        index = _rows_of(ptr, x.size(0))
+    out = x.new_zeros((ptr.numel() - 1,) + tuple(x.shape[1:]))
+    return out.index_add_(0, index, x)
+
+
+def segment_max(x: Tensor, ptr: Tensor, index: Optional[Tensor] = None) -> Tensor:
+    """Max of ``x [E, ...]`` over rows ``ptr [R + 1]`` -> ``[R, ...]``.
+
+    Empty rows get an unspecified finite or ``-inf`` value: callers never read them through
+    an edge, and set such rows' log-sum-exp to ``-inf`` themselves.
+    """
+    if USE_TORCH_SCATTER and _torch_scatter is not None:
+        return _torch_scatter.segment_csr(x, ptr, reduce="max")
+    if index is None:
+        index = _rows_of(ptr, x.size(0))
+    out = x.new_full((ptr.numel() - 1,) + tuple(x.shape[1:]), float("-inf"))
+    return out.scatter_reduce_(0, _expand_index(index, x), x, "amax", include_self=True)
+
+
+def _rows_of(ptr: Tensor, num_edges: int) -> Tensor:
+    """Row id of every element of a CSR with offsets ``ptr``."""
+    counts = ptr.diff()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=ptr.device), counts,
+                                   output_size=num_edges)
