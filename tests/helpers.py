@@ -7,35 +7,39 @@ from attngraph import TokenGraph
 
 
 def dense_attention(q, k, v, mask, *, scale=None, bias=None):
-    """Dense masked attention, node-major ``q [N, H, D]``, ``mask [N_dst, N_src]`` bool.
+    """Dense masked attention through ``scaled_dot_product_attention``, node-major.
 
-    ``bias`` is a dense ``[H or 1, N_dst, N_src]`` float added to the scores. Rows without
-    keys give 0 and lse -inf. Returns ``(out [N, H, D_v], lse [N, H])``.
+    ``q [N_dst, H, D]``, ``k/v [N_src, H_kv, D]``, ``mask [N_dst, N_src]`` bool, ``bias`` a
+    dense ``[H or 1, N_dst, N_src]`` float added to the scores. Rows without keys give 0 and
+    lse -inf. Returns ``(out [N_dst, H, D_v], lse [N_dst, H])``; differentiable.
     """
+    H, H_kv = q.size(1), k.size(1)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    qh = q.transpose(0, 1)                                        # [H, N_dst, D]
+    kh = k.repeat_interleave(H // H_kv, dim=1).transpose(0, 1)
+    vh = v.repeat_interleave(H // H_kv, dim=1).transpose(0, 1)
+    attn = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        attn = attn + bias
+    # SDPA gives NaN on rows with no allowed key: let them see every key, zero them after.
+    empty = torch.isneginf(attn).all(-1, keepdim=True)            # [H or 1, N_dst, 1]
+    attn = attn.masked_fill(empty, 0.0)
+    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn,
+                                                           scale=scale)
+    out = out.masked_fill(empty, 0.0).transpose(0, 1)
+    s = (torch.einsum("hid,hjd->hij", qh, kh) * scale + attn).masked_fill(empty, float("-inf"))
+    return out, torch.logsumexp(s, dim=-1).t()
+
+
+def dense_attention_einsum(q, k, v, mask, *, scale=None):
+    """An independent dense formula (einsum), to check the SDPA-based oracle itself."""
     H, H_kv = q.size(1), k.size(1)
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     kk = k.repeat_interleave(H // H_kv, dim=1)
     vv = v.repeat_interleave(H // H_kv, dim=1)
-    s = torch.einsum("ihd,jhd->hij", q, kk) * scale
-    if bias is not None:
-        s = s + bias
-    s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)                      # [H, N_dst]
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0).unsqueeze(-1))
-    p = torch.where(torch.isfinite(lse).unsqueeze(-1), p, 0)
-    out = torch.einsum("hij,jhd->ihd", p, vv)
-    return out, lse.t()
-
-
-def sdpa_attention(q, k, v, mask, *, scale=None):
-    """The same through torch's scaled_dot_product_attention (empty rows zeroed)."""
-    H, H_kv = q.size(1), k.size(1)
-    kk = k.repeat_interleave(H // H_kv, dim=1).transpose(0, 1)
-    vv = v.repeat_interleave(H // H_kv, dim=1).transpose(0, 1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), kk, vv, attn_mask=mask, scale=scale).transpose(0, 1)
-    empty = ~mask.any(-1)
-    return out.masked_fill(empty.view(-1, 1, 1), 0.0)
+    s = (torch.einsum("ihd,jhd->hij", q, kk) * scale).masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.einsum("hij,jhd->ihd", p, vv)
 
 
 def random_graph(num_dst, num_src=None, p=0.3, seed=0, *, empty_rows=(), full_rows=()):
