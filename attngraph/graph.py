@@ -110,16 +110,22 @@ class TokenGraph:
                          sort_order="col")
 
     @classmethod
-    def _from_canonical(cls, src: Tensor, dst: Tensor, num_src: int,
-                        num_dst: Optional[int] = None) -> "TokenGraph":
-        """Wrap edges already in canonical (dst, src) order without duplicates (no checks).
+    def _from_edge_index(cls, edge_index: Tensor, num_src: int, num_dst: int) -> "TokenGraph":
+        """Wrap a canonical int64 ``[2, E]`` tensor as is: no checks, no copy.
 
-        Mask generators build their edges in this order directly, which saves an
-        O(E log E) sort at 10^8 edges.
+        Mask generators write their edges in canonical (dst, src) order straight into one
+        buffer, which saves an O(E log E) sort and a copy at 10^8 edges.
         """
         g = cls.__new__(cls)
-        g._ei = cls._make_edge_index(src, dst, num_src, num_src if num_dst is None else num_dst)
+        g._ei = EdgeIndex(edge_index, sparse_size=(num_src, num_dst), sort_order="col")
         return g
+
+    @classmethod
+    def _from_canonical(cls, src: Tensor, dst: Tensor, num_src: int,
+                        num_dst: Optional[int] = None) -> "TokenGraph":
+        """Wrap edges already in canonical (dst, src) order without duplicates (no checks)."""
+        num_dst = num_src if num_dst is None else num_dst
+        return cls._from_edge_index(torch.stack([src.long(), dst.long()]), num_src, num_dst)
 
     @classmethod
     def _from_keys(cls, key: Tensor, num_src: int, num_dst: int) -> "TokenGraph":
