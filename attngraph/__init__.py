@@ -8,7 +8,17 @@ from attngraph.graph import TokenGraph
 from attngraph import masks
 from attngraph.ops import graph_attention
 from attngraph import ops
+from attngraph import nn
 
 __version__ = "0.1.0"
 
-__all__ = ["TokenGraph", "masks", "ops", "graph_attention", "__version__"]
+__all__ = ["TokenGraph", "masks", "ops", "nn", "viz", "graph_attention", "__version__"]
+
+
+def __getattr__(name):
+    # `attngraph.viz` needs matplotlib: load it on first use, not on `import attngraph`.
+    if name == "viz":
+        import importlib
+
+        return importlib.import_module("attngraph.viz")
+    raise AttributeError(f"module 'attngraph' has no attribute {name!r}")

@@ -1,0 +1,49 @@
+"""The example notebooks execute from top to bottom, stored without outputs."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+NOTEBOOKS = ["01_masks_as_graphs.ipynb", "02_graph_attention.ipynb", "03_gnn_layer.ipynb"]
+
+
+@pytest.fixture
+def python3_kernel(tmp_path, monkeypatch):
+    """A `python3` kernelspec that runs this interpreter, found first on JUPYTER_PATH (so a
+    user-level python3 kernel of another environment is not picked up)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (attngraph tests)", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert spec.argv[0] == sys.executable
+    return "python3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_executes(name, python3_kernel, tmp_path):
+    path = EXAMPLES / name
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") and c.get("execution_count") is None
+               for c in nb.cells if c.cell_type == "code"), f"{name} is stored with outputs"
+    client = nbclient.NotebookClient(nb, kernel_name=python3_kernel, timeout=300,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert not errors
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
+                 for o in c.outputs)
+    assert images, f"{name} drew no pictures"
