@@ -107,35 +107,49 @@ def _forward(q, k, v, graph, scale, bias, max_elements):
     return out, lse
 
 
+def _add_rows(out: Tensor, index: Tensor, x: Tensor) -> None:
+    """``out[index] += x`` over the first dim. On 2-D views: torch's CPU ``index_add_`` is
+    ~20x slower on a 3-D destination (its cost then grows with the whole destination)."""
+    out.view(out.size(0), -1).index_add_(0, index, x.reshape(x.size(0), -1))
+
+
+def _sum_group(w: Tensor, x: Tensor) -> Tensor:
+    """``sum_g w[e, h, g] * x[e, h, g, :]`` -> ``[E_c, H_kv, C]`` (the GQA group sum)."""
+    if x.size(2) == 1:
+        return w.view(w.size(0), x.size(1), 1) * x.squeeze(2)
+    return (w.view(w.size(0), x.size(1), x.size(2), 1) * x).sum(2)
+
+
 def _backward(q, k, v, out, lse, dout, graph, scale, bias, max_elements, need_bias_grad):
     H, H_kv = q.size(1), k.size(1)
-    G = H // H_kv
+    G, D, D_v = H // H_kv, q.size(-1), v.size(-1)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dbias = None
-    if need_bias_grad:
-        dbias = bias.new_zeros(bias.shape)
+    dbias = bias.new_zeros(bias.shape) if need_bias_grad else None
     delta = (dout * out).sum(-1)                                   # [N_dst, H]
-    for c in _chunks(graph, H, max(q.size(-1), v.size(-1)), max_elements):
+    # Rows whose lse is -inf (no edge, or every score -inf) get p = exp(s - inf) = 0.
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    for c in _chunks(graph, H, max(D, D_v), max_elements):
         if c.e1 == c.e0:
             continue
-        s = _scores(q, k, c, scale, bias)
-        lse_e = lse[c.r0:c.r1].index_select(0, c.dst)
-        # exp(-inf - -inf) would be NaN on rows whose every score is -inf: they get p = 0.
-        p = torch.exp(s - torch.where(torch.isfinite(lse_e), lse_e, torch.zeros_like(lse_e)))
-        p = torch.where(torch.isfinite(lse_e), p, torch.zeros_like(p))
-        do_e = dout[c.r0:c.r1].index_select(0, c.dst)              # [E_c, H, D_v]
+        # Each operand is gathered once per chunk and reused by every product below.
+        qe = q[c.r0:c.r1].index_select(0, c.dst).view(-1, H_kv, G, D)
+        ke = k.index_select(0, c.src).unsqueeze(2)                 # [E_c, H_kv, 1, D]
+        do_e = dout[c.r0:c.r1].index_select(0, c.dst).view(-1, H_kv, G, D_v)
         ve = v.index_select(0, c.src).unsqueeze(-1)                # [E_c, H_kv, D_v, 1]
-        dp = torch.matmul(do_e.view(-1, H_kv, G, v.size(-1)), ve).view(-1, H)
+        s = torch.matmul(qe, ke.transpose(-1, -2)).view(-1, H) * scale
+        b = _bias_chunk(bias, c, H)
+        if b is not None:
+            s = s + b
+        p = torch.exp(s - lse[c.r0:c.r1].index_select(0, c.dst))   # [E_c, H]
+        dp = torch.matmul(do_e, ve).view(-1, H)
         ds = p * (dp - delta[c.r0:c.r1].index_select(0, c.dst))    # [E_c, H]
         if dbias is not None:
             nb = bias.size(1)
             dbias[c.e0:c.e1] = ds.view(ds.size(0), -1, nb).sum(1) if nb != H else ds
-        dq[c.r0:c.r1] += segment_sum(_weighted_sum(ds, k, c.src, H), c.ptr, c.dst) * scale
-        # dK[src] += scale * sum_g ds * q[dst];  dV[src] += sum_g p * dO[dst]
-        qe = q[c.r0:c.r1].index_select(0, c.dst).view(-1, H_kv, G, q.size(-1))
-        dk.index_add_(0, c.src, (ds.view(-1, H_kv, G, 1) * qe).sum(2) * scale)
-        dv.index_add_(0, c.src, (p.view(-1, H_kv, G, 1) * do_e.view(-1, H_kv, G, v.size(-1))
-                                 ).sum(2))
+        dq[c.r0:c.r1] += segment_sum((ds.view(-1, H_kv, G, 1) * ke).view(-1, H, D),
+                                     c.ptr, c.dst) * scale
+        _add_rows(dk, c.src, _sum_group(ds, qe) * scale)
+        _add_rows(dv, c.src, _sum_group(p, do_e))
     return dq, dk, dv, dbias
 
 

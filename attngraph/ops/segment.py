@@ -39,7 +39,9 @@ def segment_sum(x: Tensor, ptr: Tensor, index: Optional[Tensor] = None) -> Tenso
     if index is None:
         index = _rows_of(ptr, x.size(0))
     out = x.new_zeros((ptr.numel() - 1,) + tuple(x.shape[1:]))
-    return out.index_add_(0, index, x)
+    # 2-D views: torch's CPU index_add_ is much slower on higher-dimensional tensors
+    out.view(out.size(0), -1).index_add_(0, index, x.reshape(x.size(0), -1))
+    return out
 
 
 def segment_max(x: Tensor, ptr: Tensor, index: Optional[Tensor] = None) -> Tensor:
