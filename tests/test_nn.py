@@ -369,7 +369,7 @@ def test_conv_input_errors():
         ours(x, ei.double(), ea)
     with pytest.raises(ValueError, match="outside"):
         ours(x, ei + 100, ea)
-    with pytest.raises(ValueError, match="the graph has 20 target nodes"):
+    with pytest.raises(ValueError, match="the graph has 20 source nodes but x_src has 13 rows"):
         ours(x, TokenGraph(ei, num_nodes=20), ea)
     with pytest.raises(TypeError, match="TokenGraph"):
         ours(x, ei.tolist(), ea)
@@ -459,7 +459,7 @@ def test_sparse_self_attention_dropout(monkeypatch):
     # The training path is the unfused stages: without dropout it equals the fused path.
     from attngraph.nn import attention
 
-    monkeypatch.setattr(attention.F, "dropout", lambda p, p_drop=None, **kw: p)
+    monkeypatch.setattr(attention.F, "dropout", lambda input, *args, **kwargs: input)
     assert_close(layer(x, g), ref)
 
 
@@ -497,3 +497,12 @@ def test_package_exports():
     assert ag.nn.GraphAttentionConv is GraphAttentionConv
     assert ag.nn.SparseSelfAttention is SparseSelfAttention
     assert "num_kv_heads=1" in repr(SparseSelfAttention(8, 2, num_kv_heads=1))
+
+
+def test_single_node_with_a_self_loop():
+    x = features(1, 3)
+    ref, ours = pair(in_channels=3, out_channels=2, heads=2)
+    ei = torch.tensor([[0], [0]], dtype=torch.int32)
+    out, (_, alpha) = ours(x, ei, return_attention_weights=True)
+    assert_close(out, ref(x, ei))
+    assert_close(alpha, torch.ones(1, 2, dtype=F64))

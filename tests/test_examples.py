@@ -1,0 +1,47 @@
+"""The example scripts run end to end at CI size (``--quick``) and print what they promise."""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str) -> str:
+    # One intra-op thread: the --quick models are tiny, and spinning OpenMP workers on a
+    # busy shared CI machine cost far more than they save.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--quick"], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=EXAMPLES.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_node_classification_trains_both_layers_alike():
+    out = run_example("node_classification.py")
+    diff = float(re.search(r"max \|logit difference\| before training: (\S+)", out).group(1))
+    assert diff < 1e-4, out
+    acc = {m.group(1): float(m.group(2))
+           for m in re.finditer(r"^(\w+)\s+test accuracy (\S+), (\S+) ms/epoch", out, re.M)}
+    assert set(acc) == {"TransformerConv", "GraphAttentionConv"}, out
+    assert acc["TransformerConv"] > 0.5, out                       # 5 classes: chance 0.2
+    assert abs(acc["TransformerConv"] - acc["GraphAttentionConv"]) < 0.05, out
+
+
+@pytest.mark.slow
+def test_long_sequence_learns_only_through_the_global_token():
+    out = run_example("long_sequence.py")
+    chance = math.log(8)
+    losses = {m.group(1): (float(m.group(2)), float(m.group(3)))
+              for m in re.finditer(r"^(\w[\w ]*?) \(.*?\): \d+ edges, loss (\S+) -> (\S+)",
+                                   out, re.M)}
+    assert set(losses) == {"longformer", "sliding window only"}, out
+    start, end = losses["longformer"]
+    assert end < 0.25 * start and end < 0.5, out
+    _, control_end = losses["sliding window only"]
+    assert control_end > 0.85 * chance, out                        # cannot see the value
