@@ -1,0 +1,201 @@
+"""Longest context: the largest N whose forward (or forward+backward) runs in a memory
+budget, found by doubling N until a run fails for memory, then bisecting.
+
+CPU: each trial runs in a fresh forked process whose address space is capped with
+``RLIMIT_AS`` at its size after imports plus the budget, so the graph, the inputs and the
+peer's work must all fit. CUDA: a trial that raises ``torch.cuda.OutOfMemoryError`` failed;
+``--budget-gb`` below the device memory caps the allocator with
+``torch.cuda.set_per_process_memory_fraction``.
+
+The memory model next to each answer (:func:`memory_model`) says where the bytes go.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from benchmarks.harness import run_isolated
+from benchmarks.specs import MaskSpec, human_bytes
+
+__all__ = ["search", "memory_model", "ceiling"]
+
+
+def memory_model(spec: MaskSpec, dtype: torch.dtype, heads: int, dim: int, mode: str,
+                 peer: str = "attngraph") -> Dict:
+    """Bytes per token, per edge and a fixed workspace for ``peer`` (as implemented), plus
+    the same for an ideal fused kernel with an int32 CSR and for an implicit mask.
+
+    ``N_max = (budget - workspace) / (per_token + degree * per_edge)``.
+    """
+    s = torch.empty((), dtype=dtype).element_size()
+    hd = heads * dim
+    deg = spec.expected_edges(1 << 20) / float(1 << 20)
+    if peer.startswith("attngraph"):
+        from attngraph.ops.chunked import MAX_CHUNK_ELEMENTS
+
+        convert = 0 if s == 4 else 3 * hd * 4 + hd * s        # fp32 copies, out cast
+        tok = 3 * hd * s + convert + hd * 4 + 4 * heads + 8   # q k v, out, lse, CSR offsets
+        edge = 16 + 8                                         # int64 src+dst, chunk dst copies
+        work = 3 * MAX_CHUNK_ELEMENTS * 4
+        if mode == "fwdbwd":
+            tok += hd * s + (0 if s == 4 else hd * 4) + 3 * hd * 4 + (0 if s == 4 else 3 * hd * s) \
+                + 4 * heads
+            work += 3 * MAX_CHUNK_ELEMENTS * 4
+        what = ("torch backend as implemented: q, k, v (+ float32 copies for 16-bit inputs), "
+                "float32 out and lse, int64 CSR offsets; per edge int64 src + dst (16 B) and "
+                "the chunks' row ids (8 B); workspace = chunk temporaries")
+    elif peer == "pyg":
+        tok = 4 * hd * s + 8
+        edge = 16 + (4 if mode == "fwd" else 7) * hd * s + 6 * heads * max(s, 4)
+        work = 0
+        what = "[E, H, D] gathers of q, k, v and products (4 alive fwd, ~7 fwd+bwd)"
+    elif peer.startswith("sdpa"):
+        return {"peer": peer, "what": "dense: N^2 bool mask + its additive float copy",
+                "per_token": 4 * hd * s, "per_edge": None, "per_token_squared": 1 + s,
+                "workspace": 0, "degree": deg}
+    else:
+        tok, edge, work, what = 4 * hd * s, 0, 0, "block mask only (implicit mask_mod)"
+    model = {"peer": peer, "what": what, "per_token": tok, "per_edge": edge, "workspace": work,
+             "degree": deg}
+    if peer.startswith("attngraph"):
+        # where the fused kernels (DESIGN.md section 4) and implicit structured graphs go
+        ideal_tok = 4 * hd * s + 4 * heads + 8
+        if mode == "fwdbwd":
+            ideal_tok += 4 * hd * s + 4 * heads + 8
+        model["ideal_fused"] = {
+            "per_token": ideal_tok, "per_edge": 4 if mode == "fwd" else 16,
+            "what": "Q, K, V, O (+ dO, dQ, dK, dV) once, lse, CSR offsets; int32 columns "
+                    "(+ CSC columns and an int64 permutation)"}
+        model["implicit_mask"] = {"per_token": ideal_tok, "per_edge": 0}
+    return model
+
+
+def ceiling(model: Dict, budget: float) -> Dict[str, Optional[float]]:
+    """Predicted largest N for ``budget`` bytes under each variant of ``model``."""
+    deg = model["degree"]
+    out = {}
+    if model.get("per_token_squared"):
+        a, b = model["per_token_squared"], model["per_token"]
+        out["as_implemented"] = (-b + (b * b + 4 * a * budget) ** 0.5) / (2 * a)
+        return out
+    out["as_implemented"] = (budget - model["workspace"]) / (model["per_token"]
+                                                             + deg * model["per_edge"])
+    for k in ("ideal_fused", "implicit_mask"):
+        if k in model:
+            out[k] = budget / (model[k]["per_token"] + deg * model[k]["per_edge"])
+    return out
+
+
+def search(base: Dict, *, start_n: int, max_n: int = 1 << 31, min_n: int = 256,
+           resolution: float = 0.1, round_to: int = 1024, isolate: str = "fork",
+           timeout: float = 1800.0, max_trials: int = 40,
+           log: Optional[Callable[[str], None]] = None) -> Dict:
+    """Largest N (multiple of ``round_to``) for which ``base`` (a worker job without ``n``,
+    one mode) succeeds. Doubling from ``start_n``, then bisection until the bracket is
+    within ``resolution`` (relative)."""
+    mode = base["modes"][0]
+    trials: List[Dict] = []
+
+    def rnd(n: int) -> int:
+        return max(round_to, (n // round_to) * round_to)
+
+    def trial(n: int) -> str:
+        job = dict(base, n=n, trial=True, guard=False, check_rows=0, repeats=1, warmup=0)
+        res = run_isolated(job, isolate, timeout)
+        m = res.get("modes", {}).get(mode, {})
+        status = res.get("status") if res.get("status") != "ok" else m.get("status", "error")
+        t = {"n": res.get("n", n), "num_edges": res.get("num_edges"), "status": status,
+             "reason": m.get("reason") or res.get("reason"), "time_s": m.get("median_s"),
+             "peak_bytes": m.get("peak_bytes")}
+        trials.append(t)
+        if log:
+            log(f"  {base['peer']} {mode} N={t['n']:,}: {status}"
+                + (f" ({t['time_s']:.2f} s, peak {human_bytes(t['peak_bytes'])})"
+                   if status == "ok" else f" — {(t['reason'] or '')[:100]}"))
+        return status
+
+    lo = hi = None
+    stop = None
+    n = rnd(start_n)
+    while n <= max_n and len(trials) < max_trials:
+        st = trial(n)
+        if st == "ok":
+            lo, n = n, n * 2
+            continue
+        if st not in ("oom", "crashed"):
+            stop = st
+        hi = n
+        break
+    if stop is None and lo is None and hi is not None:
+        n = rnd(hi // 2)
+        while n >= min_n and n < hi and len(trials) < max_trials:
+            st = trial(n)
+            if st == "ok":
+                lo = n
+                break
+            if st not in ("oom", "crashed"):
+                stop = st
+                break
+            hi, n = n, rnd(n // 2)
+    while (stop is None and lo is not None and hi is not None and hi > lo * (1 + resolution)
+           and len(trials) < max_trials):
+        mid = rnd((lo + hi) // 2)
+        if mid <= lo or mid >= hi:
+            break
+        st = trial(mid)
+        if st == "ok":
+            lo = mid
+        elif st in ("oom", "crashed"):
+            hi = mid
+        else:
+            stop = st
+            break
+    fail = next((t for t in trials if t["n"] == hi), None)
+    best = next((t for t in trials if t["n"] == lo), None)
+    return {"peer": base["peer"], "mode": mode, "max_n": lo, "first_failing_n": hi,
+            "max_edges": best["num_edges"] if best else None,
+            "time_s_at_max": best["time_s"] if best else None,
+            "peak_bytes_at_max": best["peak_bytes"] if best else None,
+            "failure": fail["reason"] if fail else None,
+            "stopped": (f"{stop}: {trials[-1]['reason']}" if stop else
+                        ("reached max_n" if hi is None and lo is not None else None)),
+            "trials": trials}
+
+
+def markdown(data: Dict) -> str:
+    meta, rows = data["meta"], data["results"]
+    budget = meta["budget"]
+    lines = [f"# Longest context: {meta['mask']}, H={meta['heads']}, D={meta['dim']}, "
+             f"{meta['dtype']}, budget {human_bytes(budget)}", "",
+             f"- device: `{meta['device']}` — {meta.get('device_name')}; torch "
+             f"{meta.get('torch')}, torch_geometric {meta.get('torch_geometric')}, cupy "
+             f"{meta.get('cupy')}",
+             f"- command: `{meta['command']}` ({meta.get('date_utc')} UTC)",
+             f"- method: {meta['method']}", "",
+             "| peer | mode | largest N | E | time at largest N | peak at largest N | "
+             "first failing N | failure | model N_max |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        model = r.get("model_ceiling", {}).get("as_implemented")
+        fail = r.get("stopped") or r.get("failure") or "-"
+        t = r.get("time_s_at_max")
+        cells = [r["peer"], r["mode"], _count(r.get("max_n")), _count(r.get("max_edges")),
+                 "-" if t is None else f"{t:.2f} s", human_bytes(r.get("peak_bytes_at_max")),
+                 _count(r.get("first_failing_n")), fail[:90].replace("|", "/"),
+                 _count(model)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Memory model (bytes; N_max = (budget − workspace) / (per token + degree × "
+              "per edge)):", ""]
+    for r in rows:
+        m = r.get("model")
+        if not m:
+            continue
+        lines.append(f"- {r['peer']} {r['mode']}: {m['per_token']} B/token + "
+                     f"{m['per_edge']} B/edge × degree {m['degree']:.1f} + workspace "
+                     f"{human_bytes(m['workspace'])} — {m['what']}")
+    return "\n".join(lines) + "\n"
+
+
+def _count(x) -> str:
+    return "-" if x is None else f"{int(x):,}"

@@ -1,0 +1,56 @@
+"""Named sweeps. A preset is a list of (masks x sizes) groups plus shared settings; any
+command-line flag overrides the matching setting (``--n`` replaces every group's sizes)."""
+from __future__ import annotations
+
+K = 1024
+
+PRESETS = {
+    # CI: seconds. Every peer but flex (its first compile takes a minute on a cold cache).
+    "tiny": dict(
+        groups=[dict(masks=["longformer(8,g2)"], n=[256])],
+        heads=[2], dim=[16], dtype=["float32"],
+        peers=["attngraph", "attngraph-cupy", "pyg", "sdpa"],
+        repeats=2, max_seconds=1.0,
+        about="CI smoke run: a window with global tokens, every peer except flex"),
+    # `make bench`: what everyone without a GPU runs; under 10 minutes on 2 cores.
+    "cpu": dict(
+        groups=[dict(masks=["sliding_window(16)", "random(16)", "longformer(16,g2)",
+                            "bigbird(16)"], n=[1 * K, 2 * K, 4 * K])],
+        heads=[2], dim=[32], dtype=["float32"],
+        peers=["attngraph", "attngraph-cupy", "pyg", "sdpa", "flex"],
+        repeats=3, max_seconds=2.0,
+        about="every peer on four masks at N = 1k..4k, H = 2, D = 32, float32"),
+    # Issue 3: graph_attention vs the PyG way and dense masked SDPA. The 80k / 160k points
+    # put E near 1e7; 4k and 8k give the PyG way's memory-per-edge fit.
+    "issue3": dict(
+        groups=[dict(masks=["sliding_window(64)"], n=[4 * K, 8 * K, 16 * K, 64 * K, 80000,
+                                                      256 * K]),
+                dict(masks=["random(64)"], n=[4 * K, 8 * K, 16 * K, 64 * K, 160000, 256 * K])],
+        heads=[4], dim=[64], dtype=["float32"],
+        peers=["attngraph", "pyg", "sdpa"],
+        repeats=3, max_seconds=60.0, timeout=3600.0,
+        about="issue 3: attngraph (torch backend) vs the PyG TransformerConv way and dense "
+              "masked SDPA, H = 4, D = 64, float32"),
+    # The GPU run (bf16, H = 8, D = 64 / 128, N = 16k .. 1M). --quick shrinks N for a CPU
+    # smoke test of the same code path.
+    "gpu": dict(
+        groups=[dict(masks=["sliding_window(256)", "random(64)", "longformer(256,g16)",
+                            "bigbird(64)"], n=[16 * K, 64 * K, 256 * K, 1024 * K])],
+        heads=[8], dim=[64, 128], dtype=["bfloat16"],
+        peers=["attngraph", "attngraph-cupy", "pyg", "sdpa-efficient", "sdpa-math", "flex"],
+        repeats=20, warmup=3, max_seconds=5.0,
+        quick_n=[1 * K, 2 * K],
+        about="GPU sweep: bf16, H = 8, D = 64/128, N = 16k..1M"),
+}
+
+# The longest-context setting of the graph-processing paper (160 M tokens on one 80 GB
+# A100: one head, D = 64, fp16, a local window); the CPU default shrinks the window and
+# the budget so the search takes minutes.
+LONGEST = {
+    "gpu": dict(mask="sliding_window(256)", dtype="float16", heads=1, dim=64,
+                peers=["attngraph", "attngraph-cupy", "pyg", "sdpa-efficient", "flex"],
+                modes=["fwd", "fwdbwd"], start_n=1 << 20),
+    "cpu": dict(mask="sliding_window(16)", dtype="float16", heads=1, dim=64,
+                peers=["attngraph", "pyg", "sdpa"], modes=["fwd", "fwdbwd"], start_n=1 << 14,
+                budget_gb=2.0),
+}

@@ -1,0 +1,167 @@
+"""The benchmark harness (benchmarks/): presets run end to end, peers agree with the float64
+reference, the longest-context search brackets an out-of-memory point, and the flex
+mask_mods compute exactly the attngraph masks they stand for."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attngraph as ag
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import report, specs  # noqa: E402
+from benchmarks.__main__ import _list, _sizes  # noqa: E402
+from benchmarks.harness import static_result  # noqa: E402
+from benchmarks.longest import ceiling, memory_model  # noqa: E402
+
+
+def _run(args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_tiny_preset_runs_every_peer_and_checks_pass(tmp_path):
+    _run(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--quiet"])
+    data = json.loads((tmp_path / "cpu" / "tiny.json").read_text())
+    by_peer = {r["peer"]: r for r in data["records"]}
+    assert set(by_peer) == {"attngraph", "attngraph-cupy", "pyg", "sdpa"}
+    for peer in ("attngraph", "pyg", "sdpa"):
+        for mode in ("fwd", "fwdbwd"):
+            m = by_peer[peer]["modes"][mode]
+            assert m["status"] == "ok", (peer, mode, m)
+            assert m["check"]["passed"], (peer, mode, m["check"])
+            assert m["median_s"] > 0 and m["peak_bytes"] >= 0
+            assert m["tflops"] > 0 and m["gbps"] > 0
+    cupy = by_peer["attngraph-cupy"]["modes"]["fwd"]
+    assert cupy["status"] == "n/a" and "CUDA" in cupy["reason"]
+    assert data["meta"]["torch"] == torch.__version__
+    assert data["meta"]["command"].startswith("python -m benchmarks --preset tiny")
+    md = (tmp_path / "cpu" / "tiny.md").read_text()
+    for peer in by_peer:
+        assert f"| {peer} |" in md
+    assert "attngraph ÷ peer" in md
+    assert (tmp_path / "cpu" / "tiny_time_vs_n.png").stat().st_size > 0
+
+
+def test_gpu_preset_runs_at_toy_size_on_cpu(tmp_path):
+    """The GPU sweep's code path (bfloat16, its peers) end to end at N = 256."""
+    _run(["--preset", "gpu", "--quick", "--device", "cpu", "--n", "256",
+          "--masks", "bigbird(64)", "--dim", "64",
+          "--peers", "attngraph,pyg,sdpa-efficient,sdpa-math", "--repeats", "1",
+          "--out", str(tmp_path), "--quiet", "--no-plots"])
+    data = json.loads((tmp_path / "cpu" / "gpu_quick.json").read_text())
+    by_peer = {r["peer"]: r for r in data["records"]}
+    assert by_peer["sdpa-efficient"]["modes"]["fwd"]["status"] == "n/a"
+    for peer in ("attngraph", "pyg", "sdpa-math"):
+        for mode in ("fwd", "fwdbwd"):
+            m = by_peer[peer]["modes"][mode]
+            assert m["status"] == "ok" and m["check"]["passed"], (peer, mode, m)
+    assert data["records"][0]["dtype"] == "bfloat16" and data["records"][0]["heads"] == 8
+
+
+def test_longest_context_search_brackets_the_budget(tmp_path):
+    _run(["longest", "--device", "cpu", "--mask", "sliding_window(4)", "--dtype", "float32",
+          "--heads", "1", "--dim", "16", "--peers", "attngraph", "--modes", "fwd",
+          "--budget-gb", "0.3", "--start-n", "32k", "--resolution", "1.0", "--max-trials", "6",
+          "--out", str(tmp_path), "--name", "longest", "--quiet"])
+    data = json.loads((tmp_path / "cpu" / "longest.json").read_text())
+    (res,) = data["results"]
+    statuses = {t["status"] for t in res["trials"]}
+    assert "ok" in statuses and statuses <= {"ok", "oom", "crashed"}, res["trials"]
+    assert res["max_n"] >= 32 * 1024
+    assert res["first_failing_n"] is None or res["first_failing_n"] > res["max_n"]
+    assert res["model_ceiling"]["as_implemented"] > 0
+    assert "largest N" in (tmp_path / "cpu" / "longest.md").read_text()
+
+
+def test_cupy_peer_reports_the_dispatch_reason():
+    res = static_result(dict(mask="random(4)", n=64, heads=2, dim=8, dtype="float32",
+                             peer="attngraph-cupy", modes=["fwd"], device="cpu", budget=1e9))
+    assert res["modes"]["fwd"]["status"] == "n/a"
+    assert "CUDA" in res["modes"]["fwd"]["reason"]
+
+
+@pytest.mark.parametrize("mask", ["sliding_window(3)", "longformer(2,g3)", "bigbird(4)",
+                                  "causal", "random(5)"])
+def test_flex_mask_mod_matches_the_graph(mask):
+    spec = specs.parse_mask(mask)
+    n = spec.valid_n(40)
+    g = spec.build(n)
+    fn, how = spec.mask_mod(g, "cpu", dense_limit_bytes=1 << 20)
+    q = torch.arange(n).view(-1, 1)
+    kv = torch.arange(n).view(1, -1)
+    assert torch.equal(fn(None, None, q, kv).expand(n, n), g.to_dense()), how
+    assert spec.expected_edges(n) >= g.num_edges
+
+
+def test_random_mask_mod_refuses_over_the_dense_limit():
+    spec = specs.parse_mask("random(2)")
+    fn, how = spec.mask_mod(spec.build(64), "cpu", dense_limit_bytes=100)
+    assert fn is None and "dense" in how
+
+
+@pytest.mark.parametrize("text, kind, args", [
+    ("sliding_window(64)", "sliding_window", (64,)),
+    ("sliding_window:64", "sliding_window", (64,)),
+    ("longformer(256, g16)", "longformer", (256, 16)),
+    ("bigbird(64)", "bigbird", (64,)),
+    ("causal", "causal", ()),
+])
+def test_parse_mask(text, kind, args):
+    spec = specs.parse_mask(text)
+    assert (spec.kind, spec.args) == (kind, args)
+    assert specs.parse_mask(spec.label) == spec
+
+
+@pytest.mark.parametrize("bad", ["window(3)", "random(a)", "sliding_window(1,2)"])
+def test_parse_mask_rejects(bad):
+    with pytest.raises(ValueError):
+        specs.parse_mask(bad)
+
+
+def test_cli_lists_and_sizes():
+    assert _list("sliding_window(64),longformer(256,g16)") == ["sliding_window(64)",
+                                                               "longformer(256,g16)"]
+    assert _sizes("16k,80000,1M") == [16384, 80000, 1 << 20]
+
+
+def test_flops_and_bytes_models():
+    assert specs.flops(10, 2, 8, "fwd") == 640
+    assert specs.flops(10, 2, 8, "fwdbwd") == 3.5 * 640
+    # fwd: Q, K, V, O (4 N H D elements) + lse (4 N H bytes) + 8 bytes per edge
+    assert specs.min_bytes(4, 10, 2, 8, 2, "fwd") == 4 * 4 * 2 * 8 * 2 + 4 * 4 * 2 + 80
+
+
+def test_memory_model_ceiling_is_consistent():
+    spec = specs.parse_mask("sliding_window(256)")
+    model = memory_model(spec, torch.float16, 1, 64, "fwd")
+    c = ceiling(model, 80e9)
+    # an implicit mask stores no edges: about 80 GB / 524 B per token ~ 150 M tokens
+    assert 1.4e8 < c["implicit_mask"] < 1.6e8
+    assert c["as_implemented"] < c["ideal_fused"] < c["implicit_mask"]
+
+
+def _rec(peer, n, e, t, mem, status="ok"):
+    mode = ({"status": "ok", "median_s": t, "peak_bytes": mem} if status == "ok"
+            else {"status": status, "reason": status})
+    return {"mask": "m", "heads": 1, "dim": 8, "dtype": "float32", "n": n, "peer": peer,
+            "num_edges": e, "status": "ok", "modes": {"fwdbwd": mode}}
+
+
+def test_ratios_extrapolate_an_over_budget_peer():
+    records = [_rec("attngraph", 1, 100, 1.0, 10), _rec("pyg", 1, 100, 2.0, 100),
+               _rec("attngraph", 2, 200, 2.0, 20), _rec("pyg", 2, 200, 4.0, 200),
+               _rec("attngraph", 4, 400, 4.0, 40), _rec("pyg", 4, 400, 0, 0, "over budget")]
+    rows = {r["n"]: r["fwdbwd"] for r in report.ratios(records)}
+    assert rows[1] == {"time": 0.5, "mem": 0.1, "extrapolated": False, "check": None}
+    assert rows[4]["extrapolated"]
+    assert rows[4]["time"] == pytest.approx(0.5) and rows[4]["mem"] == pytest.approx(0.1)
