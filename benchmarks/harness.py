@@ -57,9 +57,25 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _source_digest() -> str:
+    """sha1 over attngraph's Python and CUDA sources: which code produced the numbers."""
+    import hashlib
+
+    import attngraph
+
+    root = Path(attngraph.__file__).resolve().parent
+    h = hashlib.sha1()
+    for f in sorted(root.rglob("*")):
+        if f.suffix in (".py", ".cu", ".cuh") and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def environment(device: torch.device, argv: List[str]) -> Dict:
     import attngraph
-    import torch_geometric
+    import attngraph.ops.chunked  # noqa: F401 - imported here so every forked job runs
+    import torch_geometric         # the same code even if the sources change mid-run
 
     meta = {
         "device": str(device),
@@ -76,6 +92,7 @@ def environment(device: torch.device, argv: List[str]) -> Dict:
         "cupy": _version("cupy"),
         "torch_scatter": _version("torch_scatter"),
         "attngraph": attngraph.__version__,
+        "attngraph_source_sha1": _source_digest(),
         "command": "python -m benchmarks " + " ".join(_quote(a) for a in argv),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }

@@ -150,7 +150,8 @@ def markdown(data: Dict, *, title: Optional[str] = None) -> str:
            if meta.get("host_memory_bytes") else ""),
         f"- versions: torch {meta.get('torch')}, torch_geometric {meta.get('torch_geometric')}, "
         f"cupy {meta.get('cupy')}, torch_scatter {meta.get('torch_scatter')}, "
-        f"attngraph {meta.get('attngraph')}, Python {meta.get('python')}",
+        f"attngraph {meta.get('attngraph')} (sources sha1 "
+        f"{meta.get('attngraph_source_sha1', '?')}), Python {meta.get('python')}",
         f"- command: `{meta.get('command')}`  ({meta.get('date_utc')} UTC"
         + (f", {meta['elapsed']:.0f} s" if meta.get("elapsed") else "") + ")",
         f"- time: median of up to {meta.get('repeats')} runs after {meta.get('warmup')} "
