@@ -69,7 +69,8 @@ class TokenGraph:
                 [ True,  True]])
     """
 
-    __slots__ = ("_ei",)
+    # _cache: index arrays derived for kernels (attngraph.ops.cuda), built once per graph
+    __slots__ = ("_ei", "_cache")
 
     def __init__(self, edge_index, num_nodes: Optional[int] = None, *,
                  num_src: Optional[int] = None, num_dst: Optional[int] = None):
@@ -102,6 +103,7 @@ class TokenGraph:
         key = torch.unique(ei[1] * max(num_src, 1) + ei[0], sorted=True)
         src, dst = key % max(num_src, 1), torch.div(key, max(num_src, 1), rounding_mode="floor")
         self._ei = self._make_edge_index(src, dst, num_src, num_dst)
+        self._cache = {}
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -118,6 +120,7 @@ class TokenGraph:
         """
         g = cls.__new__(cls)
         g._ei = EdgeIndex(edge_index, sparse_size=(num_src, num_dst), sort_order="col")
+        g._cache = {}
         return g
 
     @classmethod

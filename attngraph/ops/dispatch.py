@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Backend", "register_backend", "backends", "select_backend", "WITH_CUPY"]
+__all__ = ["Backend", "register_backend", "backends", "select_backend", "explain", "WITH_CUPY"]
 
 WITH_CUPY = importlib.util.find_spec("cupy") is not None
 
@@ -43,6 +43,12 @@ class Backend:
     priority: int            # higher is preferred by "auto"
     refuse: Callable[[Inputs], Optional[str]]
     run: Callable
+    # module with edge_scores(q, k, graph, scale), edge_softmax(s, graph), aggregate(p, v, graph)
+    stages: Callable = None
+    # a reason not to pick this backend under "auto" although it could run the input
+    auto_refuse: Optional[Callable[[Inputs], Optional[str]]] = None
+    # one line on how the backend would run an input it accepts
+    describe: Optional[Callable[[Inputs], str]] = None
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -67,6 +73,8 @@ def select_backend(name: str, inputs: Inputs) -> Backend:
         if name not in ("auto", b.name):
             continue
         why = b.refuse(inputs)
+        if why is None and name == "auto" and b.auto_refuse is not None:
+            why = b.auto_refuse(inputs)
         if why is None:
             return b
         reasons.append((b.name, why))
@@ -82,6 +90,13 @@ def select_backend(name: str, inputs: Inputs) -> Backend:
 _TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def explain(name: str, inputs: Inputs) -> str:
+    """Which backend ``name`` resolves to for ``inputs`` and how it runs them, one line."""
+    b = select_backend(name, inputs)
+    how = b.describe(inputs) if b.describe is not None else ""
+    return f"{b.name}: {how}" if how else b.name
+
+
 def _torch_refuse(x: Inputs) -> Optional[str]:
     if x.dtype not in _TORCH_DTYPES:
         return f"takes float16/bfloat16/float32/float64, got {x.dtype}"
@@ -94,17 +109,67 @@ def _torch_run(q, k, v, graph, scale, bias):
     return chunked.attention(q, k, v, graph, scale, bias)
 
 
+def _torch_stages():
+    from attngraph.ops import reference
+
+    return reference
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_KERNEL_HEAD_DIM = 256
+
+
+def _emulating() -> bool:
+    from attngraph.ops.cuda.loader import emulation_enabled
+
+    return emulation_enabled()
+
+
 def _cupy_refuse(x: Inputs) -> Optional[str]:
-    if x.device.type != "cuda":
+    if x.device.type == "cpu":
+        if not _emulating():
+            return ("needs CUDA tensors, got cpu (ATTNGRAPH_CUDA_EMULATE=1 runs the CUDA "
+                    "kernels on CPU tensors through the emulator)")
+    elif x.device.type != "cuda":
         return f"needs CUDA tensors, got {x.device.type}"
-    if not WITH_CUPY:
+    elif not WITH_CUPY:
         return "cupy is not installed (pip install 'attngraph[cuda12]' or '[cuda13]')"
-    return "the CUDA kernels are not part of this release"
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"takes float16/bfloat16/float32, got {x.dtype}"
+    if max(x.head_dim, x.value_dim) > _MAX_KERNEL_HEAD_DIM:
+        return (f"takes head dims up to {_MAX_KERNEL_HEAD_DIM}, got "
+                f"{max(x.head_dim, x.value_dim)}")
+    return None
 
 
-def _cupy_run(*args):  # pragma: no cover - never selected while _cupy_refuse refuses
-    raise RuntimeError("the cupy backend has no kernels in this release")
+def _cupy_auto_refuse(x: Inputs) -> Optional[str]:
+    if x.device.type == "cpu":
+        return ("emulated CUDA kernels are for checking them, far slower than the torch "
+                "backend: ask for backend='cupy' to run them")
+    return None
 
 
-register_backend(Backend("torch", priority=0, refuse=_torch_refuse, run=_torch_run))
-register_backend(Backend("cupy", priority=10, refuse=_cupy_refuse, run=_cupy_run))
+def _cupy_describe(x: Inputs) -> str:
+    where = ("emulated on CPU (ATTNGRAPH_CUDA_EMULATE=1)" if x.device.type == "cpu"
+             else f"CuPy raw kernels on {x.device}")
+    return f"the three stage kernels, {where}"
+
+
+def _cupy_run(q, k, v, graph, scale, bias):
+    from attngraph.ops.cuda import stages
+
+    return stages.attention(q, k, v, graph, scale, bias)
+
+
+def _cupy_stages():
+    from attngraph.ops.cuda import stages
+
+    return stages
+
+
+register_backend(Backend("torch", priority=0, refuse=_torch_refuse, run=_torch_run,
+                         stages=_torch_stages,
+                         describe=lambda x: "memory-bounded torch ops (ops/chunked.py)"))
+register_backend(Backend("cupy", priority=10, refuse=_cupy_refuse, run=_cupy_run,
+                         stages=_cupy_stages, auto_refuse=_cupy_auto_refuse,
+                         describe=_cupy_describe))

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from attngraph.graph import TokenGraph
-from attngraph.ops import reference
 from attngraph.ops.dispatch import Inputs, select_backend
 
 __all__ = ["graph_attention", "edge_scores", "edge_softmax", "aggregate"]
@@ -153,23 +152,34 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *,
     return (out, lse) if return_lse else out
 
 
-def edge_scores(q: Tensor, k: Tensor, graph: TokenGraph, scale: Optional[float] = None
-                ) -> Tensor:
+def _stages(backend: str, x: Tensor, head_dim: int = 0, value_dim: int = 0,
+            grad: bool = False):
+    """The stage implementations of the backend chosen for ``x``."""
+    return select_backend(backend, Inputs(device=x.device, dtype=x.dtype, head_dim=head_dim,
+                                          value_dim=value_dim, requires_grad=grad)).stages()
+
+
+def edge_scores(q: Tensor, k: Tensor, graph: TokenGraph, scale: Optional[float] = None, *,
+                backend: str = "auto") -> Tensor:
     """Stage 1: ``s[e, h] = scale * q[dst_e, h] . k[src_e, h // G]`` -> ``[E, H]``.
 
-    ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``; edges in the graph's canonical order.
+    ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``; edges in the graph's canonical order; the
+    result has q's dtype. ``backend`` as for :func:`graph_attention` (``"cupy"``: the
+    ``row_dot`` kernel, differentiable through ``row_gather`` / ``col_gather``).
     """
     _check_qkv(q, k, k, graph)
     if q.dim() != 3:
         raise ValueError(f"the stage functions take node-major [N, H, D] inputs, got "
                          f"{list(q.shape)}")
-    return reference.edge_scores(q, k, graph, _check_scale(scale, q.size(-1)))
+    impl = _stages(backend, q, q.size(-1), 0, q.requires_grad or k.requires_grad)
+    return impl.edge_scores(q, k, graph, _check_scale(scale, q.size(-1)))
 
 
-def edge_softmax(scores: Tensor, graph: TokenGraph) -> Tensor:
+def edge_softmax(scores: Tensor, graph: TokenGraph, *, backend: str = "auto") -> Tensor:
     """Stage 2: softmax of ``scores [E, H]`` (or ``[E]``) over each query's edges.
 
-    Each query's weights sum to 1 (queries without edges have none).
+    Each query's weights sum to 1 (queries without edges have none); a query whose scores
+    are all ``-inf`` gets weights 0.
     """
     _check_graph(graph)
     if not isinstance(scores, Tensor) or scores.dtype not in _FLOATS:
@@ -180,15 +190,17 @@ def edge_softmax(scores: Tensor, graph: TokenGraph) -> Tensor:
                          f"got {list(scores.shape)}")
     if scores.device != graph.device:
         raise ValueError(f"scores are on {scores.device} but the graph is on {graph.device}")
+    impl = _stages(backend, scores, grad=scores.requires_grad)
     if scores.dim() == 1:
-        return reference.edge_softmax(scores.unsqueeze(-1), graph).squeeze(-1)
-    return reference.edge_softmax(scores, graph)
+        return impl.edge_softmax(scores.unsqueeze(-1), graph).squeeze(-1)
+    return impl.edge_softmax(scores, graph)
 
 
-def aggregate(p: Tensor, v: Tensor, graph: TokenGraph) -> Tensor:
+def aggregate(p: Tensor, v: Tensor, graph: TokenGraph, *, backend: str = "auto") -> Tensor:
     """Stage 3: ``out[i, h] = sum_e p[e, h] v[src_e, h // G]`` -> ``[N_dst, H, D_v]``.
 
-    ``p [E, H]`` edge weights, ``v [N_src, H_kv, D_v]``. Queries without edges get 0.
+    ``p [E, H]`` edge weights (v's dtype), ``v [N_src, H_kv, D_v]``. Queries without edges
+    get 0.
     """
     _check_graph(graph)
     _check_tensor("v", v, (3,))
@@ -204,4 +216,5 @@ def aggregate(p: Tensor, v: Tensor, graph: TokenGraph) -> Tensor:
     if p.device != graph.device or v.device != graph.device:
         raise ValueError(f"p ({p.device}), v ({v.device}) and the graph ({graph.device}) "
                          f"must share one device")
-    return reference.aggregate(p, v, graph)
+    impl = _stages(backend, v, 0, v.size(-1), p.requires_grad or v.requires_grad)
+    return impl.aggregate(p, v, graph)

@@ -1,0 +1,395 @@
+"""Run CUDA C++ kernels on CPU tensors, with CUDA semantics: ``cupy.RawModule`` on the host.
+
+The same ``.cu`` source the GPU runs is compiled with the host C++ compiler (g++ >= 12,
+``-std=c++20``) after ``attngraph_emu.h``, which gives it grid / block / thread indices,
+warps of 32, ``__shared__`` memory (static and ``extern`` dynamic), ``__syncthreads``, the
+warp collectives (``__shfl*_sync``, ``__syncwarp``, ``__ballot_sync``, ...), atomics and
+``__half`` / ``__nv_bfloat16`` from the CUDA headers. A block's threads run as fibers on one
+OS thread; blocks run on several. A kernel whose threads can never meet (different
+barriers, a shuffle waiting for a lane that has exited) raises :class:`EmulatorError`
+naming the kernel instead of hanging.
+
+Example::
+
+    mod = RawModule(code=src, options=("--std=c++17",), name_expressions=("k<64>",))
+    mod.get_function("k<64>")((grid_x,), (128,), (tensor, np.int32(n)), shared_mem=0)
+
+Arguments follow CuPy: tensors (CPU) and numpy arrays pass as pointers, ``None`` as a null
+pointer, numpy scalars by value; each is checked against the kernel's parameter types.
+
+Builds are cached under ``$ATTNGRAPH_CACHE_DIR`` (default ``~/.cache/attngraph``) by a hash
+of the source, the header, the options and the compiler, so a module is compiled once.
+Environment: ``CXX`` (compiler), ``ATTNGRAPH_EMU_THREADS`` (worker threads, default: the
+usable cores), ``ATTNGRAPH_EMU_SANITIZE=address`` (build with AddressSanitizer; the
+process must preload libasan), ``ATTNGRAPH_EMU_STACK_KB`` (fiber stack size).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["RawModule", "RawKernel", "EmulatorError", "LaunchStats", "count", "COUNTER_NAMES"]
+
+HEADER = Path(__file__).resolve().parent / "attngraph_emu.h"
+
+# Keep in step with `enum Counter` in attngraph_emu.h.
+COUNTER_NAMES = (
+    "load_bytes", "load_requests", "load_sectors", "store_bytes", "store_requests",
+    "store_sectors", "atomic_bytes", "atomic_requests", "atomic_sectors",
+    "unique_load_sectors", "unique_store_sectors", "barriers", "warp_ops", "threads", "blocks",
+)
+
+
+class EmulatorError(RuntimeError):
+    """A kernel could not be built or failed while running under the emulator."""
+
+
+@dataclass
+class LaunchStats:
+    """What one emulated launch did. Sectors are 32-byte segments of global memory touched
+    by one warp-level request (the same access site in the lanes of one warp)."""
+
+    kernel: str
+    grid: Tuple[int, int, int]
+    block: Tuple[int, int, int]
+    shared_mem: int
+    counters: Dict[str, int] = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        counters = self.__dict__.get("counters", {})
+        if name in counters:
+            return counters[name]
+        raise AttributeError(name)
+
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def count() -> Iterator[List[LaunchStats]]:
+    """Count global-memory traffic of every emulated launch in the block::
+
+        with count() as launches:
+            kernel(grid, block, args)
+        launches[0].load_sectors
+    """
+    prev = getattr(_recording, "launches", None)
+    launches: List[LaunchStats] = []
+    _recording.launches = launches
+    try:
+        yield launches
+    finally:
+        _recording.launches = prev
+
+
+# ---------------------------------------------------------------------------- building
+_EXTERN_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*|alignas\s*\(\s*\d+\s*\)\s*)*"
+    r"(?P<type>[A-Za-z_][\w:<>, ]*?)\s+(?:__align__\s*\(\s*\d+\s*\)\s*|alignas\s*\(\s*\d+\s*\)\s*)*"
+    r"(?P<name>[A-Za-z_]\w*)\s*\[\s*\]\s*;")
+
+
+def _rewrite_extern_shared(code: str) -> str:
+    """``extern __shared__ T name[];`` -> a pointer to the launch's dynamic shared memory.
+
+    In CUDA every such array aliases the block's dynamic buffer; here each becomes a pointer
+    to that buffer (a per-block allocation of exactly ``shared_mem`` bytes, so an overflow is
+    an AddressSanitizer report). Namespace-scope declarations become a macro.
+    """
+    out, pos = [], 0
+    for m in _EXTERN_SHARED.finditer(code):
+        depth = _brace_depth(code, m.start())
+        t, name = m.group("type").strip(), m.group("name")
+        if depth > 0:
+            repl = f"{t}* const {name} = reinterpret_cast<{t}*>(::emu::dynamic_shared());"
+        else:
+            repl = f"\n#define {name} (reinterpret_cast<{t}*>(::emu::dynamic_shared()))\n"
+        out += [code[pos:m.start()], repl]
+        pos = m.end()
+    out.append(code[pos:])
+    return "".join(out)
+
+
+def _brace_depth(code: str, end: int) -> int:
+    text = re.sub(r"//[^\n]*|/\*.*?\*/|\"(?:\\.|[^\"\\])*\"|'(?:\\.|[^'\\])*'", "",
+                  code[:end], flags=re.S)
+    return text.count("{") - text.count("}")
+
+
+def _wrappers(name_expressions: Sequence[str]) -> str:
+    lines = ["", "// ---- emulator entry points, one per name expression"]
+    for i, expr in enumerate(name_expressions):
+        lines += [
+            f'extern "C" __attribute__((visibility("default"))) int attngraph_emu_launch_{i}('
+            "const unsigned* grid, const unsigned* block, unsigned long long smem, int workers, "
+            "int counting, unsigned long long* counters, char* err, unsigned long errlen, "
+            "void** args) {",
+            f"  return ::emu::launch_kernel(&{expr}, grid, block, smem, workers, counting, "
+            "reinterpret_cast<uint64_t*>(counters), err, errlen, args);",
+            "}",
+            f'extern "C" __attribute__((visibility("default"))) const char* '
+            f"attngraph_emu_signature_{i}() {{ return ::emu::signature(&{expr}); }}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _translate_options(options: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """NVRTC options -> g++ flags (defines and include dirs); the rest have no host meaning."""
+    flags, ignored = [], []
+    it = iter(options)
+    for opt in it:
+        if opt in ("-D", "-I", "--define-macro", "--include-path"):
+            val = next(it, "")
+            flags.append(("-D" if opt in ("-D", "--define-macro") else "-I") + val)
+        elif opt.startswith(("-D", "-I")):
+            flags.append(opt)
+        elif opt.startswith(("--define-macro=", "--include-path=")):
+            key, val = opt.split("=", 1)
+            flags.append(("-D" if key == "--define-macro" else "-I") + val)
+        else:
+            ignored.append(opt)   # --std=..., -arch, --use_fast_math, ...
+    return flags, ignored
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or "g++"
+    path = shutil.which(cxx)
+    if path is None:
+        raise EmulatorError(
+            f"the CUDA emulator needs a host C++ compiler with C++20 (g++ >= 12) but "
+            f"{cxx!r} was not found; install one (e.g. `apt-get install g++`) or set CXX")
+    return path
+
+
+def _compiler_id(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                              timeout=60).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):  # pragma: no cover
+        return cxx
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ATTNGRAPH_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attngraph")
+    return Path(root) / "emu"
+
+
+def _sanitize() -> str:
+    return os.environ.get("ATTNGRAPH_EMU_SANITIZE", "").strip().lower()
+
+
+def _local_includes(code: str, flags: Sequence[str]) -> List[str]:
+    """Text of the ``#include "..."`` files the source finds in its -I dirs (for the cache
+    key: a changed header rebuilds)."""
+    texts = []
+    for inc in re.findall(r'#\s*include\s+"([^"]+)"', code):
+        for f in flags:
+            p = Path(f[2:], inc) if f.startswith("-I") else None
+            if p is not None and p.is_file():
+                texts.append(p.read_text())
+                break
+    return texts
+
+
+def _include_has_cuda_fp16(flags: Sequence[str]) -> bool:
+    return any(f.startswith("-I") and Path(f[2:], "cuda_fp16.h").is_file() for f in flags)
+
+
+_BUILD_LOCK = threading.Lock()
+builds = 0   # number of compiler runs in this process (tests check the cache with it)
+
+
+def build(code: str, options: Sequence[str], name_expressions: Sequence[str],
+          name: str = "kernel.cu") -> Path:
+    """Compile ``code`` for the emulator; returns the cached shared library's path."""
+    global builds
+    flags, _ = _translate_options(options)
+    if not _include_has_cuda_fp16(flags):
+        from attngraph.ops.cuda.loader import cuda_include_dirs
+
+        dirs = cuda_include_dirs()
+        if not dirs:
+            raise EmulatorError(
+                "the CUDA emulator needs the CUDA headers cuda_fp16.h / cuda_bf16.h: "
+                "`pip install nvidia-cuda-runtime-cu12` (or attngraph[test]), or set "
+                "CUDA_HOME to a CUDA toolkit")
+        flags += [f"-I{d}" for d in dirs]
+    cxx = _compiler()
+    sanitize = _sanitize()
+    cmd_flags = ["-std=c++20", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
+                 "-Wno-attributes", "-Wno-unknown-pragmas", f"-I{HEADER.parent}"]
+    if sanitize == "address":
+        cmd_flags += ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+    elif sanitize:
+        raise EmulatorError(f"ATTNGRAPH_EMU_SANITIZE={sanitize!r}: only 'address' is supported")
+    else:
+        cmd_flags += ["-O2"]
+    if os.environ.get("ATTNGRAPH_EMU_UCONTEXT"):
+        cmd_flags += ["-DATTNGRAPH_EMU_UCONTEXT=1"]
+    text = ("#define ATTNGRAPH_EMULATE 1\n#include \"attngraph_emu.h\"\n"
+            f"#line 1 \"{name}\"\n" + _rewrite_extern_shared(code) + _wrappers(name_expressions))
+    key = hashlib.sha256("\0".join(
+        [text, HEADER.read_text(), _compiler_id(cxx), *cmd_flags, *flags,
+         *_local_includes(code, flags)]).encode()).hexdigest()[:24]
+    out_dir = _cache_dir()
+    lib = out_dir / f"{Path(name).stem}-{key}.so"
+    if lib.is_file():
+        return lib
+    with _BUILD_LOCK:
+        if lib.is_file():
+            return lib
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            src = Path(tmp, Path(name).stem + ".cpp")
+            src.write_text(text)
+            tmp_lib = Path(tmp, lib.name)
+            cmd = [cxx, *cmd_flags, *flags, str(src), "-o", str(tmp_lib)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            builds += 1
+            if proc.returncode != 0:
+                raise EmulatorError(f"building {name} for the CUDA emulator failed:\n"
+                                    f"{' '.join(cmd)}\n{proc.stderr[-8000:]}")
+            os.replace(tmp_lib, lib)
+    return lib
+
+
+# ---------------------------------------------------------------------------- running
+def _workers() -> int:
+    env = os.environ.get("ATTNGRAPH_EMU_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover
+        return max(1, os.cpu_count() or 1)
+
+
+def _dim3(v, what: str) -> Tuple[int, int, int]:
+    if isinstance(v, (int, np.integer)):
+        v = (int(v),)
+    try:
+        dims = tuple(int(x) for x in v)
+    except TypeError:
+        raise TypeError(f"{what} must be an int or a tuple of up to 3 ints, got {v!r}") from None
+    if not 1 <= len(dims) <= 3 or any(d < 0 for d in dims):
+        raise ValueError(f"{what} must have 1 to 3 non-negative entries, got {v!r}")
+    return dims + (1,) * (3 - len(dims))
+
+
+def _pointer(arg, i: int, kernel: str):
+    import torch
+
+    if arg is None:
+        return ctypes.c_void_p(0)
+    if isinstance(arg, torch.Tensor):
+        if arg.device.type != "cpu":
+            raise TypeError(f"{kernel}: argument {i} is a tensor on {arg.device}; the emulator "
+                            f"runs on CPU tensors")
+        return ctypes.c_void_p(arg.data_ptr() if arg.numel() else 0)
+    if isinstance(arg, np.ndarray):
+        return ctypes.c_void_p(arg.ctypes.data if arg.size else 0)
+    raise TypeError(f"{kernel}: argument {i} is a pointer parameter; pass a CPU tensor, a "
+                    f"numpy array or None, got {type(arg).__name__}")
+
+
+def _scalar(arg, kind: str, i: int, kernel: str):
+    if not isinstance(arg, np.generic):
+        raise TypeError(f"{kernel}: argument {i} takes a value of kind {kind!r}; pass a numpy "
+                        f"scalar of that type (e.g. numpy.int32(n)), got {type(arg).__name__}")
+    size = int(kind[1:])
+    dt = arg.dtype
+    # "b" parameters (bool, __half, structs) take any scalar of their size, bit for bit
+    if dt.itemsize != size or (kind[0] != "b" and dt.kind != kind[0]):
+        raise TypeError(f"{kernel}: argument {i} has C++ kind {kind!r} ({size} bytes) but got "
+                        f"numpy {dt}")
+    return ctypes.create_string_buffer(arg.tobytes(), size)
+
+
+class RawKernel:
+    """One kernel of a :class:`RawModule`: ``kernel(grid, block, args, shared_mem=0)``."""
+
+    def __init__(self, lib: ctypes.CDLL, index: int, name: str):
+        self.name = name
+        self._launch = getattr(lib, f"attngraph_emu_launch_{index}")
+        self._launch.restype = ctypes.c_int
+        self._launch.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
+                                 ctypes.c_ulonglong, ctypes.c_int, ctypes.c_int,
+                                 ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_char_p,
+                                 ctypes.c_ulong, ctypes.POINTER(ctypes.c_void_p)]
+        sig = getattr(lib, f"attngraph_emu_signature_{index}")
+        sig.restype = ctypes.c_char_p
+        raw = sig().decode()
+        self.signature: Tuple[str, ...] = tuple(raw.split(",")) if raw else ()
+
+    def __call__(self, grid, block, args, shared_mem: int = 0, stream=None) -> None:
+        grid, block = _dim3(grid, "grid"), _dim3(block, "block")
+        args = tuple(args)
+        if len(args) != len(self.signature):
+            raise TypeError(f"{self.name} takes {len(self.signature)} arguments "
+                            f"({', '.join(self.signature)}), got {len(args)}")
+        keep = []
+        for i, (a, kind) in enumerate(zip(args, self.signature)):
+            keep.append(_pointer(a, i, self.name) if kind == "p"
+                        else _scalar(a, kind, i, self.name))
+        argv = (ctypes.c_void_p * max(1, len(keep)))(
+            *[ctypes.cast(ctypes.pointer(k), ctypes.c_void_p) if isinstance(k, ctypes.c_void_p)
+              else ctypes.cast(k, ctypes.c_void_p) for k in keep])
+        counters = (ctypes.c_ulonglong * len(COUNTER_NAMES))()
+        err = ctypes.create_string_buffer(4096)
+        launches = getattr(_recording, "launches", None)
+        if any(d == 0 for d in grid + block):
+            raise EmulatorError(f"{self.name}: invalid configuration argument: grid {grid}, "
+                                f"block {block}")
+        rc = self._launch((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
+                          int(shared_mem), _workers(), int(launches is not None), counters,
+                          err, len(err), argv)
+        if rc != 0:
+            raise EmulatorError(f"{self.name}: {err.value.decode(errors='replace')}")
+        if launches is not None:
+            launches.append(LaunchStats(self.name, grid, block, int(shared_mem),
+                                        dict(zip(COUNTER_NAMES, map(int, counters)))))
+
+
+class RawModule:
+    """``cupy.RawModule``'s interface on the CPU: build once, then ``get_function(name)``.
+
+    Args:
+        code: CUDA C++ source in the emulated subset.
+        options: NVRTC-style options; ``-D`` / ``-I`` are honoured, the rest (``--std``,
+            ``-arch``, ...) have no host meaning.
+        name_expressions: the kernels (template instantiations) to export, e.g. ``"k<64>"``.
+        name: file name used in diagnostics and ``#line``.
+    """
+
+    def __init__(self, code: str, options: Sequence[str] = (),
+                 name_expressions: Sequence[str] = (), *, name: str = "kernel.cu"):
+        if not name_expressions:
+            raise ValueError("name_expressions must list the kernels to build, e.g. "
+                             "('my_kernel', 'tmpl<float>')")
+        self.name_expressions = tuple(name_expressions)
+        self.path = build(code, tuple(options), self.name_expressions, name)
+        self._lib = ctypes.CDLL(str(self.path))
+        self._kernels: Dict[str, RawKernel] = {}
+
+    def get_function(self, name: str) -> RawKernel:
+        if name not in self._kernels:
+            try:
+                index = self.name_expressions.index(name)
+            except ValueError:
+                raise ValueError(f"{name!r} is not among this module's name_expressions "
+                                 f"{self.name_expressions}") from None
+            self._kernels[name] = RawKernel(self._lib, index, name)
+        return self._kernels[name]

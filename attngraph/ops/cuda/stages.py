@@ -1,0 +1,311 @@
+"""The three stages on the CUDA kernels of ``stages.cu``: raw launchers, autograd, and the
+unfused attention they compose.
+
+Layers (STYLE §2): ``row_dot`` / ``row_gather`` / ``col_gather`` / ``row_softmax`` launch one
+kernel each after checking every argument on the host; ``EdgeScores``, ``EdgeSoftmax`` and
+``Aggregate`` are their ``autograd.Function`` s (each backward runs the other kernels, no
+atomics, so gradients are deterministic); :func:`edge_scores`, :func:`edge_softmax`,
+:func:`aggregate` and :func:`attention` are what :mod:`attngraph.ops.functional` calls.
+
+Shapes: ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``, ``v [N_src, H_kv, D_v]``, per-edge
+``[E, H]`` in the graph's canonical order; GQA query head ``h`` reads kv head ``h // G``,
+``G = H // H_kv``. The kernels take float32 / float16 / bfloat16 and accumulate in float32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from attngraph.graph import TokenGraph
+from attngraph.ops.cuda import loader
+
+__all__ = ["GraphArrays", "graph_arrays", "row_dot", "row_gather", "col_gather",
+           "row_softmax", "row_softmax_bwd", "edge_scores", "edge_softmax", "aggregate",
+           "attention", "KERNEL_DTYPES"]
+
+KERNEL_DTYPES = {torch.float32: "float", torch.float16: "__half",
+                 torch.bfloat16: "__nv_bfloat16"}
+WARPS_PER_BLOCK = 4          # kWarps in stages.cu
+THREADS = WARPS_PER_BLOCK * 32
+_INT32_MAX = 2 ** 31 - 1
+
+
+@dataclass(frozen=True)
+class GraphArrays:
+    """A graph's index arrays as the kernels read them, checked once and cached on the graph.
+
+    ``ptr`` int64 ``[N_dst + 1]`` and ``col`` int32 ``[E]`` (CSR over queries, canonical
+    order); ``kptr`` int64 ``[N_src + 1]``, ``krow`` int32 ``[E]`` and ``perm`` int64 ``[E]``
+    (CSC over keys: the query and the canonical edge id of each key-major edge).
+    """
+
+    num_src: int
+    num_dst: int
+    num_edges: int
+    ptr: Tensor
+    col: Tensor
+    kptr: Tensor
+    krow: Tensor
+    perm: Tensor
+
+
+def _check_offsets(name: str, ptr: Tensor, rows: int, edges: int) -> None:
+    ok = (ptr.numel() == rows + 1 and int(ptr[0]) == 0 and int(ptr[-1]) == edges
+          and bool((ptr.diff() >= 0).all()))
+    if not ok:
+        raise ValueError(f"the graph's {name} offsets are inconsistent (expected {rows + 1} "
+                         f"non-decreasing offsets from 0 to {edges}); was its edge_index "
+                         f"modified in place?")
+
+
+def _check_indices(name: str, idx: Tensor, bound: int) -> None:
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+        raise ValueError(f"the graph's {name} indices leave [0, {bound}); was its edge_index "
+                         f"modified in place?")
+
+
+def graph_arrays(graph: TokenGraph) -> GraphArrays:
+    """The kernels' view of ``graph`` (computed once per graph; every index checked here, so
+    no kernel can be led out of bounds by the graph)."""
+    cached = graph._cache.get("cuda_arrays")
+    if cached is not None:
+        return cached
+    S, R, E = graph.num_src, graph.num_dst, graph.num_edges
+    if max(S, R) > _INT32_MAX:
+        raise ValueError(f"the CUDA kernels take graphs of fewer than 2^31 nodes, got "
+                         f"num_src={S}, num_dst={R}")
+    ptr = graph.ptr.to(torch.int64).contiguous().clone()
+    col = graph.src.to(torch.int32).contiguous()
+    kptr, kdst, perm = graph.csc()
+    kptr = kptr.to(torch.int64).contiguous().clone()
+    krow = kdst.to(torch.int32).contiguous()
+    perm = perm.to(torch.int64).contiguous().clone()
+    _check_offsets("CSR", ptr, R, E)
+    _check_offsets("CSC", kptr, S, E)
+    _check_indices("key", col, S)
+    _check_indices("query", krow, R)
+    _check_indices("edge permutation", perm, E)
+    arrays = GraphArrays(S, R, E, ptr, col, kptr, krow, perm)
+    graph._cache["cuda_arrays"] = arrays
+    return arrays
+
+
+# ---------------------------------------------------------------------------- launching
+def _lanes(dim: int) -> int:
+    """Elements per lane for a head dim (the template bucket NT, 32 * NT >= dim)."""
+    for nt in loader.HEAD_DIM_CHUNKS:
+        if 32 * nt >= dim:
+            return nt
+    raise ValueError(f"the CUDA kernels take head dims up to {loader.MAX_HEAD_DIM}, got {dim}")
+
+
+def _expect(name: str, t: Tensor, shape: Tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> None:
+    """Host-side check of one kernel argument; a mismatch would be an out-of-bounds access."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_arrays(g: GraphArrays, device: torch.device) -> None:
+    _expect("ptr", g.ptr, (g.num_dst + 1,), torch.int64, device)
+    _expect("col", g.col, (g.num_edges,), torch.int32, device)
+    _expect("kptr", g.kptr, (g.num_src + 1,), torch.int64, device)
+    _expect("krow", g.krow, (g.num_edges,), torch.int32, device)
+    _expect("perm", g.perm, (g.num_edges,), torch.int64, device)
+
+
+def _kernel_dtype(t: Tensor) -> str:
+    try:
+        return KERNEL_DTYPES[t.dtype]
+    except KeyError:
+        raise TypeError(f"the CUDA kernels take float32, float16 or bfloat16, got "
+                        f"{t.dtype}") from None
+
+
+def _launch(kernel: str, items: int, args, device: torch.device) -> None:
+    if items == 0:
+        return
+    blocks = min(math.ceil(items / WARPS_PER_BLOCK), loader.max_blocks(device))
+    loader.module("stages", device).get_function(kernel)((blocks,), (THREADS,), args)
+
+
+def row_dot(a: Tensor, b: Tensor, g: GraphArrays, scale: float) -> Tensor:
+    """``out[e, h] = scale * a[dst_e, h] . b[src_e, h // G]`` -> ``[E, H]`` (a's dtype)."""
+    R, H, D = a.shape
+    Hk = b.size(1)
+    _check_arrays(g, a.device)
+    _expect("a", a, (g.num_dst, H, D), a.dtype, a.device)
+    _expect("b", b, (g.num_src, Hk, D), a.dtype, a.device)
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"heads ({H}) must be a multiple of kv heads ({Hk})")
+    out = a.new_empty(g.num_edges, H)
+    _launch(f"row_dot<{_kernel_dtype(a)}, {_lanes(D)}>", R * H,
+            (a, b, g.ptr, g.col, out, np.int64(R), np.int32(H), np.int32(H // Hk),
+             np.int32(D), np.float32(scale)), a.device)
+    return out
+
+
+def row_gather(w: Tensor, x: Tensor, g: GraphArrays, scale: float) -> Tensor:
+    """``out[i, h] = scale * sum_{e into i} w[e, h] x[src_e, h // G]`` -> ``[N_dst, H, C]``;
+    queries without edges get 0."""
+    H = w.size(1)
+    S, Hk, C = x.shape
+    _check_arrays(g, x.device)
+    _expect("w", w, (g.num_edges, H), x.dtype, x.device)
+    _expect("x", x, (g.num_src, Hk, C), x.dtype, x.device)
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"heads ({H}) must be a multiple of kv heads ({Hk})")
+    out = x.new_empty(g.num_dst, H, C)
+    _launch(f"row_gather<{_kernel_dtype(x)}, {_lanes(C)}>", g.num_dst * H,
+            (w, x, g.ptr, g.col, out, np.int64(g.num_dst), np.int32(H), np.int32(H // Hk),
+             np.int32(C), np.float32(scale)), x.device)
+    return out
+
+
+def col_gather(w: Tensor, y: Tensor, g: GraphArrays, kv_heads: int, scale: float) -> Tensor:
+    """``out[j, hk] = scale * sum_{e out of j} sum_g w[e, hk G + g] y[dst_e, hk G + g]``
+    -> ``[N_src, H_kv, C]``; keys without edges get 0."""
+    R, H, C = y.shape
+    _check_arrays(g, y.device)
+    _expect("w", w, (g.num_edges, H), y.dtype, y.device)
+    _expect("y", y, (g.num_dst, H, C), y.dtype, y.device)
+    if kv_heads == 0 or H % kv_heads:
+        raise ValueError(f"heads ({H}) must be a multiple of kv heads ({kv_heads})")
+    out = y.new_empty(g.num_src, kv_heads, C)
+    _launch(f"col_gather<{_kernel_dtype(y)}, {_lanes(C)}>", g.num_src * kv_heads,
+            (w, y, g.kptr, g.krow, g.perm, out, np.int64(g.num_src), np.int32(H),
+             np.int32(H // kv_heads), np.int32(C), np.float32(scale)), y.device)
+    return out
+
+
+def row_softmax(s: Tensor, g: GraphArrays, *, with_lse: bool = False
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Softmax of ``s [E, H]`` over each query's edges -> ``(p [E, H], lse [N_dst, H] or
+    None)``; ``lse`` is float32, ``-inf`` for a query without edges."""
+    H = s.size(1)
+    _check_arrays(g, s.device)
+    _expect("s", s, (g.num_edges, H), s.dtype, s.device)
+    p = torch.empty_like(s)
+    lse = torch.empty(g.num_dst, H, dtype=torch.float32, device=s.device) if with_lse else None
+    _launch(f"row_softmax<{_kernel_dtype(s)}>", g.num_dst * H,
+            (s, g.ptr, p, lse, np.int64(g.num_dst), np.int32(H)), s.device)
+    return p, lse
+
+
+def row_softmax_bwd(p: Tensor, dp: Tensor, g: GraphArrays) -> Tensor:
+    """``ds = p * (dp - sum_row p * dp)`` -> ``[E, H]``."""
+    H = p.size(1)
+    _check_arrays(g, p.device)
+    _expect("p", p, (g.num_edges, H), p.dtype, p.device)
+    _expect("dp", dp, (g.num_edges, H), p.dtype, p.device)
+    ds = torch.empty_like(p)
+    _launch(f"row_softmax_bwd<{_kernel_dtype(p)}>", g.num_dst * H,
+            (p, dp, g.ptr, ds, np.int64(g.num_dst), np.int32(H)), p.device)
+    return ds
+
+
+# ---------------------------------------------------------------------------- autograd
+class EdgeScores(torch.autograd.Function):
+    """``s = scale * q . k`` per edge; backward: ``dq`` over CSR rows, ``dk`` over the CSC."""
+
+    @staticmethod
+    def forward(ctx, q, k, arrays, scale):
+        ctx.save_for_backward(q, k)
+        ctx.arrays, ctx.scale = arrays, scale
+        return row_dot(q, k, arrays, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ds):
+        q, k = ctx.saved_tensors
+        ds = ds.contiguous()
+        dq = row_gather(ds, k, ctx.arrays, ctx.scale) if ctx.needs_input_grad[0] else None
+        dk = (col_gather(ds, q, ctx.arrays, k.size(1), ctx.scale)
+              if ctx.needs_input_grad[1] else None)
+        return dq, dk, None, None
+
+
+class EdgeSoftmax(torch.autograd.Function):
+    """Per-query softmax of edge scores (and, not differentiable, the log-sum-exp)."""
+
+    @staticmethod
+    def forward(ctx, s, arrays, with_lse):
+        p, lse = row_softmax(s, arrays, with_lse=with_lse)
+        ctx.save_for_backward(p)
+        ctx.arrays = arrays
+        if lse is None:
+            return p
+        ctx.mark_non_differentiable(lse)
+        return p, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dp, *_):
+        (p,) = ctx.saved_tensors
+        return row_softmax_bwd(p, dp.contiguous(), ctx.arrays), None, None
+
+
+class Aggregate(torch.autograd.Function):
+    """``out = sum_e p_e v[src_e]`` per query; backward: ``dp`` per edge, ``dv`` over the CSC."""
+
+    @staticmethod
+    def forward(ctx, p, v, arrays):
+        ctx.save_for_backward(p, v)
+        ctx.arrays = arrays
+        return row_gather(p, v, arrays, 1.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        p, v = ctx.saved_tensors
+        dout = dout.contiguous()
+        dp = row_dot(dout, v, ctx.arrays, 1.0) if ctx.needs_input_grad[0] else None
+        dv = (col_gather(p, dout, ctx.arrays, v.size(1), 1.0)
+              if ctx.needs_input_grad[1] else None)
+        return dp, dv, None
+
+
+# ---------------------------------------------------------------------------- entry points
+def edge_scores(q: Tensor, k: Tensor, graph: TokenGraph, scale: float) -> Tensor:
+    return EdgeScores.apply(q.contiguous(), k.contiguous(), graph_arrays(graph), float(scale))
+
+
+def edge_softmax(scores: Tensor, graph: TokenGraph) -> Tensor:
+    return EdgeSoftmax.apply(scores.contiguous(), graph_arrays(graph), False)
+
+
+def aggregate(p: Tensor, v: Tensor, graph: TokenGraph) -> Tensor:
+    return Aggregate.apply(p.contiguous(), v.contiguous(), graph_arrays(graph))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
+              bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Graph attention composed of the three stage kernels -> ``(out, lse)``.
+
+    Runs the stages in float32 (per-edge tensors of ``[E, H]`` are held, unlike a fused
+    kernel); ``out`` comes back in the input dtype, ``lse`` float32. ``bias`` is ``None``,
+    ``[E, 1]`` or ``[E, b]`` with ``H`` a multiple of ``b`` (batch folded into heads).
+    """
+    dtype = q.dtype
+    arrays = graph_arrays(graph)
+    q32, k32, v32 = (t.to(torch.float32).contiguous() for t in (q, k, v))
+    s = EdgeScores.apply(q32, k32, arrays, float(scale))
+    if bias is not None:
+        b = bias.to(torch.float32)
+        s = s + (b if b.size(1) in (1, s.size(1)) else b.repeat(1, s.size(1) // b.size(1)))
+    p, lse = EdgeSoftmax.apply(s.contiguous(), arrays, True)
+    out = Aggregate.apply(p, v32, arrays)
+    return out.to(dtype), lse
