@@ -79,15 +79,17 @@ def graph_arrays(graph: TokenGraph) -> GraphArrays:
     if max(S, R) > _INT32_MAX:
         raise ValueError(f"the CUDA kernels take graphs of fewer than 2^31 nodes, got "
                          f"num_src={S}, num_dst={R}")
+    # indices first: building the CSC from out-of-range indices would crash torch itself
+    _check_indices("key", graph.src, S)
+    _check_indices("query", graph.dst, R)
     ptr = graph.ptr.to(torch.int64).contiguous().clone()
     col = graph.src.to(torch.int32).contiguous()
+    _check_offsets("CSR", ptr, R, E)
     kptr, kdst, perm = graph.csc()
     kptr = kptr.to(torch.int64).contiguous().clone()
     krow = kdst.to(torch.int32).contiguous()
     perm = perm.to(torch.int64).contiguous().clone()
-    _check_offsets("CSR", ptr, R, E)
     _check_offsets("CSC", kptr, S, E)
-    _check_indices("key", col, S)
     _check_indices("query", krow, R)
     _check_indices("edge permutation", perm, E)
     arrays = GraphArrays(S, R, E, ptr, col, kptr, krow, perm)
