@@ -9,6 +9,10 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+#ifndef INFINITY  // NVRTC brings no math.h
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 #ifndef ATTNGRAPH_EMULATE
 template <class T>
 __device__ __forceinline__ T ag_load(const T* p) { return *p; }

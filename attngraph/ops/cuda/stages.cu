@@ -6,10 +6,11 @@
 // node-major and contiguous: a [R, H, D], b / x [S, H_kv, D], per-edge w / s / p [E, H];
 // GQA: query head h reads kv head h / G.
 //
-// Every kernel gives one warp one (node, head) item -- lanes split the head dim, lane l
-// holding elements l, l + 32, ... (NT per lane, NT * 32 >= D) -- and walks that node's edges:
+// Every kernel gives one warp one node -- lanes split the head dim, lane l holding elements
+// l, l + 32, ... (NT per lane, NT * 32 >= D) -- and walks that node's edges head by head:
 // pull-style sums, no atomics, so results are deterministic. Blocks of kWarps warps walk the
-// items grid-stride. Arithmetic and accumulation are fp32 whatever the storage type T.
+// nodes grid-stride (no 64-bit division of an item index: it costs registers and spills).
+// Arithmetic and accumulation are fp32 whatever the storage type T.
 //
 //   row_dot     out[e, h]  = scale * a[r, h] . b[col_e, h / G]        edge_scores; d p of aggregate
 //   row_gather  out[r, h]  = scale * sum_e w[e, h] x[col_e, h / G]    aggregate; d q of edge_scores
@@ -19,23 +20,27 @@
 #include "common.cuh"
 
 namespace {
-constexpr int kWarps = 4;  // warps per block
+constexpr int kWarps = 4;      // warps per block
+constexpr int kMinBlocks = 8;  // resident blocks per SM: caps registers at 64, where
+                               // ptxas' own choice spilled on sm_80
 }
 
-#define AG_WARP_LOOP(items)                                                          \
+// for each node r of [0, rows) given to this warp, and each head h of [0, heads)
+#define AG_WARP_LOOP(rows, heads)                                                    \
   const int lane = threadIdx.x % ag::kWarpSize;                                       \
   const long long warp_stride = static_cast<long long>(gridDim.x) * kWarps;          \
-  for (long long item = static_cast<long long>(blockIdx.x) * kWarps + threadIdx.x / ag::kWarpSize; \
-       item < (items); item += warp_stride)
+  for (long long r = static_cast<long long>(blockIdx.x) * kWarps + threadIdx.x / ag::kWarpSize; \
+       r < (rows); r += warp_stride)                                                  \
+    for (int h = 0; h < (heads); ++h)
 
 template <class T, int NT>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 row_dot(const T* __restrict__ a, const T* __restrict__ b, const long long* __restrict__ ptr,
         const int* __restrict__ col, T* __restrict__ out, long long R, int H, int G, int D,
         float scale) {
-  AG_WARP_LOOP(R * H) {
-    const long long r = item / H;
-    const int h = static_cast<int>(item - r * H), hk = h / G, Hk = H / G;
+  const int Hk = H / G;
+  AG_WARP_LOOP(R, H) {
+    const int hk = h / G;
     float av[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
@@ -59,13 +64,13 @@ row_dot(const T* __restrict__ a, const T* __restrict__ b, const long long* __res
 }
 
 template <class T, int NT>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 row_gather(const T* __restrict__ w, const T* __restrict__ x, const long long* __restrict__ ptr,
            const int* __restrict__ col, T* __restrict__ out, long long R, int H, int G, int C,
            float scale) {
-  AG_WARP_LOOP(R * H) {
-    const long long r = item / H;
-    const int h = static_cast<int>(item - r * H), hk = h / G, Hk = H / G;
+  const int Hk = H / G;
+  AG_WARP_LOOP(R, H) {
+    const int hk = h / G;
     float acc[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
@@ -88,14 +93,14 @@ row_gather(const T* __restrict__ w, const T* __restrict__ x, const long long* __
 }
 
 template <class T, int NT>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 col_gather(const T* __restrict__ w, const T* __restrict__ y, const long long* __restrict__ kptr,
            const int* __restrict__ krow, const long long* __restrict__ perm, T* __restrict__ out,
            long long S, int H, int G, int C, float scale) {
   const int Hk = H / G;
-  AG_WARP_LOOP(S * Hk) {
-    const long long j = item / Hk;
-    const int hk = static_cast<int>(item - j * Hk);
+  AG_WARP_LOOP(S, Hk) {
+    const long long j = r;
+    const int hk = h;
     float acc[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
@@ -125,12 +130,10 @@ col_gather(const T* __restrict__ w, const T* __restrict__ y, const long long* __
 // A row without edges writes nothing but lse = -inf; a row whose scores are all -inf gets
 // p = 0.
 template <class T>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 row_softmax(const T* __restrict__ s, const long long* __restrict__ ptr, T* __restrict__ p,
             float* __restrict__ lse, long long R, int H) {
-  AG_WARP_LOOP(R * H) {
-    const long long r = item / H;
-    const int h = static_cast<int>(item - r * H);
+  AG_WARP_LOOP(R, H) {
     const long long e0 = ag_load(ptr + r), e1 = ag_load(ptr + r + 1);
     float m = -INFINITY;
     for (long long e = e0 + lane; e < e1; e += ag::kWarpSize) m = fmaxf(m, ag::load_float(s + e * H + h));
@@ -141,18 +144,16 @@ row_softmax(const T* __restrict__ s, const long long* __restrict__ ptr, T* __res
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
     for (long long e = e0 + lane; e < e1; e += ag::kWarpSize)
       ag::store_float(p + e * H + h, ag::exp_shifted(ag::load_float(s + e * H + h), m) * inv);
-    if (lse != nullptr && lane == 0) ag_store(lse + item, sum > 0.0f ? m + logf(sum) : -INFINITY);
+    if (lse != nullptr && lane == 0) ag_store(lse + r * H + h, sum > 0.0f ? m + logf(sum) : -INFINITY);
   }
 }
 
 // ds[e, h] = p[e, h] * (dp[e, h] - sum over the row of p * dp).
 template <class T>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 row_softmax_bwd(const T* __restrict__ p, const T* __restrict__ dp, const long long* __restrict__ ptr,
                 T* __restrict__ ds, long long R, int H) {
-  AG_WARP_LOOP(R * H) {
-    const long long r = item / H;
-    const int h = static_cast<int>(item - r * H);
+  AG_WARP_LOOP(R, H) {
     const long long e0 = ag_load(ptr + r), e1 = ag_load(ptr + r + 1);
     float dot = 0.0f;
     for (long long e = e0 + lane; e < e1; e += ag::kWarpSize)

@@ -137,10 +137,11 @@ def _kernel_dtype(t: Tensor) -> str:
                         f"{t.dtype}") from None
 
 
-def _launch(kernel: str, items: int, args, device: torch.device) -> None:
-    if items == 0:
+def _launch(kernel: str, rows: int, args, device: torch.device) -> None:
+    """One warp per row (node), grid-stride."""
+    if rows == 0:
         return
-    blocks = min(math.ceil(items / WARPS_PER_BLOCK), loader.max_blocks(device))
+    blocks = min(math.ceil(rows / WARPS_PER_BLOCK), loader.max_blocks(device))
     loader.module("stages", device).get_function(kernel)((blocks,), (THREADS,), args)
 
 
@@ -154,7 +155,7 @@ def row_dot(a: Tensor, b: Tensor, g: GraphArrays, scale: float) -> Tensor:
     if Hk == 0 or H % Hk:
         raise ValueError(f"heads ({H}) must be a multiple of kv heads ({Hk})")
     out = a.new_empty(g.num_edges, H)
-    _launch(f"row_dot<{_kernel_dtype(a)}, {_lanes(D)}>", R * H,
+    _launch(f"row_dot<{_kernel_dtype(a)}, {_lanes(D)}>", R,
             (a, b, g.ptr, g.col, out, np.int64(R), np.int32(H), np.int32(H // Hk),
              np.int32(D), np.float32(scale)), a.device)
     return out
@@ -171,7 +172,7 @@ def row_gather(w: Tensor, x: Tensor, g: GraphArrays, scale: float) -> Tensor:
     if Hk == 0 or H % Hk:
         raise ValueError(f"heads ({H}) must be a multiple of kv heads ({Hk})")
     out = x.new_empty(g.num_dst, H, C)
-    _launch(f"row_gather<{_kernel_dtype(x)}, {_lanes(C)}>", g.num_dst * H,
+    _launch(f"row_gather<{_kernel_dtype(x)}, {_lanes(C)}>", g.num_dst,
             (w, x, g.ptr, g.col, out, np.int64(g.num_dst), np.int32(H), np.int32(H // Hk),
              np.int32(C), np.float32(scale)), x.device)
     return out
@@ -187,7 +188,7 @@ def col_gather(w: Tensor, y: Tensor, g: GraphArrays, kv_heads: int, scale: float
     if kv_heads == 0 or H % kv_heads:
         raise ValueError(f"heads ({H}) must be a multiple of kv heads ({kv_heads})")
     out = y.new_empty(g.num_src, kv_heads, C)
-    _launch(f"col_gather<{_kernel_dtype(y)}, {_lanes(C)}>", g.num_src * kv_heads,
+    _launch(f"col_gather<{_kernel_dtype(y)}, {_lanes(C)}>", g.num_src,
             (w, y, g.kptr, g.krow, g.perm, out, np.int64(g.num_src), np.int32(H),
              np.int32(H // kv_heads), np.int32(C), np.float32(scale)), y.device)
     return out
@@ -202,7 +203,7 @@ def row_softmax(s: Tensor, g: GraphArrays, *, with_lse: bool = False
     _expect("s", s, (g.num_edges, H), s.dtype, s.device)
     p = torch.empty_like(s)
     lse = torch.empty(g.num_dst, H, dtype=torch.float32, device=s.device) if with_lse else None
-    _launch(f"row_softmax<{_kernel_dtype(s)}>", g.num_dst * H,
+    _launch(f"row_softmax<{_kernel_dtype(s)}>", g.num_dst,
             (s, g.ptr, p, lse, np.int64(g.num_dst), np.int32(H)), s.device)
     return p, lse
 
@@ -214,7 +215,7 @@ def row_softmax_bwd(p: Tensor, dp: Tensor, g: GraphArrays) -> Tensor:
     _expect("p", p, (g.num_edges, H), p.dtype, p.device)
     _expect("dp", dp, (g.num_edges, H), p.dtype, p.device)
     ds = torch.empty_like(p)
-    _launch(f"row_softmax_bwd<{_kernel_dtype(p)}>", g.num_dst * H,
+    _launch(f"row_softmax_bwd<{_kernel_dtype(p)}>", g.num_dst,
             (p, dp, g.ptr, ds, np.int64(g.num_dst), np.int32(H)), p.device)
     return ds
 
