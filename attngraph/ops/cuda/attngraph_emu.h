@@ -45,6 +45,7 @@
 
 #if defined(__SANITIZE_ADDRESS__)
 #define ATTNGRAPH_EMU_ASAN 1
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -518,9 +519,26 @@ inline void flush_groups(Worker* w) {
 // ------------------------------------------------------------------ block execution
 inline size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 
+// Fibers abandoned by a failed block leave their frames' redzones poisoned; a later mapping
+// at the same address must not inherit that.
+inline void unpoison_stacks(Worker* w) {
+#ifdef ATTNGRAPH_EMU_ASAN
+  if (w->stacks) ASAN_UNPOISON_MEMORY_REGION(w->stacks, w->stack_stride * w->stack_count);
+#else
+  (void)w;
+#endif
+}
+
+inline void release_stacks(Worker* w) {
+  unpoison_stacks(w);
+  if (w->stacks) munmap(w->stacks, w->stack_stride * w->stack_count);
+  w->stacks = nullptr;
+  w->stack_count = 0;
+}
+
 inline void ensure_stacks(Worker* w, size_t count) {
   if (w->stack_count >= count) return;
-  if (w->stacks) munmap(w->stacks, w->stack_stride * w->stack_count);
+  release_stacks(w);
   const size_t page = page_size();
   w->stack_stride = w->stack_size + page;   // a guard page below each stack
   void* m = mmap(nullptr, w->stack_stride * count, PROT_READ | PROT_WRITE,
@@ -535,13 +553,8 @@ inline void ensure_stacks(Worker* w, size_t count) {
   }
   w->stacks = static_cast<char*>(m);
   w->stack_count = count;
+  unpoison_stacks(w);
   for (size_t i = 0; i < count; ++i) mprotect(w->stacks + i * w->stack_stride, page, PROT_NONE);
-}
-
-inline void release_stacks(Worker* w) {
-  if (w->stacks) munmap(w->stacks, w->stack_stride * w->stack_count);
-  w->stacks = nullptr;
-  w->stack_count = 0;
 }
 
 inline void init_fiber(Worker* w, Fiber& f, size_t i) {

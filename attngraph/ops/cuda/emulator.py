@@ -213,19 +213,20 @@ builds = 0   # number of compiler runs in this process (tests check the cache wi
 
 
 def build(code: str, options: Sequence[str], name_expressions: Sequence[str],
-          name: str = "kernel.cu") -> Path:
-    """Compile ``code`` for the emulator; returns the cached shared library's path."""
+          name: str = "kernel.cu") -> Tuple[Path, List[str]]:
+    """Compile ``code`` for the emulator -> (the cached shared library, the compiler command
+    that builds it)."""
     global builds
     flags, _ = _translate_options(options)
     if not _include_has_cuda_fp16(flags):
         from attngraph.ops.cuda.loader import cuda_include_dirs
 
         dirs = cuda_include_dirs()
-        if not dirs:
+        if not any(Path(d, "cuda_fp16.h").is_file() for d in dirs):
             raise EmulatorError(
                 "the CUDA emulator needs the CUDA headers cuda_fp16.h / cuda_bf16.h: "
-                "`pip install nvidia-cuda-runtime-cu12` (or attngraph[test]), or set "
-                "CUDA_HOME to a CUDA toolkit")
+                "`pip install 'attngraph[gate]'` (cupy-cuda12x, nvidia-cuda-runtime-cu12, "
+                "nvidia-cuda-nvcc-cu12), or set CUDA_HOME to a CUDA toolkit")
         flags += [f"-I{d}" for d in dirs]
     cxx = _compiler()
     sanitize = _sanitize()
@@ -246,11 +247,12 @@ def build(code: str, options: Sequence[str], name_expressions: Sequence[str],
          *_local_includes(code, flags)]).encode()).hexdigest()[:24]
     out_dir = _cache_dir()
     lib = out_dir / f"{Path(name).stem}-{key}.so"
+    command = [cxx, *cmd_flags, *flags, Path(name).stem + ".cpp", "-o", lib.name]
     if lib.is_file():
-        return lib
+        return lib, command
     with _BUILD_LOCK:
         if lib.is_file():
-            return lib
+            return lib, command
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             src = Path(tmp, Path(name).stem + ".cpp")
@@ -263,7 +265,7 @@ def build(code: str, options: Sequence[str], name_expressions: Sequence[str],
                 raise EmulatorError(f"building {name} for the CUDA emulator failed:\n"
                                     f"{' '.join(cmd)}\n{proc.stderr[-8000:]}")
             os.replace(tmp_lib, lib)
-    return lib
+    return lib, command
 
 
 # ---------------------------------------------------------------------------- running
@@ -380,7 +382,8 @@ class RawModule:
             raise ValueError("name_expressions must list the kernels to build, e.g. "
                              "('my_kernel', 'tmpl<float>')")
         self.name_expressions = tuple(name_expressions)
-        self.path = build(code, tuple(options), self.name_expressions, name)
+        self.path, command = build(code, tuple(options), self.name_expressions, name)
+        self.command = " ".join(command)   # how the host compiler builds it (diagnostics)
         self._lib = ctypes.CDLL(str(self.path))
         self._kernels: Dict[str, RawKernel] = {}
 

@@ -78,25 +78,51 @@ def _complete(d: Path) -> bool:
     return (d / "cuda_fp16.h").is_file() and (d / "crt" / "host_defines.h").is_file()
 
 
-@lru_cache(maxsize=None)
+def _cupy_cccl() -> Optional[Path]:
+    """CuPy's bundled libcu++ (``nv/target``, which the wheels' cuda_fp16.h includes)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cupy")
+    if spec is None or not spec.origin:
+        return None
+    d = Path(spec.origin).parent / "_core" / "include" / "cupy" / "_cccl" / "libcudacxx"
+    return d if (d / "nv" / "target").is_file() else None
+
+
 def cuda_include_dirs() -> Tuple[str, ...]:
     """Include directories for ``cuda_fp16.h`` / ``cuda_bf16.h`` and what they include
-    (``crt/host_defines.h``), for the emulator's host build.
+    (``crt/host_defines.h``, ``nv/target``), for the emulator's host build.
 
-    A CUDA toolkit (``$CUDA_HOME``, ``$CUDA_PATH``, ``/usr/local/cuda``) when one is there;
-    else the pip wheels: ``nvidia-cuda-runtime-cu12`` (the headers) with
-    ``nvidia-cuda-nvcc-cu12`` (their ``crt/``). Empty when neither is found.
+    ``$ATTNGRAPH_CUDA_INCLUDE`` (``os.pathsep``-separated) when set; else a CUDA toolkit
+    (``$CUDA_HOME``, ``$CUDA_PATH``, ``/usr/local/cuda``); else the pip wheels:
+    ``nvidia-cuda-runtime-cu12`` (the headers), ``nvidia-cuda-nvcc-cu12`` (their ``crt/``)
+    and CuPy's bundled libcu++. Empty when none is complete.
     """
+    override = os.environ.get("ATTNGRAPH_CUDA_INCLUDE")
+    if override:
+        return tuple(d for d in override.split(os.pathsep) if d)
+    return _found_include_dirs()
+
+
+@lru_cache(maxsize=None)
+def _found_include_dirs() -> Tuple[str, ...]:
     toolkits = [Path(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH")
                 if os.environ.get(v)]
     toolkits.append(Path("/usr/local/cuda/include"))
     for d in toolkits:
         if _complete(d):
             return (str(d),)
+    return wheel_include_dirs()
+
+
+def wheel_include_dirs() -> Tuple[str, ...]:
+    """The CUDA headers from pip wheels alone (see :func:`cuda_include_dirs`)."""
+    cccl = _cupy_cccl()
     for nv in _site_dirs():
         runtime, crt = nv / "cuda_runtime" / "include", nv / "cuda_nvcc" / "include"
-        if (runtime / "cuda_fp16.h").is_file() and (crt / "crt" / "host_defines.h").is_file():
-            return (str(runtime), str(crt))
+        if ((runtime / "cuda_fp16.h").is_file() and (crt / "crt" / "host_defines.h").is_file()
+                and cccl is not None):
+            return (str(runtime), str(crt), str(cccl))
     return ()
 
 
