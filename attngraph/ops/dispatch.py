@@ -152,13 +152,13 @@ def _cupy_auto_refuse(x: Inputs) -> Optional[str]:
 def _cupy_describe(x: Inputs) -> str:
     where = ("emulated on CPU (ATTNGRAPH_CUDA_EMULATE=1)" if x.device.type == "cpu"
              else f"CuPy raw kernels on {x.device}")
-    return f"the three stage kernels, {where}"
+    return f"fused kernels (attention.cu), {where}"
 
 
 def _cupy_run(q, k, v, graph, scale, bias):
-    from attngraph.ops.cuda import stages
+    from attngraph.ops.cuda import fused
 
-    return stages.attention(q, k, v, graph, scale, bias)
+    return fused.attention(q, k, v, graph, scale, bias)
 
 
 def _cupy_stages():

@@ -227,3 +227,32 @@ HEAD_DIM_CHUNKS = (1, 2, 4, 8)
 MAX_HEAD_DIM = 32 * HEAD_DIM_CHUNKS[-1]
 
 register_module(KernelModule("stages", "stages.cu", _stage_expressions()))
+
+
+# Query heads one warp of the fused kernels carries (GQA: one K/V read serves them), by the
+# elements per lane NT: GQ * NT <= 8 keeps q, the accumulators and dO in registers.
+GROUP_HEADS = (4, 2, 1)
+MAX_GROUP_ELEMENTS = 8
+
+
+def group_heads(G: int, nt: int) -> int:
+    """The GQ of a launch: the largest allowed divisor of the GQA group size G."""
+    for gq in GROUP_HEADS:
+        if G % gq == 0 and gq * nt <= MAX_GROUP_ELEMENTS:
+            return gq
+    return 1
+
+
+def _attention_expressions() -> Tuple[str, ...]:
+    exprs = []
+    for t in DTYPE_NAMES:
+        for nt in HEAD_DIM_CHUNKS:
+            for gq in GROUP_HEADS:
+                if gq * nt <= MAX_GROUP_ELEMENTS:
+                    exprs += [f"attn_fwd<{t}, {nt}, {gq}>", f"attn_bwd_dq<{t}, {nt}, {gq}>"]
+            exprs += [f"attn_fwd_merge<{t}, {nt}>", f"attn_bwd_dkdv<{t}, {nt}>",
+                      f"sum_partials<{t}, {nt}>"]
+    return tuple(exprs)
+
+
+register_module(KernelModule("attention", "attention.cu", _attention_expressions()))

@@ -1,0 +1,318 @@
+// attention.cu -- fused graph attention: one-pass forward with an online softmax, and a
+// deterministic backward (dQ over CSR rows, dK / dV over the CSC of keys, no atomics).
+//
+// Layouts (node-major, contiguous): q [R, H, D], k [S, H_kv, D], v [S, H_kv, Dv],
+// out [R, H, Dv], lse float [R, H]; bias float [E, bias_cols] or null, head h reading column
+// h % bias_cols (a batch folded into heads repeats the bias per sequence); G = H / H_kv.
+//
+// Balanced rows. The launch walks *work items*, not rows: an item is (node, first edge,
+// end edge, slot) and holds at most a chunk of edges, so a row with N edges (a global token)
+// is cut into many items that run on different warps. An item that covers its whole row
+// writes the result; the items of a cut row write partial states to their slots (forward:
+// running max m, sum l and the unnormalised accumulator; backward: partial gradient sums),
+// which a small second kernel merges in slot order -- deterministic.
+//
+// One warp takes one item and GQ query heads of one kv head (blockIdx.y picks the group):
+// lanes split the head dim (lane l holds elements l, l + 32, ..., NT per lane), so every K
+// and V row is read once per edge by coalesced requests and serves the GQ heads. The keys of
+// 32 edges at a time are read by one request and broadcast by shuffles.
+#include "common.cuh"
+
+namespace {
+constexpr int kWarps = 4;  // warps per block
+constexpr int kEdgeBatch = 32;
+
+template <class T, int NT>
+__device__ __forceinline__ void load_row(const T* __restrict__ p, int n, int lane, float (&x)[NT]) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int d = lane + t * ag::kWarpSize;
+    x[t] = d < n ? ag::load_float(p + d) : 0.0f;
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ float dot_lanes(const float (&a)[NT], const float (&b)[NT]) {
+  float s = 0.0f;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) s += a[t] * b[t];
+  return s;
+}
+
+template <class T, int NT>
+__device__ __forceinline__ void store_row(T* __restrict__ p, int n, int lane, const float (&x)[NT], float f) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int d = lane + t * ag::kWarpSize;
+    if (d < n) ag::store_float(p + d, x[t] * f);
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void store_row_f32(float* __restrict__ p, int n, int lane, const float (&x)[NT], float f) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int d = lane + t * ag::kWarpSize;
+    if (d < n) ag_store(p + d, x[t] * f);
+  }
+}
+
+struct Item {
+  long long node, begin, end, slot;
+};
+
+__device__ __forceinline__ Item load_item(const long long* __restrict__ items, long long i) {
+  const long long* p = items + i * 4;
+  return Item{ag_load(p), ag_load(p + 1), ag_load(p + 2), ag_load(p + 3)};
+}
+
+#define AG_ITEM_LOOP(n_items)                                                             \
+  const int lane = threadIdx.x % ag::kWarpSize;                                            \
+  const long long item_stride = static_cast<long long>(gridDim.x) * kWarps;               \
+  for (long long it = static_cast<long long>(blockIdx.x) * kWarps + threadIdx.x / ag::kWarpSize; \
+       it < (n_items); it += item_stride)
+}  // namespace
+
+// ---------------------------------------------------------------------------- forward
+template <class T, int NT, int GQ>
+__global__ void __launch_bounds__(kWarps * 32, 6)
+attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+         const float* __restrict__ bias, int bias_cols, const long long* __restrict__ items,
+         long long n_items, const int* __restrict__ col, T* __restrict__ out,
+         float* __restrict__ lse, float* __restrict__ part_ml, float* __restrict__ part_acc,
+         int H, int G, int D, int Dv, float scale) {
+  const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
+  AG_ITEM_LOOP(n_items) {
+    const Item item = load_item(items, it);
+    float qv[GQ][NT], acc[GQ][NT], m[GQ], l[GQ];
+#pragma unroll
+    for (int g = 0; g < GQ; ++g) {
+      load_row(q + (item.node * H + h0 + g) * D, D, lane, qv[g]);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) acc[g][t] = 0.0f;
+      m[g] = -INFINITY;
+      l[g] = 0.0f;
+    }
+    for (long long e0 = item.begin; e0 < item.end; e0 += kEdgeBatch) {
+      const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
+      const int my_key = lane < n ? ag_load(col + e0 + lane) : 0;
+      float my_bias[GQ];
+#pragma unroll
+      for (int g = 0; g < GQ; ++g)
+        my_bias[g] = (bias != nullptr && lane < n)
+                         ? ag_load(bias + (e0 + lane) * bias_cols + (h0 + g) % bias_cols) : 0.0f;
+      for (int t = 0; t < n; ++t) {
+        const long long j = __shfl_sync(ag::kFullMask, my_key, t);
+        float kr[NT], vr[NT], s[GQ];
+        load_row(k + (j * Hk + hk) * D, D, lane, kr);
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) s[g] = dot_lanes(qv[g], kr);
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) s[g] = ag::warp_sum(s[g]) * scale + __shfl_sync(ag::kFullMask, my_bias[g], t);
+        load_row(v + (j * Hk + hk) * Dv, Dv, lane, vr);
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) {
+          const float mn = fmaxf(m[g], s[g]);
+          if (mn == -INFINITY) continue;          // warp-uniform: every lane holds s and m
+          const float c = __expf(m[g] - mn), p = __expf(s[g] - mn);
+          l[g] = l[g] * c + p;
+#pragma unroll
+          for (int t2 = 0; t2 < NT; ++t2) acc[g][t2] = acc[g][t2] * c + p * vr[t2];
+          m[g] = mn;
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GQ; ++g) {
+      const long long rh = item.node * H + h0 + g;
+      if (item.slot < 0) {
+        store_row(out + rh * Dv, Dv, lane, acc[g], l[g] > 0.0f ? 1.0f / l[g] : 0.0f);
+        if (lane == 0) ag_store(lse + rh, l[g] > 0.0f ? m[g] + logf(l[g]) : -INFINITY);
+      } else {
+        const long long sh = item.slot * H + h0 + g;
+        store_row_f32(part_acc + sh * Dv, Dv, lane, acc[g], 1.0f);
+        if (lane == 0) {
+          ag_store(part_ml + sh * 2, m[g]);
+          ag_store(part_ml + sh * 2 + 1, l[g]);
+        }
+      }
+    }
+  }
+}
+
+// Merges the partial (m, l, acc) states of each cut row, in slot order.
+// splits [n_split, 3] = (row, first slot, end slot).
+template <class T, int NT>
+__global__ void __launch_bounds__(kWarps * 32, 8)
+attn_fwd_merge(const long long* __restrict__ splits, long long n_split,
+               const float* __restrict__ part_ml, const float* __restrict__ part_acc,
+               T* __restrict__ out, float* __restrict__ lse, int H, int Dv) {
+  AG_ITEM_LOOP(n_split) {
+    const long long row = ag_load(splits + it * 3), s0 = ag_load(splits + it * 3 + 1),
+                    s1 = ag_load(splits + it * 3 + 2);
+    for (int h = 0; h < H; ++h) {
+      float M = -INFINITY;
+      for (long long s = s0; s < s1; ++s) M = fmaxf(M, ag_load(part_ml + (s * H + h) * 2));
+      float L = 0.0f, acc[NT];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+      for (long long s = s0; s < s1 && M != -INFINITY; ++s) {
+        const float w = __expf(ag_load(part_ml + (s * H + h) * 2) - M);
+        L += w * ag_load(part_ml + (s * H + h) * 2 + 1);
+        float a[NT];
+        load_row(part_acc + (s * H + h) * Dv, Dv, lane, a);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[t] += w * a[t];
+      }
+      store_row(out + (row * H + h) * Dv, Dv, lane, acc, L > 0.0f ? 1.0f / L : 0.0f);
+      if (lane == 0) ag_store(lse + row * H + h, L > 0.0f ? M + logf(L) : -INFINITY);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- backward
+// dQ over CSR items: ds = p (dO . v - delta), dq = scale * sum_e ds k; with dbias given,
+// dbias[e, h] = ds. lse = -inf (no edge, or all scores -inf) gives p = 0.
+template <class T, int NT, int GQ>
+__global__ void __launch_bounds__(kWarps * 32, 4)
+attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+            const float* __restrict__ bias, int bias_cols, const T* __restrict__ dout,
+            const float* __restrict__ lse, const float* __restrict__ delta,
+            const long long* __restrict__ items, long long n_items, const int* __restrict__ col,
+            T* __restrict__ dq, float* __restrict__ part_dq, float* __restrict__ dbias,
+            int H, int G, int D, int Dv, float scale) {
+  const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
+  AG_ITEM_LOOP(n_items) {
+    const Item item = load_item(items, it);
+    float qv[GQ][NT], dov[GQ][NT], dqa[GQ][NT], L[GQ], dl[GQ];
+#pragma unroll
+    for (int g = 0; g < GQ; ++g) {
+      const long long rh = item.node * H + h0 + g;
+      load_row(q + rh * D, D, lane, qv[g]);
+      load_row(dout + rh * Dv, Dv, lane, dov[g]);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) dqa[g][t] = 0.0f;
+      const float x = item.begin < item.end ? ag_load(lse + rh) : 0.0f;
+      L[g] = x == -INFINITY ? INFINITY : x;
+      dl[g] = item.begin < item.end ? ag_load(delta + rh) : 0.0f;
+    }
+    for (long long e0 = item.begin; e0 < item.end; e0 += kEdgeBatch) {
+      const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
+      const int my_key = lane < n ? ag_load(col + e0 + lane) : 0;
+      float my_bias[GQ];
+#pragma unroll
+      for (int g = 0; g < GQ; ++g)
+        my_bias[g] = (bias != nullptr && lane < n)
+                         ? ag_load(bias + (e0 + lane) * bias_cols + (h0 + g) % bias_cols) : 0.0f;
+      for (int t = 0; t < n; ++t) {
+        const long long j = __shfl_sync(ag::kFullMask, my_key, t);
+        float kr[NT], vr[NT], s[GQ], dp[GQ];
+        load_row(k + (j * Hk + hk) * D, D, lane, kr);
+        load_row(v + (j * Hk + hk) * Dv, Dv, lane, vr);
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) {
+          s[g] = dot_lanes(qv[g], kr);
+          dp[g] = dot_lanes(dov[g], vr);
+        }
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) {
+          s[g] = ag::warp_sum(s[g]) * scale + __shfl_sync(ag::kFullMask, my_bias[g], t);
+          dp[g] = ag::warp_sum(dp[g]);
+          const float p = __expf(s[g] - L[g]), ds = p * (dp[g] - dl[g]);
+#pragma unroll
+          for (int t2 = 0; t2 < NT; ++t2) dqa[g][t2] += ds * kr[t2];
+          if (dbias != nullptr && lane == 0) ag_store(dbias + (e0 + t) * H + h0 + g, ds);
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GQ; ++g) {
+      if (item.slot < 0)
+        store_row(dq + (item.node * H + h0 + g) * D, D, lane, dqa[g], scale);
+      else
+        store_row_f32(part_dq + (item.slot * H + h0 + g) * D, D, lane, dqa[g], scale);
+    }
+  }
+}
+
+// dK and dV over CSC items of keys: for each edge into query i and each head h of the kv
+// head's group, p = exp(s - lse), dv += p dO, ds = p (dO . v - delta), dk += scale ds q.
+// citems hold key-major edge positions; krow / perm give the query and canonical edge id.
+template <class T, int NT>
+__global__ void __launch_bounds__(kWarps * 32, 4)
+attn_bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+              const float* __restrict__ bias, int bias_cols, const T* __restrict__ dout,
+              const float* __restrict__ lse, const float* __restrict__ delta,
+              const long long* __restrict__ items, long long n_items,
+              const int* __restrict__ krow, const long long* __restrict__ perm,
+              T* __restrict__ dk, T* __restrict__ dv, float* __restrict__ part_dk,
+              float* __restrict__ part_dv, int H, int G, int D, int Dv, float scale) {
+  const int hk = blockIdx.y, Hk = H / G;
+  AG_ITEM_LOOP(n_items) {
+    const Item item = load_item(items, it);
+    float kr[NT], vr[NT], dka[NT], dva[NT];
+    load_row(k + (item.node * Hk + hk) * D, D, lane, kr);
+    load_row(v + (item.node * Hk + hk) * Dv, Dv, lane, vr);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) dka[t] = dva[t] = 0.0f;
+    for (long long e0 = item.begin; e0 < item.end; e0 += kEdgeBatch) {
+      const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
+      const int my_row = lane < n ? ag_load(krow + e0 + lane) : 0;
+      const long long my_edge = lane < n ? ag_load(perm + e0 + lane) : 0;
+      for (int t = 0; t < n; ++t) {
+        const long long i = __shfl_sync(ag::kFullMask, my_row, t);
+        const long long e = __shfl_sync(ag::kFullMask, my_edge, t);
+        for (int g = 0; g < G; ++g) {
+          const int h = hk * G + g;
+          const long long ih = i * H + h;
+          float qv[NT], dov[NT];
+          load_row(q + ih * D, D, lane, qv);
+          load_row(dout + ih * Dv, Dv, lane, dov);
+          const float b = bias != nullptr ? ag_load(bias + e * bias_cols + h % bias_cols) : 0.0f;
+          const float x = ag_load(lse + ih);
+          const float s = ag::warp_sum(dot_lanes(qv, kr)) * scale + b;
+          const float dp = ag::warp_sum(dot_lanes(dov, vr));
+          const float p = x == -INFINITY ? 0.0f : __expf(s - x);
+          const float ds = p * (dp - ag_load(delta + ih));
+#pragma unroll
+          for (int t2 = 0; t2 < NT; ++t2) {
+            dva[t2] += p * dov[t2];
+            dka[t2] += ds * qv[t2];
+          }
+        }
+      }
+    }
+    const long long nh = item.node * Hk + hk;
+    if (item.slot < 0) {
+      store_row(dk + nh * D, D, lane, dka, scale);
+      store_row(dv + nh * Dv, Dv, lane, dva, 1.0f);
+    } else {
+      const long long sh = item.slot * Hk + hk;
+      store_row_f32(part_dk + sh * D, D, lane, dka, scale);
+      store_row_f32(part_dv + sh * Dv, Dv, lane, dva, 1.0f);
+    }
+  }
+}
+
+// out[row, h, :] = sum over the row's slots of part[slot, h, :], in slot order.
+template <class T, int NT>
+__global__ void __launch_bounds__(kWarps * 32, 8)
+sum_partials(const long long* __restrict__ splits, long long n_split,
+             const float* __restrict__ part, T* __restrict__ out, int heads, int C) {
+  AG_ITEM_LOOP(n_split) {
+    const long long row = ag_load(splits + it * 3), s0 = ag_load(splits + it * 3 + 1),
+                    s1 = ag_load(splits + it * 3 + 2);
+    for (int h = 0; h < heads; ++h) {
+      float acc[NT];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+      for (long long s = s0; s < s1; ++s) {
+        float a[NT];
+        load_row(part + (s * heads + h) * C, C, lane, a);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[t] += a[t];
+      }
+      store_row(out + (row * heads + h) * C, C, lane, acc, 1.0f);
+    }
+  }
+}

@@ -1,0 +1,245 @@
+"""Fused graph attention on the kernels of ``attention.cu``: work items, launchers, autograd.
+
+The forward is one pass per (work item, head group) with an online softmax; no per-edge
+tensor exists in memory. The backward recomputes ``p = exp(s - lse)`` per edge: ``dQ`` (and
+``d edge_bias``) over the CSR rows, ``dK`` / ``dV`` over the CSC of keys. Rows or key columns
+longer than a chunk are cut into several work items whose partial results a second kernel
+merges in a fixed order, so no row serialises a launch and two runs give bitwise-equal
+gradients.
+
+Shapes: ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``, ``v [N_src, H_kv, D_v]`` (grouped,
+node-major; a batch is folded into heads by :mod:`attngraph.ops.functional`), ``bias``
+``None`` or ``[E, b]`` with ``H % b == 0`` (head ``h`` reads column ``h % b``). Returns
+``out [N_dst, H, D_v]`` in the input dtype and ``lse [N_dst, H]`` float32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from attngraph.graph import TokenGraph
+from attngraph.ops.cuda import loader
+from attngraph.ops.cuda.stages import (GraphArrays, _expect, _kernel_dtype, _lanes,
+                                       graph_arrays)
+
+__all__ = ["WorkItems", "work_items", "chunk_size", "attention", "forward", "backward"]
+
+WARPS_PER_BLOCK = 4          # kWarps in attention.cu
+THREADS = WARPS_PER_BLOCK * 32
+MIN_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class WorkItems:
+    """Rows cut into work items of at most ``chunk`` edges.
+
+    ``items`` int64 ``[n_items, 4]``: (node, first edge, end edge, slot); slot is -1 when the
+    item is its node's whole row, else the index of its partial result. ``splits`` int64
+    ``[n_split, 3]``: (node, first slot, end slot) of every cut row. Every node has at least
+    one item (an empty row's item writes zeros and ``lse = -inf``).
+    """
+
+    chunk: int
+    items: Tensor
+    splits: Tensor
+    num_slots: int
+
+    @property
+    def num_items(self) -> int:
+        return self.items.size(0)
+
+
+def chunk_size(num_edges: int, num_rows: int) -> int:
+    """Edges per work item: twice the mean degree (at least 256), a multiple of 32, so rows
+    of ordinary degree stay whole and only outliers are cut."""
+    mean = num_edges / max(num_rows, 1)
+    return max(MIN_CHUNK, 32 * math.ceil(2 * mean / 32))
+
+
+def work_items(ptr: Tensor, chunk: int) -> WorkItems:
+    """Cut the rows of a CSR with offsets ``ptr [R + 1]`` into items of <= ``chunk`` edges."""
+    R = ptr.numel() - 1
+    dev = ptr.device
+    deg = ptr.diff()
+    n_chunks = ((deg + chunk - 1) // chunk).clamp_min(1)
+    node = torch.repeat_interleave(torch.arange(R, device=dev), n_chunks)
+    first = torch.cumsum(n_chunks, 0) - n_chunks
+    part = torch.arange(node.numel(), device=dev) - first[node]
+    begin = ptr[node] + part * chunk
+    end = torch.minimum(begin + chunk, ptr[node + 1])
+    cut = n_chunks[node] > 1
+    slot = torch.where(cut, torch.cumsum(cut.long(), 0) - 1, torch.full_like(node, -1))
+    items = torch.stack([node, begin, end, slot], 1).contiguous()
+    rows = torch.nonzero(n_chunks > 1).flatten()
+    slot0 = slot[first[rows]]
+    splits = torch.stack([rows, slot0, slot0 + n_chunks[rows]], 1).contiguous()
+    return WorkItems(chunk, items, splits, int(cut.sum()))
+
+
+def _items(graph: TokenGraph, side: str) -> WorkItems:
+    key = f"cuda_items_{side}"
+    cached = graph._cache.get(key)
+    if cached is None:
+        a = graph_arrays(graph)
+        ptr, rows = (a.ptr, a.num_dst) if side == "csr" else (a.kptr, a.num_src)
+        cached = work_items(ptr, chunk_size(a.num_edges, rows))
+        graph._cache[key] = cached
+    return cached
+
+
+def _check_items(w: WorkItems, rows: int, device: torch.device) -> None:
+    _expect("items", w.items, (w.num_items, 4), torch.int64, device)
+    _expect("splits", w.splits, (w.splits.size(0), 3), torch.int64, device)
+    if w.num_items < rows:
+        raise ValueError(f"work items cover {w.num_items} < {rows} rows")
+
+
+def _grid(n: int, heads: int, device: torch.device) -> Tuple[int, int]:
+    if heads > 65535:
+        raise ValueError(f"the fused kernels take at most 65535 head groups, got {heads}")
+    return (max(1, min(math.ceil(n / WARPS_PER_BLOCK), loader.max_blocks(device))), heads)
+
+
+def _kernel(name: str, device: torch.device):
+    return loader.module("attention", device).get_function(name)
+
+
+def _bias_arg(bias: Optional[Tensor], E: int, H: int, device) -> Tuple[Optional[Tensor], int]:
+    if bias is None:
+        return None, 1
+    _expect("bias", bias, (E, bias.size(1)), torch.float32, device)
+    if bias.size(1) == 0 or H % bias.size(1):
+        raise ValueError(f"bias columns ({bias.size(1)}) must divide the heads ({H})")
+    return bias, bias.size(1)
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, a: GraphArrays) -> Tuple[int, int, int, int, int]:
+    R, H, D = q.shape
+    Hk, Dv = k.size(1), v.size(2)
+    _expect("q", q, (a.num_dst, H, D), q.dtype, q.device)
+    _expect("k", k, (a.num_src, Hk, D), q.dtype, q.device)
+    _expect("v", v, (a.num_src, Hk, Dv), q.dtype, q.device)
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"heads ({H}) must be a multiple of kv heads ({Hk})")
+    _kernel_dtype(q)
+    return R, H, Hk, D, Dv
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
+            bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The fused forward (no autograd) -> ``(out, lse)``."""
+    a = graph_arrays(graph)
+    R, H, Hk, D, Dv = _check_qkv(q, k, v, a)
+    dev = q.device
+    bias, bc = _bias_arg(bias, a.num_edges, H, dev)
+    w = _items(graph, "csr")
+    _check_items(w, R, dev)
+    nt = _lanes(max(D, Dv))
+    gq = loader.group_heads(H // Hk, nt)
+    T = _kernel_dtype(q)
+    out = q.new_empty(R, H, Dv)
+    lse = torch.empty(R, H, dtype=torch.float32, device=dev)
+    part_ml = torch.empty(w.num_slots, H, 2, dtype=torch.float32, device=dev)
+    part_acc = torch.empty(w.num_slots, H, Dv, dtype=torch.float32, device=dev)
+    if R and H:
+        _kernel(f"attn_fwd<{T}, {nt}, {gq}>", dev)(
+            _grid(w.num_items, H // gq, dev), (THREADS,),
+            (q, k, v, bias, np.int32(bc), w.items, np.int64(w.num_items), a.col, out, lse,
+             part_ml, part_acc, np.int32(H), np.int32(H // Hk), np.int32(D), np.int32(Dv),
+             np.float32(scale)))
+    if w.splits.size(0) and H:
+        _kernel(f"attn_fwd_merge<{T}, {nt}>", dev)(
+            _grid(w.splits.size(0), 1, dev), (THREADS,),
+            (w.splits, np.int64(w.splits.size(0)), part_ml, part_acc, out, lse, np.int32(H),
+             np.int32(Dv)))
+    return out, lse
+
+
+def _sum_partials(w: WorkItems, part: Tensor, out: Tensor) -> None:
+    if not w.splits.size(0) or not out.numel():
+        return
+    heads, C = out.size(1), out.size(2)
+    _expect("part", part, (w.num_slots, heads, C), torch.float32, out.device)
+    _kernel(f"sum_partials<{_kernel_dtype(out)}, {_lanes(C)}>", out.device)(
+        _grid(w.splits.size(0), 1, out.device), (THREADS,),
+        (w.splits, np.int64(w.splits.size(0)), part, out, np.int32(heads), np.int32(C)))
+
+
+def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+             graph: TokenGraph, scale: float, bias: Optional[Tensor], need_bias_grad: bool
+             ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """``(dq, dk, dv, dbias)``; deterministic (no atomics)."""
+    a = graph_arrays(graph)
+    R, H, Hk, D, Dv = _check_qkv(q, k, v, a)
+    dev = q.device
+    _expect("dout", dout, (R, H, Dv), q.dtype, dev)
+    _expect("lse", lse, (R, H), torch.float32, dev)
+    bias, bc = _bias_arg(bias, a.num_edges, H, dev)
+    delta = (dout.float() * out.float()).sum(-1).contiguous()          # [R, H]
+    rows, cols = _items(graph, "csr"), _items(graph, "csc")
+    _check_items(rows, R, dev)
+    _check_items(cols, a.num_src, dev)
+    nt = _lanes(max(D, Dv))
+    gq = loader.group_heads(H // Hk, nt)
+    T = _kernel_dtype(q)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    part_dq = torch.empty(rows.num_slots, H, D, dtype=torch.float32, device=dev)
+    part_dk = torch.empty(cols.num_slots, Hk, D, dtype=torch.float32, device=dev)
+    part_dv = torch.empty(cols.num_slots, Hk, Dv, dtype=torch.float32, device=dev)
+    ds = (torch.zeros(a.num_edges, H, dtype=torch.float32, device=dev)
+          if need_bias_grad else None)
+    if R and H:
+        _kernel(f"attn_bwd_dq<{T}, {nt}, {gq}>", dev)(
+            _grid(rows.num_items, H // gq, dev), (THREADS,),
+            (q, k, v, bias, np.int32(bc), dout, lse, delta, rows.items,
+             np.int64(rows.num_items), a.col, dq, part_dq, ds, np.int32(H),
+             np.int32(H // Hk), np.int32(D), np.int32(Dv), np.float32(scale)))
+    if a.num_src and Hk:
+        _kernel(f"attn_bwd_dkdv<{T}, {nt}>", dev)(
+            _grid(cols.num_items, Hk, dev), (THREADS,),
+            (q, k, v, bias, np.int32(bc), dout, lse, delta, cols.items,
+             np.int64(cols.num_items), a.krow, a.perm, dk, dv, part_dk, part_dv, np.int32(H),
+             np.int32(H // Hk), np.int32(D), np.int32(Dv), np.float32(scale)))
+    _sum_partials(rows, part_dq, dq)
+    _sum_partials(cols, part_dk, dk)
+    _sum_partials(cols, part_dv, dv)
+    dbias = None
+    if ds is not None:   # head h = b * bc + c reads column c: sum over the b copies
+        dbias = ds.view(a.num_edges, H // bc, bc).sum(1)
+    return dq, dk, dv, dbias
+
+
+class FusedAttention(torch.autograd.Function):
+    """Autograd of the fused kernels: saves q, k, v, bias, out and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, graph, scale):
+        out, lse = forward(q, k, v, graph, scale, bias)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.graph, ctx.scale = graph, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        need_bias = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = backward(q, k, v, out, lse, dout.contiguous(), ctx.graph,
+                                     ctx.scale, bias, need_bias)
+        return dq, dk, dv, dbias, None, None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
+              bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Fused graph attention -> ``(out [N_dst, H, D_v], lse [N_dst, H] float32)``,
+    differentiable in q, k, v and bias."""
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    return FusedAttention.apply(q, k, v, bias, graph, float(scale))
