@@ -75,7 +75,7 @@ __device__ __forceinline__ Item load_item(const long long* __restrict__ items, l
 
 // ---------------------------------------------------------------------------- forward
 template <class T, int NT, int GQ>
-__global__ void __launch_bounds__(kWarps * 32, 6)
+__global__ void __launch_bounds__(kWarps * 32, 4)
 attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
          const float* __restrict__ bias, int bias_cols, const long long* __restrict__ items,
          long long n_items, const int* __restrict__ col, T* __restrict__ out,

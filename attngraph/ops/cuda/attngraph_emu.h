@@ -102,7 +102,7 @@ const char* op_name(WarpOp op) {
 enum Counter : int {
   kLoadBytes, kLoadRequests, kLoadSectors, kStoreBytes, kStoreRequests, kStoreSectors,
   kAtomicBytes, kAtomicRequests, kAtomicSectors, kUniqueLoadSectors, kUniqueStoreSectors,
-  kBarriers, kWarpOps, kThreads, kBlocks, kNumCounters
+  kBarriers, kWarpOps, kThreads, kBlocks, kWarps, kMaxWarpLoadRequests, kNumCounters
 };
 
 struct SiteKey {  // one access instruction: call site and kind (load / store / atomic)
@@ -504,8 +504,10 @@ inline void flush_groups(Worker* w) {
   static constexpr int bytes[3] = {kLoadBytes, kStoreBytes, kAtomicBytes};
   static constexpr int reqs[3] = {kLoadRequests, kStoreRequests, kAtomicRequests};
   static constexpr int secs[3] = {kLoadSectors, kStoreSectors, kAtomicSectors};
+  std::vector<uint64_t> warp_loads((w->nthreads + kWarp - 1) / kWarp, 0);
   for (int k = 0; k < 3; ++k) {
     for (auto& [key, g] : w->groups[k]) {
+      if (k == 0) warp_loads[key.warp] += 1;
       std::sort(g.sectors.begin(), g.sectors.end());
       w->counters[bytes[k]] += g.bytes;
       w->counters[reqs[k]] += 1;
@@ -514,6 +516,9 @@ inline void flush_groups(Worker* w) {
     }
     w->groups[k].clear();
   }
+  // the busiest warp of the launch: how evenly the work was spread
+  for (uint64_t n : warp_loads)
+    w->counters[kMaxWarpLoadRequests] = std::max(w->counters[kMaxWarpLoadRequests], n);
 }
 
 // ------------------------------------------------------------------ block execution
@@ -731,6 +736,7 @@ inline int launch(const unsigned* grid, const unsigned* block, uint64_t smem, in
       if (!run_block(w, bi)) stop = true;
       w->counters[kBlocks] += 1;
       w->counters[kThreads] += nthreads;
+      w->counters[kWarps] += (nthreads + kWarp - 1) / kWarp;
     }
     release_stacks(w);
     tw = nullptr;
@@ -746,7 +752,9 @@ inline int launch(const unsigned* grid, const unsigned* block, uint64_t smem, in
       err.set(w.error);
       return 2;
     }
-    for (int c = 0; c < kNumCounters; ++c) counters_out[c] += w.counters[c];
+    for (int c = 0; c < kNumCounters; ++c)
+      counters_out[c] = c == kMaxWarpLoadRequests ? std::max(counters_out[c], w.counters[c])
+                                                  : counters_out[c] + w.counters[c];
     for (int k = 0; k < 2; ++k) unique[k].insert(w.unique[k].begin(), w.unique[k].end());
   }
   counters_out[kUniqueLoadSectors] = unique[0].size();

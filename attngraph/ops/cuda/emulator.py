@@ -49,6 +49,7 @@ COUNTER_NAMES = (
     "load_bytes", "load_requests", "load_sectors", "store_bytes", "store_requests",
     "store_sectors", "atomic_bytes", "atomic_requests", "atomic_sectors",
     "unique_load_sectors", "unique_store_sectors", "barriers", "warp_ops", "threads", "blocks",
+    "warps", "max_warp_load_requests",
 )
 
 

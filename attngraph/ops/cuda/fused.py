@@ -31,15 +31,15 @@ __all__ = ["WorkItems", "work_items", "chunk_size", "attention", "forward", "bac
 
 WARPS_PER_BLOCK = 4          # kWarps in attention.cu
 THREADS = WARPS_PER_BLOCK * 32
-MIN_CHUNK = 256
+MIN_CHUNK = 64
 
 
 @dataclass(frozen=True)
 class WorkItems:
     """Rows cut into work items of at most ``chunk`` edges.
 
-    ``items`` int64 ``[n_items, 4]``: (node, first edge, end edge, slot); slot is -1 when the
-    item is its node's whole row, else the index of its partial result. ``splits`` int64
+    ``items`` int64 ``[n_items, 4]``: (node, first edge, end edge, slot), longest first; slot
+    is -1 when the item is its node's whole row, else the index of its partial result. ``splits`` int64
     ``[n_split, 3]``: (node, first slot, end slot) of every cut row. Every node has at least
     one item (an empty row's item writes zeros and ``lse = -inf``).
     """
@@ -55,8 +55,8 @@ class WorkItems:
 
 
 def chunk_size(num_edges: int, num_rows: int) -> int:
-    """Edges per work item: twice the mean degree (at least 256), a multiple of 32, so rows
-    of ordinary degree stay whole and only outliers are cut."""
+    """Edges per work item: twice the mean degree (at least 64), a multiple of 32, so rows of
+    ordinary degree stay whole and only outliers are cut, into pieces no warp waits long on."""
     mean = num_edges / max(num_rows, 1)
     return max(MIN_CHUNK, 32 * math.ceil(2 * mean / 32))
 
@@ -74,7 +74,10 @@ def work_items(ptr: Tensor, chunk: int) -> WorkItems:
     end = torch.minimum(begin + chunk, ptr[node + 1])
     cut = n_chunks[node] > 1
     slot = torch.where(cut, torch.cumsum(cut.long(), 0) - 1, torch.full_like(node, -1))
-    items = torch.stack([node, begin, end, slot], 1).contiguous()
+    # Longest items first (stable: rows stay in order within a size): warps walk items
+    # grid-stride, so the heavy pieces of cut rows land on different warps.
+    order = torch.argsort(begin - end, stable=True)
+    items = torch.stack([node, begin, end, slot], 1)[order].contiguous()
     rows = torch.nonzero(n_chunks > 1).flatten()
     slot0 = slot[first[rows]]
     splits = torch.stack([rows, slot0, slot0 + n_chunks[rows]], 1).contiguous()
@@ -185,7 +188,7 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
     _check_items(rows, R, dev)
     _check_items(cols, a.num_src, dev)
     nt = _lanes(max(D, Dv))
-    gq = loader.group_heads(H // Hk, nt)
+    gq = loader.group_heads(H // Hk, nt, "dq")
     T = _kernel_dtype(q)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     part_dq = torch.empty(rows.num_slots, H, D, dtype=torch.float32, device=dev)

@@ -230,15 +230,16 @@ register_module(KernelModule("stages", "stages.cu", _stage_expressions()))
 
 
 # Query heads one warp of the fused kernels carries (GQA: one K/V read serves them), by the
-# elements per lane NT: GQ * NT <= 8 keeps q, the accumulators and dO in registers.
-GROUP_HEADS = (4, 2, 1)
-MAX_GROUP_ELEMENTS = 8
+# elements per lane NT: the forward holds q and the accumulator of each (GQ * NT <= 16), the
+# dQ pass q, dO and dQ (GQ * NT <= 8). A larger group reads each K/V row G / GQ times.
+GROUP_HEADS = (8, 4, 2, 1)
+MAX_GROUP_ELEMENTS = {"fwd": 16, "dq": 8}
 
 
-def group_heads(G: int, nt: int) -> int:
+def group_heads(G: int, nt: int, kernel: str = "fwd") -> int:
     """The GQ of a launch: the largest allowed divisor of the GQA group size G."""
     for gq in GROUP_HEADS:
-        if G % gq == 0 and gq * nt <= MAX_GROUP_ELEMENTS:
+        if G % gq == 0 and gq * nt <= MAX_GROUP_ELEMENTS[kernel]:
             return gq
     return 1
 
@@ -248,8 +249,10 @@ def _attention_expressions() -> Tuple[str, ...]:
     for t in DTYPE_NAMES:
         for nt in HEAD_DIM_CHUNKS:
             for gq in GROUP_HEADS:
-                if gq * nt <= MAX_GROUP_ELEMENTS:
-                    exprs += [f"attn_fwd<{t}, {nt}, {gq}>", f"attn_bwd_dq<{t}, {nt}, {gq}>"]
+                if gq * nt <= MAX_GROUP_ELEMENTS["fwd"]:
+                    exprs.append(f"attn_fwd<{t}, {nt}, {gq}>")
+                if gq * nt <= MAX_GROUP_ELEMENTS["dq"]:
+                    exprs.append(f"attn_bwd_dq<{t}, {nt}, {gq}>")
             exprs += [f"attn_fwd_merge<{t}, {nt}>", f"attn_bwd_dkdv<{t}, {nt}>",
                       f"sum_partials<{t}, {nt}>"]
     return tuple(exprs)
