@@ -69,8 +69,10 @@ class TokenGraph:
                 [ True,  True]])
     """
 
-    # _cache: index arrays derived for kernels (attngraph.ops.cuda), built once per graph
-    __slots__ = ("_ei", "_cache")
+    # _cache: index arrays derived for kernels (attngraph.ops.cuda), built once per graph;
+    # _meta: (num_src, num_dst, num_edges, device) as plain Python values, so code that
+    # torch.compile traces reads them without calling into the EdgeIndex
+    __slots__ = ("_ei", "_cache", "_meta")
 
     def __init__(self, edge_index, num_nodes: Optional[int] = None, *,
                  num_src: Optional[int] = None, num_dst: Optional[int] = None):
@@ -104,6 +106,7 @@ class TokenGraph:
         src, dst = key % max(num_src, 1), torch.div(key, max(num_src, 1), rounding_mode="floor")
         self._ei = self._make_edge_index(src, dst, num_src, num_dst)
         self._cache = {}
+        self._meta = self._read_meta()
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -121,6 +124,7 @@ class TokenGraph:
         g = cls.__new__(cls)
         g._ei = EdgeIndex(edge_index, sparse_size=(num_src, num_dst), sort_order="col")
         g._cache = {}
+        g._meta = g._read_meta()
         return g
 
     @classmethod
@@ -194,6 +198,10 @@ class TokenGraph:
         ei = torch.tensor(pairs, dtype=torch.long).t().reshape(2, -1)
         return cls(ei, num_src=num_src, num_dst=num_dst)
 
+    def _read_meta(self) -> Tuple[int, int, int, torch.device]:
+        ei = self._ei
+        return int(ei.sparse_size(0)), int(ei.sparse_size(1)), ei.size(1), ei.device
+
     # ------------------------------------------------------------------ properties
     @property
     def edge_index(self) -> EdgeIndex:
@@ -212,19 +220,19 @@ class TokenGraph:
 
     @property
     def num_src(self) -> int:
-        return int(self._ei.sparse_size(0))
+        return self._meta[0]
 
     @property
     def num_dst(self) -> int:
-        return int(self._ei.sparse_size(1))
+        return self._meta[1]
 
     @property
     def num_edges(self) -> int:
-        return self._ei.size(1)
+        return self._meta[2]
 
     @property
     def device(self) -> torch.device:
-        return self._ei.device
+        return self._meta[3]
 
     @property
     def is_bipartite(self) -> bool:

@@ -222,3 +222,57 @@ def test_forward_sectors_per_edge_near_ideal(dtype, D):
     row_sectors = D * dtype.itemsize // 32
     ideal = g.num_edges * H_kv * 2 * row_sectors
     assert sectors <= 1.25 * ideal, (sectors / ideal)
+
+
+# ---------------------------------------------------------------------------- torch.compile
+class _Block(torch.nn.Module):
+    def __init__(self, graph, dim=16, heads=2):
+        super().__init__()
+        self.graph, self.heads = graph, heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, bias):
+        n = x.size(0)
+        q, k, v = self.qkv(x).view(n, 3, self.heads, -1).unbind(1)
+        return ag.graph_attention(q, k, v, self.graph, edge_bias=bias, backend="cupy")
+
+
+def test_compiles_with_fullgraph_and_no_graph_break():
+    """torch.compile(fullgraph=True) raises on any graph break; the fused op is one node."""
+    torch.manual_seed(0)
+    g = masks.longformer(96, 2, [0, 50])          # a fresh graph: its plan is built while tracing
+    block = _Block(g)
+    x = torch.randn(96, 16)
+    bias = torch.randn(g.num_edges, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x, bias)
+    out.square().sum().backward()
+    got = [p.grad.clone() for p in block.parameters()] + [bias.grad.clone()]
+    block.zero_grad()
+    bias.grad = None
+    ref = block(x, bias)
+    ref.square().sum().backward()
+    want = [p.grad for p in block.parameters()] + [bias.grad]
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+
+
+def test_custom_op_passes_opcheck():
+    """Schema, fake (meta) implementation and autograd registration of the op."""
+    g = masks.longformer(40, 2, [0])
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, 2, 8, generator=gen).requires_grad_() for _ in range(3))
+    bias = torch.randn(g.num_edges, 1, generator=gen).requires_grad_()
+    args = (q, k, v, bias, *fused._plan_args(g), 0.3)
+    torch.library.opcheck(torch.ops.attngraph.graph_attention.default, args)
+
+
+def test_nan_bias_is_rejected_when_compiled_too():
+    g = masks.sliding_window(20, 2)
+    q = torch.randn(20, 1, 8)
+    bias = torch.zeros(g.num_edges)
+    bias[3] = math.nan
+    fn = torch.compile(lambda q, b: ag.graph_attention(q, q, q, g, edge_bias=b,
+                                                       backend="cupy"), fullgraph=True)
+    with pytest.raises(ValueError, match="edge_bias contains NaN"):
+        fn(q, bias)

@@ -98,7 +98,9 @@ def _check_bias(edge_bias, graph: TokenGraph, q: Tensor) -> Optional[Tensor]:
                          f"(canonical edge order of the graph), got {list(edge_bias.shape)}")
     if edge_bias.device != q.device:
         raise ValueError(f"edge_bias is on {edge_bias.device} but q is on {q.device}")
-    if torch.isnan(edge_bias).any():
+    # Under torch.compile a data-dependent check would break the graph: the cupy backend's
+    # op makes it when it runs.
+    if not torch.compiler.is_compiling() and torch.isnan(edge_bias).any():
         raise ValueError("edge_bias contains NaN; use -inf to mask an edge out")
     return edge_bias if edge_bias.dim() == 2 else edge_bias.unsqueeze(-1)
 

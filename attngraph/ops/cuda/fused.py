@@ -27,7 +27,8 @@ from attngraph.ops.cuda import loader
 from attngraph.ops.cuda.stages import (GraphArrays, _expect, _kernel_dtype, _lanes,
                                        graph_arrays)
 
-__all__ = ["WorkItems", "work_items", "chunk_size", "attention", "forward", "backward"]
+__all__ = ["WorkItems", "Plan", "plan", "work_items", "chunk_size", "attention", "forward",
+           "backward"]
 
 WARPS_PER_BLOCK = 4          # kWarps in attention.cu
 THREADS = WARPS_PER_BLOCK * 32
@@ -85,13 +86,41 @@ def work_items(ptr: Tensor, chunk: int) -> WorkItems:
 
 
 def _items(graph: TokenGraph, side: str) -> WorkItems:
-    key = f"cuda_items_{side}"
-    cached = graph._cache.get(key)
+    p = plan(graph)
+    return p.rows if side == "csr" else p.cols
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the fused kernels read about a graph: its index arrays and the work items
+    of its rows (CSR, forward and dQ) and of its key columns (CSC, dK / dV)."""
+
+    arrays: GraphArrays
+    rows: WorkItems
+    cols: WorkItems
+
+    def tensors(self) -> Tuple[Tensor, ...]:
+        a = self.arrays
+        return (a.ptr, a.col, a.kptr, a.krow, a.perm, self.rows.items, self.rows.splits,
+                self.cols.items, self.cols.splits)
+
+    @staticmethod
+    def from_tensors(ptr, col, kptr, krow, perm, row_items, row_splits, col_items, col_splits,
+                     row_slots: int, col_slots: int) -> "Plan":
+        a = GraphArrays(kptr.numel() - 1, ptr.numel() - 1, col.numel(), ptr, col, kptr, krow,
+                        perm)
+        return Plan(a, WorkItems(0, row_items, row_splits, row_slots),
+                    WorkItems(0, col_items, col_splits, col_slots))
+
+
+def plan(graph: TokenGraph) -> Plan:
+    """The graph's :class:`Plan`, built once and cached on the graph."""
+    cached = graph._cache.get("cuda_plan")
     if cached is None:
         a = graph_arrays(graph)
-        ptr, rows = (a.ptr, a.num_dst) if side == "csr" else (a.kptr, a.num_src)
-        cached = work_items(ptr, chunk_size(a.num_edges, rows))
-        graph._cache[key] = cached
+        cached = Plan(a, work_items(a.ptr, chunk_size(a.num_edges, a.num_dst)),
+                      work_items(a.kptr, chunk_size(a.num_edges, a.num_src)))
+        graph._cache["cuda_plan"] = cached
     return cached
 
 
@@ -133,14 +162,14 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, a: GraphArrays) -> Tuple[int, in
     return R, H, Hk, D, Dv
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
+def forward(q: Tensor, k: Tensor, v: Tensor, p: Plan, scale: float,
             bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The fused forward (no autograd) -> ``(out, lse)``."""
-    a = graph_arrays(graph)
+    a = p.arrays
     R, H, Hk, D, Dv = _check_qkv(q, k, v, a)
     dev = q.device
     bias, bc = _bias_arg(bias, a.num_edges, H, dev)
-    w = _items(graph, "csr")
+    w = p.rows
     _check_items(w, R, dev)
     nt = _lanes(max(D, Dv))
     gq = loader.group_heads(H // Hk, nt)
@@ -174,17 +203,17 @@ def _sum_partials(w: WorkItems, part: Tensor, out: Tensor) -> None:
 
 
 def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-             graph: TokenGraph, scale: float, bias: Optional[Tensor], need_bias_grad: bool
+             p: Plan, scale: float, bias: Optional[Tensor], need_bias_grad: bool
              ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``(dq, dk, dv, dbias)``; deterministic (no atomics)."""
-    a = graph_arrays(graph)
+    a = p.arrays
     R, H, Hk, D, Dv = _check_qkv(q, k, v, a)
     dev = q.device
     _expect("dout", dout, (R, H, Dv), q.dtype, dev)
     _expect("lse", lse, (R, H), torch.float32, dev)
     bias, bc = _bias_arg(bias, a.num_edges, H, dev)
     delta = (dout.float() * out.float()).sum(-1).contiguous()          # [R, H]
-    rows, cols = _items(graph, "csr"), _items(graph, "csc")
+    rows, cols = p.rows, p.cols
     _check_items(rows, R, dev)
     _check_items(cols, a.num_src, dev)
     nt = _lanes(max(D, Dv))
@@ -217,32 +246,86 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
     return dq, dk, dv, dbias
 
 
-class FusedAttention(torch.autograd.Function):
-    """Autograd of the fused kernels: saves q, k, v, bias, out and lse."""
+# ---------------------------------------------------------------------------- the custom op
+# graph_attention on the fused kernels is a torch.library custom op with a fake (meta)
+# implementation and autograd, so torch.compile sees one opaque node and no graph break.
+# A graph enters as its plan's tensors (index arrays and work items).
 
-    @staticmethod
-    def forward(ctx, q, k, v, bias, graph, scale):
-        out, lse = forward(q, k, v, graph, scale, bias)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.graph, ctx.scale = graph, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, _dlse):
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        need_bias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = backward(q, k, v, out, lse, dout.contiguous(), ctx.graph,
-                                     ctx.scale, bias, need_bias)
-        return dq, dk, dv, dbias, None, None
+@torch.library.custom_op("attngraph::graph_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: Tensor,
+                  col: Tensor, kptr: Tensor, krow: Tensor, perm: Tensor, row_items: Tensor,
+                  row_splits: Tensor, col_items: Tensor, col_splits: Tensor, row_slots: int,
+                  col_slots: int, scale: float) -> Tuple[Tensor, Tensor]:
+    if bias is not None and torch.isnan(bias).any():   # checked here when compiled
+        raise ValueError("edge_bias contains NaN; use -inf to mask an edge out")
+    p = Plan.from_tensors(ptr, col, kptr, krow, perm, row_items, row_splits, col_items,
+                          col_splits, row_slots, col_slots)
+    return forward(q, k, v, p, scale, bias)
+
+
+@_attention_op.register_fake
+def _(q, k, v, bias, *rest):
+    return (q.new_empty(q.size(0), q.size(1), v.size(2)),
+            q.new_empty(q.size(0), q.size(1), dtype=torch.float32))
+
+
+@torch.library.custom_op("attngraph::graph_attention_backward", mutates_args=())
+def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                           out: Tensor, lse: Tensor, dout: Tensor, ptr: Tensor, col: Tensor,
+                           kptr: Tensor, krow: Tensor, perm: Tensor, row_items: Tensor,
+                           row_splits: Tensor, col_items: Tensor, col_splits: Tensor,
+                           row_slots: int, col_slots: int, scale: float, bias_grad: bool
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    p = Plan.from_tensors(ptr, col, kptr, krow, perm, row_items, row_splits, col_items,
+                          col_splits, row_slots, col_slots)
+    dq, dk, dv, dbias = backward(q, k, v, out, lse, dout.contiguous(), p, scale, bias,
+                                 bias_grad)
+    return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0, dtype=torch.float32))
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, bias, out, lse, dout, *rest):
+    bias_grad = rest[-1]
+    dbias = (torch.empty_like(bias, dtype=torch.float32) if bias_grad and bias is not None
+             else q.new_empty(0, dtype=torch.float32))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias = inputs[:4]
+    graph_tensors = inputs[4:13]
+    ctx.row_slots, ctx.col_slots, ctx.scale = inputs[13:16]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, *graph_tensors)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, bias, out, lse, *graph_tensors = ctx.saved_tensors
+    bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = _attention_backward_op(q, k, v, bias, out, lse, dout.contiguous(),
+                                               *graph_tensors, ctx.row_slots, ctx.col_slots,
+                                               ctx.scale, bias_grad)
+    return (dq, dk, dv, dbias if bias_grad else None) + (None,) * 12
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Fused graph attention -> ``(out [N_dst, H, D_v], lse [N_dst, H] float32)``,
-    differentiable in q, k, v and bias."""
+    differentiable in q, k, v and bias (the ``attngraph::graph_attention`` op)."""
     q, k, v = (t.contiguous() for t in (q, k, v))
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
-    return FusedAttention.apply(q, k, v, bias, graph, float(scale))
+    return _attention_op(q, k, v, bias, *_plan_args(graph), float(scale))
+
+
+# Under torch.compile the plan is built (or taken from the graph's cache) while tracing and
+# enters the graph as constants: its construction is data-dependent host code.
+@torch.compiler.assume_constant_result
+def _plan_args(graph: TokenGraph) -> Tuple:
+    p = plan(graph)
+    return p.tensors() + (p.rows.num_slots, p.cols.num_slots)
