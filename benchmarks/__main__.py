@@ -111,6 +111,8 @@ def run_sweep(argv: List[str]) -> int:
     args = sweep_parser().parse_args(argv)
     if args.longest:
         return run_longest([a for a in argv if a != "--longest"])
+    if args.preset and PRESETS[args.preset].get("model"):
+        return run_model(args, PRESETS[args.preset], argv)
     device = _device(args.device)
     preset = dict(PRESETS[args.preset]) if args.preset else {}
     groups = preset.get("groups") or [dict(masks=["sliding_window(64)"], n=[4096])]
@@ -176,6 +178,30 @@ def run_sweep(argv: List[str]) -> int:
     written = write_report(out_json, with_plots=not args.no_plots)
     if not args.quiet:
         print("\n".join(str(p) for p in [out_json, *written]))
+    return 0
+
+
+def run_model(args, preset: dict, argv: List[str]) -> int:
+    """``--preset model``: the traffic model, written to ``OUT/model/``."""
+    import torch
+
+    from benchmarks import model
+    from benchmarks.specs import parse_dtype
+
+    n = (args.n or (preset["quick_n"] if args.quick else preset["n"]))[0]
+    n_emul = preset["quick_n_emulated"] if args.quick else preset["n_emulated"]
+    cfg = model.Config(n=n, n_emulated=n_emul, heads=(args.heads or preset["heads"])[0],
+                       dims=tuple(args.dim or preset["dim"]),
+                       dtype=parse_dtype((args.dtype or preset["dtype"])[0]),
+                       masks=tuple(args.masks) if args.masks else model.MASKS)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    data = model.run(cfg, log=log or (lambda s: None))
+    data["meta"]["command"] = "python -m benchmarks " + " ".join(argv)
+    out_dir = args.out / ("model" + ("_quick" if args.quick else ""))
+    written = model.write(data, out_dir)
+    if not args.quiet:
+        print("\n".join(str(p) for p in written))
     return 0
 
 

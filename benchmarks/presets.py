@@ -41,6 +41,13 @@ PRESETS = {
         repeats=20, warmup=3, max_seconds=5.0,
         quick_n=[1 * K, 2 * K],
         about="GPU sweep: bf16, H = 8, D = 64/128, N = 16k..1M"),
+    # The traffic model of the fused kernels (benchmarks/model.py): emulator counts at
+    # N_e = 1k extrapolated to N = 64k on an H100 roofline, next to FlexAttention and
+    # FlashAttention-2 on the same roofline. Every figure is a model.
+    "model": dict(
+        model=True, n=[64 * K], n_emulated=1 * K, heads=[8], dim=[64, 128],
+        dtype=["bfloat16"], quick_n=[4 * K], quick_n_emulated=256,
+        about="traffic model: predicted H100 times of the fused kernels (model, not measured)"),
 }
 
 # The longest-context setting of the graph-processing paper (160 M tokens on one 80 GB

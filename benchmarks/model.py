@@ -1,0 +1,349 @@
+"""The traffic model: what the fused CUDA kernels would do on an H100 -- a model, never a
+measurement (``python -m benchmarks --preset model``).
+
+For each mask and head dim the kernels run under the CPU emulator at a small size ``N_e``
+(one head: every head repeats the same access pattern at another offset), which counts every
+launch's global-memory sectors (32 B per warp request), the unique sectors and the busiest
+warp's work. Those counts are extrapolated to the target ``N`` per edge::
+
+    sectors(N)        = sectors(N_e) / E(N_e) * E(N) * H          (every sector from HBM)
+    unique(N)         = unique(N_e) / N_e * N * H                   (compulsory misses only)
+    t_mem             = 32 B * sectors / BW_HBM       (upper)  ..  32 B * unique / BW_HBM (lower)
+    t_mem (L2 model)  = 32 B * (unique + (sectors - unique) * (1 - min(1, L2 / (32 B * unique))))
+                        / BW_HBM      (re-reads hit L2 in proportion to how much of the
+                                       launch's footprint it holds; no locality credited)
+    t_compute         = FLOPs / fp32 FMA peak          (the kernels use no tensor cores)
+    t_kernel          = max(t_mem, t_compute) * imbalance
+
+where ``imbalance`` is the busiest warp's edges over the mean when the launch's work items,
+built from the graph at ``N``, are dealt grid-stride to the warps an H100 holds at once
+(132 SMs x resident warps per SM from the kernel's registers). The floor is the minimum
+traffic (Q, K, V, O once + 8 B per edge) or the FLOPs, whichever takes longer.
+
+Peers, forward only, on the same roofline: FlexAttention computes every non-empty 128 x 128
+tile of the mask (4 * 128 * 128 * D FLOPs per tile and head) at 87.5 % of FlashAttention-2's
+rate; FlashAttention-2 computes the dense N x N product (it takes no sparse mask) at its
+published H100 rate. Sources are written next to each number.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+H100 = dict(
+    name="H100 SXM (model)",
+    hbm_bytes_per_s=3.35e12, hbm_source="DESIGN.md §4: 3.35 TB/s HBM3",
+    l2_bytes=50e6, l2_source="DESIGN.md §4: 50 MB L2",
+    fp32_flops=67e12, fp32_source="DESIGN.md §4: 67 TFLOP/s fp32 FMA",
+    bf16_tensor_flops=989e12, bf16_source="DESIGN.md §4: 989 TFLOP/s dense bf16",
+    sms=132, regs_per_sm=65536, max_warps_per_sm=64,
+)
+FA2_FLOPS = 370e12
+FA2_SOURCE = ("REFERENCES.md: FlashAttention-2 dense forward on H100, d = 128, ~370 TFLOP/s "
+              "at long sequences (used for d = 64 too)")
+FLEX_FRACTION = 0.875
+FLEX_SOURCE = ("REFERENCES.md: FlexAttention runs block-structured masks at 85-90 % of "
+               "FlashAttention speed: 87.5 % x FA2, on every non-empty 128 x 128 tile")
+TILE = 128
+SECTOR = 32
+
+
+# ---------------------------------------------------------------------------- masks
+def _hash(n: int, sort: bool):
+    """SCFA hash-sparse: random buckets of ~64 tokens, causal on positions; ``sort``
+    renumbers tokens by (bucket, position), which makes the mask block diagonal."""
+    from attngraph import TokenGraph, masks
+
+    gen = torch.Generator().manual_seed(0)
+    buckets = torch.randint(0, max(1, n // 64), (n,), generator=gen)
+    g = masks.hash_buckets(buckets)
+    if not sort:
+        return g
+    order = torch.sort(buckets, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n)
+    return TokenGraph(torch.stack([rank[g.src], rank[g.dst]]), num_nodes=n)
+
+
+def _masks() -> Dict[str, Callable[[int], object]]:
+    from attngraph import masks
+
+    return {
+        "sliding_window(256)": lambda n: masks.sliding_window(n, 256),
+        "random(64)": lambda n: masks.random(n, 64, seed=0),
+        "longformer(256,g16)": lambda n: masks.longformer(n, 256, range(16)),
+        "bigbird(64)": lambda n: masks.bigbird(n, 64),
+        "hash_buckets(64,sorted)": lambda n: _hash(n, True),
+        "hash_buckets(64,unsorted)": lambda n: _hash(n, False),
+    }
+
+
+MASKS = tuple(["sliding_window(256)", "random(64)", "longformer(256,g16)", "bigbird(64)",
+               "hash_buckets(64,sorted)", "hash_buckets(64,unsorted)"])
+
+
+# ---------------------------------------------------------------------------- emulation
+def emulate(graph, dim: int, dtype: torch.dtype) -> List[dict]:
+    """Counts of every launch of one forward + backward (one head) under the emulator."""
+    from attngraph import graph_attention
+    from attngraph.ops.cuda import emulator
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(graph.num_dst if i == 0 else graph.num_src, 1, dim, generator=gen)
+               .to(dtype).requires_grad_() for i in range(3))
+    old = os.environ.get("ATTNGRAPH_CUDA_EMULATE")
+    os.environ["ATTNGRAPH_CUDA_EMULATE"] = "1"
+    try:
+        with emulator.count() as launches:
+            out = graph_attention(q, k, v, graph, backend="cupy")
+            out.backward(torch.ones_like(out))
+    finally:
+        if old is None:
+            os.environ.pop("ATTNGRAPH_CUDA_EMULATE")
+        else:
+            os.environ["ATTNGRAPH_CUDA_EMULATE"] = old
+    return [dict(kernel=s.kernel, **s.counters) for s in launches]
+
+
+@lru_cache(maxsize=None)
+def _registers(kernel: str) -> Optional[int]:
+    """Registers per thread of a kernel on sm_90 from the NVRTC gate (None without it)."""
+    try:
+        from attngraph.ops.cuda import gate, loader
+    except ImportError:  # pragma: no cover
+        return None
+    mod = loader.MODULES["attention"]
+    try:
+        res = gate.compile_nvrtc(loader.source(mod), (kernel,), mod.options, "sm_90",
+                                 filename=mod.file)
+    except Exception:   # no cupy / nvrtc: the model falls back to a fixed occupancy
+        return None
+    return res.kernels[kernel].registers
+
+
+def resident_warps(registers: Optional[int], warps_per_block: int = 4) -> int:
+    """Warps an H100 holds at once for a kernel using ``registers`` per thread."""
+    if registers is None:
+        per_sm = 16
+    else:
+        regs = 8 * math.ceil(max(registers, 1) / 8)      # allocation granularity
+        blocks = H100["regs_per_sm"] // (regs * 32 * warps_per_block)
+        per_sm = min(H100["max_warps_per_sm"], blocks * warps_per_block)
+    return H100["sms"] * max(per_sm, warps_per_block)
+
+
+def imbalance(items, warps: int) -> float:
+    """Busiest warp's edges (plus one per item for its fixed cost) over the mean, when
+    ``items`` are dealt grid-stride to ``warps`` warps."""
+    work = (items[:, 2] - items[:, 1]).double() + 1.0
+    idx = torch.arange(work.numel()) % warps
+    per_warp = torch.zeros(min(warps, work.numel()), dtype=torch.float64)
+    per_warp.index_add_(0, idx, work)
+    return float(per_warp.max() / per_warp.mean()) if per_warp.numel() else 1.0
+
+
+def tiles(graph, tile: int = TILE) -> int:
+    """Non-empty ``tile x tile`` blocks of the mask (what FlexAttention computes)."""
+    nb = math.ceil(graph.num_src / tile)
+    key = (graph.dst // tile) * nb + graph.src // tile
+    return int(torch.unique(key).numel())
+
+
+# ---------------------------------------------------------------------------- the model
+_FLOPS_PER_EDGE = {   # per edge, head and head-dim element, of each kernel
+    "attn_fwd": 4, "attn_bwd_dq": 6, "attn_bwd_dkdv": 8,
+}
+
+
+@dataclass
+class Config:
+    n: int = 64 * 1024
+    n_emulated: int = 1024
+    heads: int = 8
+    dims: tuple = (64, 128)
+    dtype: torch.dtype = torch.bfloat16
+    masks: tuple = MASKS
+
+
+def model_launch(c: dict, *, e_emul: int, n_emul: int, edges: int, n: int, heads: int,
+                 dim: int, itemsize: int, warps: int, imb: float) -> dict:
+    base = c["kernel"].split("<")[0]
+    per_edge = edges / max(e_emul, 1) * heads
+    per_node = n / max(n_emul, 1) * heads
+    sectors = (c["load_sectors"] + c["store_sectors"] + c["atomic_sectors"]) * per_edge
+    unique = (c["unique_load_sectors"] + c["unique_store_sectors"]) * per_node
+    flops = _FLOPS_PER_EDGE.get(base, 0) * edges * heads * dim
+    unique = min(unique, sectors)
+    hit = min(1.0, H100["l2_bytes"] / max(SECTOR * unique, 1.0))
+    mid = unique + (sectors - unique) * (1.0 - hit)
+    bw = H100["hbm_bytes_per_s"]
+    t_hi, t_mid, t_lo = SECTOR * sectors / bw, SECTOR * mid / bw, SECTOR * unique / bw
+    t_c = flops / H100["fp32_flops"]
+    return dict(kernel=c["kernel"], sectors=sectors, unique_sectors=unique, flops=flops,
+                bytes_hi=SECTOR * sectors, bytes_mid=SECTOR * mid, bytes_lo=SECTOR * unique,
+                t_hi=max(t_hi, t_c) * imb, t_mid=max(t_mid, t_c) * imb,
+                t_lo=max(t_lo, t_c) * imb,
+                bound="memory" if t_hi > t_c else "compute", imbalance=imb,
+                resident_warps=warps)
+
+
+def run(cfg: Config, log: Callable[[str], None] = lambda s: None) -> dict:
+    from attngraph.ops.cuda import fused
+    from benchmarks.specs import min_bytes
+
+    builders = _masks()
+    rows = []
+    itemsize = torch.tensor([], dtype=cfg.dtype).element_size()
+    for name in cfg.masks:
+        big = builders[name](cfg.n)
+        small = builders[name](cfg.n_emulated)
+        plan = fused.plan(big)
+        E, n = big.num_edges, cfg.n
+        n_tiles = tiles(big)
+        for dim in cfg.dims:
+            t0 = time.perf_counter()
+            counts = emulate(small, dim, cfg.dtype)
+            launches = []
+            for c in counts:
+                base = c["kernel"].split("<")[0]
+                warps = resident_warps(_registers(c["kernel"]))
+                items = (plan.rows.items if base in ("attn_fwd", "attn_bwd_dq")
+                         else plan.cols.items if base == "attn_bwd_dkdv" else None)
+                imb = imbalance(items, warps) if items is not None else 1.0
+                launches.append(model_launch(c, e_emul=small.num_edges,
+                                             n_emul=small.num_dst, edges=E, n=n,
+                                             heads=cfg.heads, dim=dim, itemsize=itemsize,
+                                             warps=warps, imb=imb))
+            fwd = [x for x in launches if x["kernel"].startswith("attn_fwd")]
+            res = {}
+            for mode, ls in (("fwd", fwd), ("fwdbwd", launches)):
+                floor_bytes = min_bytes(n, E, cfg.heads, dim, itemsize, mode)
+                flops = sum(x["flops"] for x in ls)
+                t_floor = max(floor_bytes / H100["hbm_bytes_per_s"],
+                              flops / H100["fp32_flops"])
+                t_hi, t_lo = sum(x["t_hi"] for x in ls), sum(x["t_lo"] for x in ls)
+                t_mid = sum(x["t_mid"] for x in ls)
+                res[mode] = dict(t_hi=t_hi, t_mid=t_mid, t_lo=t_lo, t_floor=t_floor,
+                                 flops=flops, efficiency_mid=t_floor / t_mid if t_mid else 1.0,
+                                 bytes_hi=sum(x["bytes_hi"] for x in ls),
+                                 bytes_lo=sum(x["bytes_lo"] for x in ls),
+                                 efficiency_hi=t_floor / t_hi if t_hi else 1.0,
+                                 efficiency_lo=t_floor / t_lo if t_lo else 1.0,
+                                 bound=max(ls, key=lambda x: x["t_hi"])["bound"] if ls else "-")
+            flex = n_tiles * 4 * TILE * TILE * dim * cfg.heads / (FLEX_FRACTION * FA2_FLOPS)
+            fa2 = 4 * n * n * dim * cfg.heads / FA2_FLOPS
+            rows.append(dict(
+                mask=name, dim=dim, n=n, edges=E, density=E / (n * n), n_emulated=cfg.n_emulated,
+                edges_emulated=small.num_edges, tiles=n_tiles, launches=launches, **res,
+                flex_fwd=flex, fa2_fwd=fa2,
+                flex_ratio_hi=flex / res["fwd"]["t_hi"], flex_ratio_lo=flex / res["fwd"]["t_lo"],
+                flex_ratio_mid=flex / res["fwd"]["t_mid"],
+                fa2_ratio_hi=fa2 / res["fwd"]["t_hi"],
+                sectors_per_edge_fwd=sum(x["sectors"] for x in fwd) / (E * cfg.heads),
+                ideal_sectors_per_edge=2 * dim * itemsize / SECTOR,
+                emulated_seconds=time.perf_counter() - t0))
+            log(f"{name} D={dim}: fwd {res['fwd']['t_lo'] * 1e3:.3g} / "
+                f"{res['fwd']['t_mid'] * 1e3:.3g} / {res['fwd']['t_hi'] * 1e3:.3g} ms (model), "
+                f"flex {flex * 1e3:.3g} ms (model)")
+    return dict(meta=dict(device=H100, fa2=dict(flops=FA2_FLOPS, source=FA2_SOURCE),
+                          flex=dict(fraction=FLEX_FRACTION, source=FLEX_SOURCE),
+                          n=cfg.n, n_emulated=cfg.n_emulated, heads=cfg.heads,
+                          dims=list(cfg.dims), dtype=str(cfg.dtype).replace("torch.", ""),
+                          formula=__doc__.split("::")[1].split("Peers")[0].strip()),
+                rows=rows, summary=summary(rows))
+
+
+def summary(rows: List[dict]) -> dict:
+    """The two ratios the design asks of the model."""
+    out = {}
+    by = {(r["mask"], r["dim"]): r for r in rows}
+    for dim in sorted({r["dim"] for r in rows}):
+        r = by.get(("random(64)", dim))
+        if r:
+            out[f"random64_flex_over_graph_D{dim}"] = [
+                r["flex_ratio_hi"], r["flex_ratio_mid"], r["flex_ratio_lo"]]
+        lf, w = by.get(("longformer(256,g16)", dim)), by.get(("sliding_window(256)", dim))
+        if lf and w:
+            out[f"longformer_over_window_per_edge_D{dim}"] = [
+                (lf["fwd"][t] / lf["edges"]) / (w["fwd"][t] / w["edges"])
+                for t in ("t_hi", "t_mid", "t_lo")]
+    return out
+
+
+def _ms(t: float) -> str:
+    return f"{t * 1e3:.3g}"
+
+
+def markdown(data: dict) -> str:
+    m = data["meta"]
+    lines = [
+        f"# Traffic model of the fused kernels on an {m['device']['name']}",
+        "",
+        f"**Every time below is a model, not a measurement.** bf16 inputs, H = {m['heads']}, "
+        f"N = {m['n']:,} tokens; counts from the CPU emulator at N_e = {m['n_emulated']:,} "
+        f"(one head), extrapolated. Command: `{m.get('command', '')}`.",
+        "",
+        "```",
+        m["formula"],
+        "```",
+        "",
+        f"- HBM {m['device']['hbm_bytes_per_s'] / 1e12:.3g} TB/s, fp32 "
+        f"{m['device']['fp32_flops'] / 1e12:.3g} TFLOP/s ({m['device']['hbm_source']}; "
+        f"{m['device']['fp32_source']})",
+        f"- FlashAttention-2: {FA2_FLOPS / 1e12:.0f} TFLOP/s ({m['fa2']['source']})",
+        f"- FlexAttention: {m['flex']['source']}",
+        "",
+        "Times in ms as *lower / L2 model / upper* (unique sectors only / L2 model / every "
+        "sector from HBM); efficiency = floor time / model time.",
+        "",
+        "| mask | D | E | tiles (128²) | fwd model ms | bound | eff. (L2 model) | "
+        "fwd+bwd model ms | imbalance fwd | sectors/edge fwd (ideal) | "
+        "FlexAttention model ms | Flex / graph (L2 model) | FA2 dense model ms |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        f, fb = r["fwd"], r["fwdbwd"]
+        imb = max((x["imbalance"] for x in r["launches"] if x["kernel"].startswith("attn_fwd<")),
+                  default=1.0)
+        lines.append(
+            f"| {r['mask']} | {r['dim']} | {r['edges']:,} | {r['tiles']:,} | "
+            f"{_ms(f['t_lo'])} / {_ms(f['t_mid'])} / {_ms(f['t_hi'])} | {f['bound']} | "
+            f"{f['efficiency_mid']:.2f} | "
+            f"{_ms(fb['t_lo'])} / {_ms(fb['t_mid'])} / {_ms(fb['t_hi'])} | {imb:.2f} | "
+            f"{r['sectors_per_edge_fwd']:.2f} ({r['ideal_sectors_per_edge']:.0f}) | "
+            f"{_ms(r['flex_fwd'])} | {r['flex_ratio_mid']:.3g} "
+            f"({r['flex_ratio_hi']:.2g} .. {r['flex_ratio_lo']:.2g}) | {_ms(r['fa2_fwd'])} |")
+    s = data["summary"]
+    lines += ["", "## What the model predicts", ""]
+    for k, (hi_t, mid, lo_t) in s.items():
+        if k.startswith("random64"):
+            lines.append(f"- random(64), N = {m['n']:,}, D = {k.split('_D')[1]}: FlexAttention "
+                         f"takes {mid:.3g}x the graph kernel's time with the L2 model "
+                         f"({hi_t:.3g}x if every sector came from HBM, {lo_t:.3g}x with "
+                         f"compulsory misses only) -- model; target >= 3x.")
+        else:
+            lines.append(f"- longformer(256 + 16 globals) / sliding_window(256), D = "
+                         f"{k.split('_D')[1]}: {mid:.3g}x the cost per edge with the L2 model "
+                         f"({hi_t:.3g}x .. {lo_t:.3g}x) -- model; target <= 1.5x.")
+    lines += ["", "Where the graph kernel should win: scattered masks (random, unsorted hash "
+              "buckets), whose non-empty tiles are nearly all of them, so tile-based kernels "
+              "do dense work. Where tiles should win: masks whose tiles are full (windows, "
+              "BigBird, sorted buckets), where dense tensor-core math does ~15x the FLOPs per "
+              "byte of a per-edge gather (989 vs 67 TFLOP/s).", ""]
+    return "\n".join(lines)
+
+
+def write(data: dict, out_dir: Path) -> List[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / "model.json", out_dir / "model.md"
+    js.write_text(json.dumps(data, indent=1, default=str))
+    md.write_text(markdown(data))
+    return [js, md]
