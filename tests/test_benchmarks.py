@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import attngraph as ag
+from attngraph import masks
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -165,3 +166,40 @@ def test_ratios_extrapolate_an_over_budget_peer():
     assert rows[1] == {"time": 0.5, "mem": 0.1, "extrapolated": False, "check": None}
     assert rows[4]["extrapolated"]
     assert rows[4]["time"] == pytest.approx(0.5) and rows[4]["mem"] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------- traffic model
+def test_model_tiles_and_imbalance():
+    from benchmarks import model
+
+    assert model.tiles(masks.sliding_window(256, 1)) == 4          # 2 x 2 blocks of 128
+    assert model.tiles(masks.sliding_window(512, 0)) == 4          # the diagonal only
+    even = torch.tensor([[0, 0, 10, -1], [1, 10, 20, -1], [2, 20, 30, -1], [3, 30, 40, -1]])
+    assert model.imbalance(even, 2) == 1.0
+    skew = torch.tensor([[0, 0, 99, -1], [1, 99, 100, -1]])
+    assert model.imbalance(skew, 2) == pytest.approx(100 / 51)
+    assert model.resident_warps(64) == 132 * 32 and model.resident_warps(255) == 132 * 8
+
+
+def test_model_preset_writes_labelled_predictions(tmp_path, monkeypatch):
+    """A small run of the traffic model: every figure labelled a model, both ratios there."""
+    from benchmarks import model
+
+    cfg = model.Config(n=2048, n_emulated=128, heads=2, dims=(32,),
+                       masks=("sliding_window(256)", "random(64)", "longformer(256,g16)"))
+    data = model.run(cfg)
+    assert [r["mask"] for r in data["rows"]] == list(cfg.masks)
+    for r in data["rows"]:
+        f = r["fwd"]
+        assert 0 < f["t_lo"] <= f["t_mid"] <= f["t_hi"] and f["t_floor"] > 0
+        assert r["flex_fwd"] > 0 and r["fa2_fwd"] > 0
+        kernels = {x["kernel"].split("<")[0] for x in r["launches"]}
+        assert {"attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv"} <= kernels
+        # bf16, D = 32: a K and a V row are 2 sectors each
+        assert r["ideal_sectors_per_edge"] == 4 and r["sectors_per_edge_fwd"] >= 4
+    s = data["summary"]
+    assert set(s) == {"random64_flex_over_graph_D32", "longformer_over_window_per_edge_D32"}
+    md = model.markdown(data)
+    assert "Every time below is a model, not a measurement" in md and "REFERENCES.md" in md
+    paths = model.write(data, tmp_path / "model")
+    assert [p.name for p in paths] == ["model.json", "model.md"] and all(p.exists() for p in paths)
