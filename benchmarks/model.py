@@ -9,9 +9,13 @@ warp's work. Those counts are extrapolated to the target ``N`` per edge::
     sectors(N)        = sectors(N_e) / E(N_e) * E(N) * H          (every sector from HBM)
     unique(N)         = unique(N_e) / N_e * N * H                   (compulsory misses only)
     t_mem             = 32 B * sectors / BW_HBM       (upper)  ..  32 B * unique / BW_HBM (lower)
-    t_mem (L2 model)  = 32 B * (unique + (sectors - unique) * (1 - min(1, L2 / (32 B * unique))))
-                        / BW_HBM      (re-reads hit L2 in proportion to how much of the
-                                       launch's footprint it holds; no locality credited)
+    t_mem (L2 model)  = 32 B * (unique + (sectors - unique) * rho) / BW_HBM
+    rho               = share of re-reads of a K/V (or Q/dO) row that miss L2, from waves:
+                        the warps an H100 holds take work items W at a time, in launch order;
+                        wave t reads E_t rows, U_t of them distinct, O_t also read by wave
+                        t - 1; a wave's rows stay in L2 in proportion h_t = min(1, L2 / (U_t
+                        x row bytes)); misses_t = E_t - (E_t - U_t) h_t - O_t h_(t-1);
+                        rho = (sum misses_t - U) / (E - U), U = rows read at all
     t_compute         = FLOPs / fp32 FMA peak          (the kernels use no tensor cores)
     t_kernel          = max(t_mem, t_compute) * imbalance
 
@@ -150,6 +154,35 @@ def imbalance(items, warps: int) -> float:
     return float(per_warp.max() / per_warp.mean()) if per_warp.numel() else 1.0
 
 
+def reuse(items, rows_read, num_rows: int, warps: int, row_bytes: int) -> float:
+    """``rho`` of the L2 wave model (module docstring): the share of row re-reads that go to
+    HBM when ``items`` (launch order) are taken ``warps`` at a time and edge position ``p``
+    reads row ``rows_read[p]``."""
+    lens = items[:, 2] - items[:, 1]
+    total = int(lens.sum())
+    if total == 0:
+        return 0.0
+    first = torch.repeat_interleave(items[:, 1], lens)
+    offset = torch.arange(total) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+    wave = torch.repeat_interleave(torch.arange(items.size(0)) // warps, lens)
+    key = wave * num_rows + rows_read[first + offset]
+    del first, offset
+    uk = torch.unique(key)
+    del key
+    n_waves = int(wave[-1]) + 1 if wave.numel() else 1
+    e_t = torch.bincount(wave, minlength=n_waves).double()
+    u_t = torch.bincount(uk // num_rows, minlength=n_waves).double()
+    again = uk[torch.isin(uk, uk + num_rows)]          # also read by the wave before
+    o_t = torch.bincount(again // num_rows, minlength=n_waves).double()
+    h_t = (H100["l2_bytes"] / (u_t * row_bytes).clamp_min(1.0)).clamp(max=1.0)
+    h_prev = torch.cat([torch.zeros(1, dtype=torch.float64), h_t[:-1]])
+    misses = float((e_t - (e_t - u_t) * h_t - o_t * h_prev).sum())
+    distinct = int(torch.unique(uk % num_rows).numel())
+    if total <= distinct:
+        return 0.0
+    return min(1.0, max(0.0, (misses - distinct) / (total - distinct)))
+
+
 def tiles(graph, tile: int = TILE) -> int:
     """Non-empty ``tile x tile`` blocks of the mask (what FlexAttention computes)."""
     nb = math.ceil(graph.num_src / tile)
@@ -174,7 +207,7 @@ class Config:
 
 
 def model_launch(c: dict, *, e_emul: int, n_emul: int, edges: int, n: int, heads: int,
-                 dim: int, itemsize: int, warps: int, imb: float) -> dict:
+                 dim: int, itemsize: int, warps: int, imb: float, rho: float) -> dict:
     base = c["kernel"].split("<")[0]
     per_edge = edges / max(e_emul, 1) * heads
     per_node = n / max(n_emul, 1) * heads
@@ -182,12 +215,11 @@ def model_launch(c: dict, *, e_emul: int, n_emul: int, edges: int, n: int, heads
     unique = (c["unique_load_sectors"] + c["unique_store_sectors"]) * per_node
     flops = _FLOPS_PER_EDGE.get(base, 0) * edges * heads * dim
     unique = min(unique, sectors)
-    hit = min(1.0, H100["l2_bytes"] / max(SECTOR * unique, 1.0))
-    mid = unique + (sectors - unique) * (1.0 - hit)
+    mid = unique + (sectors - unique) * rho
     bw = H100["hbm_bytes_per_s"]
     t_hi, t_mid, t_lo = SECTOR * sectors / bw, SECTOR * mid / bw, SECTOR * unique / bw
     t_c = flops / H100["fp32_flops"]
-    return dict(kernel=c["kernel"], sectors=sectors, unique_sectors=unique, flops=flops,
+    return dict(kernel=c["kernel"], sectors=sectors, unique_sectors=unique, flops=flops, rho=rho,
                 bytes_hi=SECTOR * sectors, bytes_mid=SECTOR * mid, bytes_lo=SECTOR * unique,
                 t_hi=max(t_hi, t_c) * imb, t_mid=max(t_mid, t_c) * imb,
                 t_lo=max(t_lo, t_c) * imb,
@@ -208,6 +240,7 @@ def run(cfg: Config, log: Callable[[str], None] = lambda s: None) -> dict:
         plan = fused.plan(big)
         E, n = big.num_edges, cfg.n
         n_tiles = tiles(big)
+        rhos: Dict[tuple, float] = {}
         for dim in cfg.dims:
             t0 = time.perf_counter()
             counts = emulate(small, dim, cfg.dtype)
@@ -218,10 +251,22 @@ def run(cfg: Config, log: Callable[[str], None] = lambda s: None) -> dict:
                 items = (plan.rows.items if base in ("attn_fwd", "attn_bwd_dq")
                          else plan.cols.items if base == "attn_bwd_dkdv" else None)
                 imb = imbalance(items, warps) if items is not None else 1.0
+                side = ("csr" if base in ("attn_fwd", "attn_bwd_dq")
+                        else "csc" if base == "attn_bwd_dkdv" else None)
+                rho = 1.0
+                if side is not None:
+                    key = (side, warps, dim)
+                    if key not in rhos:
+                        a = plan.arrays
+                        rows_read, nrows = ((a.col.long(), a.num_src) if side == "csr"
+                                            else (a.krow.long(), a.num_dst))
+                        rhos[key] = reuse(items, rows_read, nrows, warps,
+                                          2 * dim * itemsize)
+                    rho = rhos[key]
                 launches.append(model_launch(c, e_emul=small.num_edges,
                                              n_emul=small.num_dst, edges=E, n=n,
                                              heads=cfg.heads, dim=dim, itemsize=itemsize,
-                                             warps=warps, imb=imb))
+                                             warps=warps, imb=imb, rho=rho))
             fwd = [x for x in launches if x["kernel"].startswith("attn_fwd")]
             res = {}
             for mode, ls in (("fwd", fwd), ("fwdbwd", launches)):

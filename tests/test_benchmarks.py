@@ -203,3 +203,18 @@ def test_model_preset_writes_labelled_predictions(tmp_path, monkeypatch):
     assert "Every time below is a model, not a measurement" in md and "REFERENCES.md" in md
     paths = model.write(data, tmp_path / "model")
     assert [p.name for p in paths] == ["model.json", "model.md"] and all(p.exists() for p in paths)
+
+
+def test_model_l2_reuse_credits_locality():
+    """A window's re-reads hit L2 (its waves share rows); random keys over more rows than L2
+    holds miss."""
+    from attngraph.ops.cuda import fused
+    from benchmarks import model
+
+    def rho(g, row_bytes):
+        p = fused.plan(g)
+        return model.reuse(p.rows.items, p.arrays.col.long(), g.num_src, 512, row_bytes)
+
+    assert rho(masks.sliding_window(8192, 64), 256) < 0.01
+    assert rho(masks.random(8192, 64, seed=0), 64 * 2 ** 20) > 0.9     # rows far beyond L2
+    assert rho(masks.random(8192, 64, seed=0), 256) < 0.01             # all rows fit in L2
