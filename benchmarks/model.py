@@ -17,7 +17,11 @@ warp's work. Those counts are extrapolated to the target ``N`` per edge::
                         x row bytes)); misses_t = E_t - (E_t - U_t) h_t - O_t h_(t-1);
                         rho = (sum misses_t - U) / (E - U), U = rows read at all
     t_compute         = FLOPs / fp32 FMA peak          (the kernels use no tensor cores)
-    t_kernel          = max(t_mem, t_compute) * imbalance
+    t_issue           = warp instructions / (132 SMs x 4 schedulers x 1.98 GHz), counting
+                        per edge and head group of a warp: fwd 2 NT + 6 + GQ (3 NT + 20),
+                        dQ 2 NT + 6 + GQ (3 NT + 26), dK/dV per edge and query head 6 NT + 29
+                        (loads, dot products, 5-step shuffle reductions, online softmax)
+    t_kernel          = max(t_mem, t_compute, t_issue) * imbalance
 
 where ``imbalance`` is the busiest warp's edges over the mean when the launch's work items,
 built from the graph at ``N``, are dealt grid-stride to the warps an H100 holds at once
@@ -44,6 +48,8 @@ import torch
 
 H100 = dict(
     name="H100 SXM (model)",
+    warp_instr_per_s=132 * 4 * 1.98e9,
+    issue_source="NVIDIA H100 whitepaper: 132 SMs x 4 warp schedulers, 1.98 GHz boost",
     hbm_bytes_per_s=3.35e12, hbm_source="DESIGN.md §4: 3.35 TB/s HBM3",
     l2_bytes=50e6, l2_source="DESIGN.md §4: 50 MB L2",
     fp32_flops=67e12, fp32_source="DESIGN.md §4: 67 TFLOP/s fp32 FMA",
@@ -206,6 +212,22 @@ class Config:
     masks: tuple = MASKS
 
 
+def warp_instructions(kernel: str, edges: int, heads: int, groups: int = 1) -> float:
+    """Warp instructions a fused kernel issues (the per-edge formulas of the docstring);
+    ``groups``: query heads per kv head (G)."""
+    base, _, targs = kernel.partition("<")
+    args = [a.strip() for a in targs.rstrip(">").split(",")]
+    nt = int(args[1]) if len(args) > 1 else 1
+    gq = int(args[2]) if len(args) > 2 else 1
+    if base == "attn_fwd":
+        return edges * heads / gq * (2 * nt + 6 + gq * (3 * nt + 20))
+    if base == "attn_bwd_dq":
+        return edges * heads / gq * (2 * nt + 6 + gq * (3 * nt + 26))
+    if base == "attn_bwd_dkdv":
+        return edges * heads / groups * (2 + groups * (6 * nt + 29))
+    return 0.0
+
+
 def model_launch(c: dict, *, e_emul: int, n_emul: int, edges: int, n: int, heads: int,
                  dim: int, itemsize: int, warps: int, imb: float, rho: float) -> dict:
     base = c["kernel"].split("<")[0]
@@ -218,12 +240,20 @@ def model_launch(c: dict, *, e_emul: int, n_emul: int, edges: int, n: int, heads
     mid = unique + (sectors - unique) * rho
     bw = H100["hbm_bytes_per_s"]
     t_hi, t_mid, t_lo = SECTOR * sectors / bw, SECTOR * mid / bw, SECTOR * unique / bw
-    t_c = flops / H100["fp32_flops"]
+    instr = warp_instructions(c["kernel"], edges, heads)
+    t_c = max(flops / H100["fp32_flops"], instr / H100["warp_instr_per_s"])
+    bound = ("memory" if t_hi > t_c else
+             "issue" if instr / H100["warp_instr_per_s"] > flops / H100["fp32_flops"]
+             else "compute")
     return dict(kernel=c["kernel"], sectors=sectors, unique_sectors=unique, flops=flops, rho=rho,
+                warp_instructions=instr, bound_mid=(
+                    "memory" if SECTOR * mid / bw > t_c else bound if bound != "memory"
+                    else "issue" if instr / H100["warp_instr_per_s"] > flops / H100["fp32_flops"]
+                    else "compute"),
                 bytes_hi=SECTOR * sectors, bytes_mid=SECTOR * mid, bytes_lo=SECTOR * unique,
                 t_hi=max(t_hi, t_c) * imb, t_mid=max(t_mid, t_c) * imb,
                 t_lo=max(t_lo, t_c) * imb,
-                bound="memory" if t_hi > t_c else "compute", imbalance=imb,
+                bound=bound, imbalance=imb,
                 resident_warps=warps)
 
 
@@ -282,7 +312,8 @@ def run(cfg: Config, log: Callable[[str], None] = lambda s: None) -> dict:
                                  bytes_lo=sum(x["bytes_lo"] for x in ls),
                                  efficiency_hi=t_floor / t_hi if t_hi else 1.0,
                                  efficiency_lo=t_floor / t_lo if t_lo else 1.0,
-                                 bound=max(ls, key=lambda x: x["t_hi"])["bound"] if ls else "-")
+                                 bound=max(ls, key=lambda x: x["t_mid"])["bound_mid"]
+                                 if ls else "-")
             flex = n_tiles * 4 * TILE * TILE * dim * cfg.heads / (FLEX_FRACTION * FA2_FLOPS)
             fa2 = 4 * n * n * dim * cfg.heads / FA2_FLOPS
             rows.append(dict(
@@ -343,13 +374,15 @@ def markdown(data: dict) -> str:
         f"- HBM {m['device']['hbm_bytes_per_s'] / 1e12:.3g} TB/s, fp32 "
         f"{m['device']['fp32_flops'] / 1e12:.3g} TFLOP/s ({m['device']['hbm_source']}; "
         f"{m['device']['fp32_source']})",
+        f"- warp instruction issue {m['device']['warp_instr_per_s'] / 1e12:.3g} T/s "
+        f"({m['device']['issue_source']})",
         f"- FlashAttention-2: {FA2_FLOPS / 1e12:.0f} TFLOP/s ({m['fa2']['source']})",
         f"- FlexAttention: {m['flex']['source']}",
         "",
         "Times in ms as *lower / L2 model / upper* (unique sectors only / L2 model / every "
         "sector from HBM); efficiency = floor time / model time.",
         "",
-        "| mask | D | E | tiles (128²) | fwd model ms | bound | eff. (L2 model) | "
+        "| mask | D | E | tiles (128²) | fwd model ms | bound (L2 model) | eff. (L2 model) | "
         "fwd+bwd model ms | imbalance fwd | sectors/edge fwd (ideal) | "
         "FlexAttention model ms | Flex / graph (L2 model) | FA2 dense model ms |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
