@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import os
 import time
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ FLEX_SOURCE = ("REFERENCES.md: FlexAttention runs block-structured masks at 85-9
                "FlashAttention speed: 87.5 % x FA2, on every non-empty 128 x 128 tile")
 TILE = 128
 SECTOR = 32
+FORMULA = textwrap.dedent(__doc__.split("::")[1].split("\n\nwhere")[0]).strip("\n")
 
 
 # ---------------------------------------------------------------------------- masks
@@ -333,7 +335,7 @@ def run(cfg: Config, log: Callable[[str], None] = lambda s: None) -> dict:
                           flex=dict(fraction=FLEX_FRACTION, source=FLEX_SOURCE),
                           n=cfg.n, n_emulated=cfg.n_emulated, heads=cfg.heads,
                           dims=list(cfg.dims), dtype=str(cfg.dtype).replace("torch.", ""),
-                          formula=__doc__.split("::")[1].split("Peers")[0].strip()),
+                          formula=FORMULA),
                 rows=rows, summary=summary(rows))
 
 

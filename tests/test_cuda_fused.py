@@ -276,3 +276,31 @@ def test_nan_bias_is_rejected_when_compiled_too():
                                                        backend="cupy"), fullgraph=True)
     with pytest.raises(ValueError, match="edge_bias contains NaN"):
         fn(q, bias)
+
+
+# ---------------------------------------------------------------------------- properties
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n_dst=st.integers(1, 40), n_src=st.integers(1, 40), H_kv=st.sampled_from([1, 2]),
+       group=st.sampled_from([1, 2, 4]), D=st.integers(1, 70), p=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2 ** 16), dtype=st.sampled_from(list(DTYPES.values())))
+def test_property_random_graphs(n_dst, n_src, H_kv, group, D, p, seed, dtype):
+    g = random_graph(n_dst, n_src, p=p, seed=seed)[1]
+    check_case(g, dtype, H=H_kv * group, H_kv=H_kv, D=D, D_v=max(1, D // 2), bias_heads=1,
+               seed=seed)
+
+
+def test_int32_edge_index_duplicates_and_non_contiguous_inputs():
+    ei = torch.tensor([[0, 1, 1, 2, 2, 0], [1, 1, 1, 2, 0, 0]], dtype=torch.int32)
+    g = TokenGraph(ei, num_nodes=3)                      # a duplicate edge, int32
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 16, 4, generator=gen).transpose(1, 2)       # [3, 4, 16], strided
+    k = torch.randn(2, 3, 16, generator=gen).permute(1, 0, 2)      # [3, 2, 16], strided
+    v = torch.randn(3, 2, 32, generator=gen)[..., ::2]              # [3, 2, 16], strided
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    out = ag.graph_attention(q, k, v, g, backend="cupy")
+    ref = ag.graph_attention(q, k, v, g, backend="torch")
+    assert torch.allclose(out, ref, atol=1e-6)
