@@ -185,7 +185,7 @@ def _warp_work(g, *, blocks):
             ag.graph_attention(q, q, q, g, backend="cupy")
     finally:
         loader.max_blocks = old
-    fwd = next(s for s in launches if s.kernel.startswith("attn_fwd<"))
+    fwd = next(s for s in launches if s.kernel.split("<")[0] in ("attn_fwd", "attn_fwd_vec"))
     return fwd
 
 
@@ -222,6 +222,32 @@ def test_forward_sectors_per_edge_near_ideal(dtype, D):
     row_sectors = D * dtype.itemsize // 32
     ideal = g.num_edges * H_kv * 2 * row_sectors
     assert sectors <= 1.25 * ideal, (sectors / ideal)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("D,D_v", [(64, 64), (40, 24), (36, 20), (30, 30), (256, 256)])
+def test_vectorised_and_scalar_forward_agree(D, D_v, dtype):
+    """Rows of whole 16-byte vectors no wider than 32 vectors take attn_fwd_vec (several
+    edges per warp step), the rest attn_fwd; both meet the 2x rule on a graph with cut rows.
+    (36, 20) is vectorised in fp32 only, (30, 30) in none, (256, 256) in 2-byte types."""
+    vec = 16 // dtype.itemsize
+    vectorised = D % vec == 0 and D_v % vec == 0 and max(D, D_v) <= 32 * vec
+    g = masks.longformer(300, 3, [0, 150])
+    with emulator.count() as launches:
+        check_case(g, dtype, H=4, H_kv=2, D=D, D_v=D_v, bias_heads=4)
+    names = {s.kernel.split("<")[0] for s in launches}
+    assert ("attn_fwd_vec" in names) == vectorised and ("attn_fwd" in names) != vectorised
+
+
+def test_misaligned_rows_take_the_scalar_forward():
+    g = masks.sliding_window(50, 3)
+    base = torch.randn(50 * 2 * 16 + 1)
+    q = base[1:].view(50, 2, 16)             # 4-byte aligned, not 16-byte aligned
+    assert q.data_ptr() % 16 != 0
+    with emulator.count() as launches:
+        out = ag.graph_attention(q, q, q, g, backend="cupy")
+    assert {s.kernel.split("<")[0] for s in launches} >= {"attn_fwd"}
+    assert torch.allclose(out, ag.graph_attention(q, q, q, g, backend="torch"), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- torch.compile

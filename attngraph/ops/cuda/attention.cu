@@ -140,6 +140,117 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
   }
 }
 
+// The forward for 16-byte aligned rows with D, Dv multiples of VEC = 16 / sizeof(T): a warp
+// is S = 32 / LPE sub-warps of LPE lanes, each lane holding one 16-byte vector (VEC
+// elements) of a row, so S edges are in flight per step and each reduction takes log2(LPE)
+// shuffles shared by S edges. Each sub-warp keeps its own online-softmax state over its
+// edges; the S states merge by shuffles once per item. Same arguments and results as
+// attn_fwd.
+template <class T, int LPE, int GQ>
+__global__ void __launch_bounds__(kWarps * 32, 4)
+attn_fwd_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+             const float* __restrict__ bias, int bias_cols, const long long* __restrict__ items,
+             long long n_items, const int* __restrict__ col, T* __restrict__ out,
+             float* __restrict__ lse, float* __restrict__ part_ml, float* __restrict__ part_acc,
+             int H, int G, int D, int Dv, float scale) {
+  constexpr int VEC = ag::VecTraits<T>::kN, S = ag::kWarpSize / LPE;
+  const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
+  AG_ITEM_LOOP(n_items) {
+    const int sub = lane / LPE, d0 = (lane % LPE) * VEC;
+    const bool has_d = d0 < D, has_dv = d0 < Dv;
+    const Item item = load_item(items, it);
+    float qv[GQ][VEC], acc[GQ][VEC], m[GQ], l[GQ];
+#pragma unroll
+    for (int g = 0; g < GQ; ++g) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) qv[g][i] = acc[g][i] = 0.0f;
+      if (has_d) ag::load_vec(q + (item.node * H + h0 + g) * D + d0, qv[g]);
+      m[g] = -INFINITY;
+      l[g] = 0.0f;
+    }
+    for (long long e0 = item.begin; e0 < item.end; e0 += kEdgeBatch) {
+      const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
+      const int my_key = lane < n ? ag_load(col + e0 + lane) : 0;
+      float my_bias[GQ];
+#pragma unroll
+      for (int g = 0; g < GQ; ++g)
+        my_bias[g] = (bias != nullptr && lane < n)
+                         ? ag_load(bias + (e0 + lane) * bias_cols + (h0 + g) % bias_cols) : 0.0f;
+      for (int t = 0; t < n; t += S) {
+        const int idx = t + sub;                 // this sub-warp's edge, < 32
+        const bool valid = idx < n;
+        const long long j = __shfl_sync(ag::kFullMask, my_key, idx);
+        float kr[VEC], vr[VEC], s[GQ];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) kr[i] = vr[i] = 0.0f;
+        if (valid && has_d) ag::load_vec(k + (j * Hk + hk) * D + d0, kr);
+        if (valid && has_dv) ag::load_vec(v + (j * Hk + hk) * Dv + d0, vr);
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) {
+          float x = 0.0f;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) x += qv[g][i] * kr[i];
+#pragma unroll
+          for (int o = LPE / 2; o > 0; o >>= 1) x += __shfl_xor_sync(ag::kFullMask, x, o);
+          const float b = __shfl_sync(ag::kFullMask, my_bias[g], idx);
+          s[g] = valid ? x * scale + b : -INFINITY;
+        }
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) {
+          const float mn = fmaxf(m[g], s[g]);
+          if (mn == -INFINITY) continue;         // uniform within the sub-warp
+          const float c = __expf(m[g] - mn), p = __expf(s[g] - mn);
+          l[g] = l[g] * c + p;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[g][i] = acc[g][i] * c + p * vr[i];
+          m[g] = mn;
+        }
+      }
+    }
+    // merge the sub-warps' states (log-sum-exp), once per item
+#pragma unroll
+    for (int o = LPE; o < ag::kWarpSize; o <<= 1) {
+#pragma unroll
+      for (int g = 0; g < GQ; ++g) {
+        const float mo = __shfl_xor_sync(ag::kFullMask, m[g], o);
+        const float lo = __shfl_xor_sync(ag::kFullMask, l[g], o);
+        const float mn = fmaxf(m[g], mo);
+        const float a = mn == -INFINITY ? 0.0f : __expf(m[g] - mn);
+        const float b = mn == -INFINITY ? 0.0f : __expf(mo - mn);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const float ao = __shfl_xor_sync(ag::kFullMask, acc[g][i], o);
+          acc[g][i] = acc[g][i] * a + ao * b;
+        }
+        l[g] = l[g] * a + lo * b;
+        m[g] = mn;
+      }
+    }
+    if (sub == 0) {
+#pragma unroll
+      for (int g = 0; g < GQ; ++g) {
+        const long long rh = item.node * H + h0 + g;
+        if (item.slot < 0) {
+          if (has_dv) ag::store_vec(out + rh * Dv + d0, acc[g], l[g] > 0.0f ? 1.0f / l[g] : 0.0f);
+          if (lane == 0) ag_store(lse + rh, l[g] > 0.0f ? m[g] + logf(l[g]) : -INFINITY);
+        } else {
+          const long long sh = item.slot * H + h0 + g;
+          if (has_dv) {
+#pragma unroll
+            for (int i = 0; i < VEC; i += 4)
+              ag_store(reinterpret_cast<float4*>(part_acc + sh * Dv + d0 + i),
+                       make_float4(acc[g][i], acc[g][i + 1], acc[g][i + 2], acc[g][i + 3]));
+          }
+          if (lane == 0) {
+            ag_store(part_ml + sh * 2, m[g]);
+            ag_store(part_ml + sh * 2 + 1, l[g]);
+          }
+        }
+      }
+    }
+  }
+}
+
 // Merges the partial (m, l, acc) states of each cut row, in slot order.
 // splits [n_split, 3] = (row, first slot, end slot).
 template <class T, int NT>

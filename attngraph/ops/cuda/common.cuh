@@ -43,6 +43,27 @@ __device__ __forceinline__ float load_float(const T* p) { return to_float(ag_loa
 template <class T>
 __device__ __forceinline__ void store_float(T* p, float x) { ag_store(p, from_float<T>(x)); }
 
+// 16-byte vectors of a row: VecTraits<T>::kN elements, loaded and stored as one uint4 (rows
+// must be 16-byte aligned: the host checks).
+template <class T> struct VecTraits { static constexpr int kN = 16 / sizeof(T); };
+
+template <class T>
+__device__ __forceinline__ void load_vec(const T* p, float (&x)[16 / sizeof(T)]) {
+  const uint4 raw = ag_load(reinterpret_cast<const uint4*>(p));
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < VecTraits<T>::kN; ++i) x[i] = to_float(e[i]);
+}
+
+template <class T>
+__device__ __forceinline__ void store_vec(T* p, const float (&x)[16 / sizeof(T)], float f) {
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < VecTraits<T>::kN; ++i) e[i] = from_float<T>(x[i] * f);
+  ag_store(reinterpret_cast<uint4*>(p), raw);
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = kWarpSize / 2; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);

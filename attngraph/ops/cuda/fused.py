@@ -163,6 +163,12 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, a: GraphArrays) -> Tuple[int, in
     return R, H, Hk, D, Dv
 
 
+def _aligned(*ts: Tensor) -> bool:
+    """Every tensor starts on a 16-byte boundary (rows then do too when they are whole
+    16-byte vectors)."""
+    return all(t.numel() == 0 or t.data_ptr() % 16 == 0 for t in ts)
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, p: Plan, scale: float,
             bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The fused forward (no autograd) -> ``(out, lse)``."""
@@ -179,8 +185,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, p: Plan, scale: float,
     lse = torch.empty(R, H, dtype=torch.float32, device=dev)
     part_ml = torch.empty(w.num_slots, H, 2, dtype=torch.float32, device=dev)
     part_acc = torch.empty(w.num_slots, H, Dv, dtype=torch.float32, device=dev)
+    vec = loader.vec_layout(T, D, Dv, H // Hk) if _aligned(q, k, v) else None
+    if vec is not None:    # whole 16-byte vectors per lane, several edges per warp step
+        lpe, gq = vec
+        name = f"attn_fwd_vec<{T}, {lpe}, {gq}>"
+    else:
+        name = f"attn_fwd<{T}, {nt}, {gq}>"
     if R and H:
-        _kernel(f"attn_fwd<{T}, {nt}, {gq}>", dev)(
+        _kernel(name, dev)(
             _grid(w.num_items, H // gq, dev), (THREADS,),
             (q, k, v, bias, np.int32(bc), w.items, np.int64(w.num_items), a.col, out, lse,
              part_ml, part_acc, np.int32(H), np.int32(H // Hk), np.int32(D), np.int32(Dv),

@@ -255,7 +255,30 @@ def _attention_expressions() -> Tuple[str, ...]:
                     exprs.append(f"attn_bwd_dq<{t}, {nt}, {gq}>")
             exprs += [f"attn_fwd_merge<{t}, {nt}>", f"attn_bwd_dkdv<{t}, {nt}>",
                       f"sum_partials<{t}, {nt}>"]
+        vec = VEC_ELEMENTS[t]
+        for lpe in VEC_LANES:
+            for gq in VEC_GROUP_HEADS:
+                exprs.append(f"attn_fwd_vec<{t}, {lpe}, {gq}>")
     return tuple(exprs)
+
+
+# attn_fwd_vec: elements of a 16-byte vector, lanes per edge (one vector each), and query
+# heads per warp (GQ = 8 spills on fp32).
+VEC_ELEMENTS = {"float": 4, "__half": 8, "__nv_bfloat16": 8}
+VEC_LANES = (4, 8, 16, 32)
+VEC_GROUP_HEADS = (4, 2, 1)
+
+
+def vec_layout(dtype_name: str, D: int, Dv: int, G: int) -> Optional[Tuple[int, int]]:
+    """``(LPE, GQ)`` of attn_fwd_vec for these dims, or None when rows are not whole
+    16-byte vectors or too wide for one vector per lane."""
+    vec = VEC_ELEMENTS[dtype_name]
+    width = max(D, Dv)
+    if D % vec or Dv % vec or width > 32 * vec:
+        return None
+    lpe = next(n for n in VEC_LANES if n * vec >= width)
+    gq = next(g for g in VEC_GROUP_HEADS if G % g == 0)
+    return lpe, gq
 
 
 register_module(KernelModule("attention", "attention.cu", _attention_expressions()))
