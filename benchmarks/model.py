@@ -243,6 +243,7 @@ def model_launch(c: dict, *, e_emul: int, n_emul: int, edges: int, n: int, heads
     per_edge = edges / max(e_emul, 1) * heads
     per_node = n / max(n_emul, 1) * heads
     sectors = (c["load_sectors"] + c["store_sectors"] + c["atomic_sectors"]) * per_edge
+    requested = (c["load_bytes"] + c["store_bytes"] + c["atomic_bytes"]) * per_edge
     unique = (c["unique_load_sectors"] + c["unique_store_sectors"]) * per_node
     flops = _FLOPS_PER_EDGE.get(base, 0) * edges * heads * dim
     unique = min(unique, sectors)
@@ -254,7 +255,8 @@ def model_launch(c: dict, *, e_emul: int, n_emul: int, edges: int, n: int, heads
     bound = ("memory" if t_hi > t_c else
              "issue" if instr / H100["warp_instr_per_s"] > flops / H100["fp32_flops"]
              else "compute")
-    return dict(kernel=c["kernel"], sectors=sectors, unique_sectors=unique, flops=flops, rho=rho,
+    return dict(kernel=c["kernel"], bytes_requested=requested, sectors=sectors,
+                unique_sectors=unique, flops=flops, rho=rho,
                 warp_instructions=instr, bound_mid=(
                     "memory" if SECTOR * mid / bw > t_c else bound if bound != "memory"
                     else "issue" if instr / H100["warp_instr_per_s"] > flops / H100["fp32_flops"]

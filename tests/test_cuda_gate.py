@@ -260,3 +260,19 @@ def test_cli_compiles_every_registered_kernel(nvrtc, tmp_path):
     for _, expr, _ in expected:
         assert expr in proc.stdout
     assert "compiled by NVRTC" in proc.stdout.splitlines()[-1]
+    # no kernel serving head dims up to 128 may spill, on either arch
+    for r in rows:
+        if _max_head_dim(r["name_expression"]) <= 128:
+            assert r["spill_stores"] == r["spill_loads"] == 0, r
+
+
+def _max_head_dim(expr: str) -> int:
+    """Widest head dim an instantiation serves: 32 * NT (elements per lane), or LPE * VEC
+    for attn_fwd_vec; 0 for kernels without a head-dim parameter."""
+    name, _, targs = expr.partition("<")
+    args = [a.strip() for a in targs.rstrip(">").split(",")]
+    if len(args) < 2:
+        return 0
+    if name == "attn_fwd_vec":
+        return int(args[1]) * (4 if args[0] == "float" else 8)
+    return 32 * int(args[1])
