@@ -19,8 +19,10 @@ warp's work. Those counts are extrapolated to the target ``N`` per edge::
     t_compute         = FLOPs / fp32 FMA peak          (the kernels use no tensor cores)
     t_issue           = warp instructions / (132 SMs x 4 schedulers x 1.98 GHz), counting
                         per edge and head group of a warp: fwd 2 NT + 6 + GQ (3 NT + 20),
-                        vectorised fwd (LPE lanes per edge, VEC elements per lane) per
-                        step of 32 / LPE edges 2 + 2 VEC + 5 + GQ (3 VEC + 2 log2 LPE + 11),
+                        the vectorised kernels (LPE lanes per edge, VEC elements per lane) per
+                        step of 32 / LPE edges: fwd 2 + 2 VEC + 5 + GQ (3 VEC + 2 log2 LPE
+                        + 11), dQ 2 + 2 VEC + 5 + GQ (3 VEC + 4 log2 LPE + 7), dK/dV per
+                        query head 6 VEC + 4 log2 LPE + 11,
                         dQ 2 NT + 6 + GQ (3 NT + 26), dK/dV per edge and query head 6 NT + 29
                         (loads, dot products, 5-step shuffle reductions, online softmax)
     t_kernel          = max(t_mem, t_compute, t_issue) * imbalance
@@ -202,7 +204,8 @@ def tiles(graph, tile: int = TILE) -> int:
 
 # ---------------------------------------------------------------------------- the model
 _FLOPS_PER_EDGE = {   # per edge, head and head-dim element, of each kernel
-    "attn_fwd": 4, "attn_fwd_vec": 4, "attn_bwd_dq": 6, "attn_bwd_dkdv": 8,
+    "attn_fwd": 4, "attn_fwd_vec": 4, "attn_bwd_dq": 6, "attn_bwd_dq_vec": 6,
+    "attn_bwd_dkdv": 8, "attn_bwd_dkdv_vec": 8,
 }
 
 
@@ -225,11 +228,17 @@ def warp_instructions(kernel: str, edges: int, heads: int, groups: int = 1) -> f
     gq = int(args[2]) if len(args) > 2 else 1
     if base == "attn_fwd":
         return edges * heads / gq * (2 * nt + 6 + gq * (3 * nt + 20))
-    if base == "attn_fwd_vec":   # args: T, LPE, GQ; S = 32 / LPE edges per warp step
-        vec = 4 if args[0] == "float" else 8
-        lpe, steps = nt, nt / 32
+    vec = 4 if args and args[0] == "float" else 8
+    lpe, steps = nt, nt / 32          # *_vec args: T, LPE[, GQ]; 32 / LPE edges per step
+    if base == "attn_fwd_vec":
         return edges * heads / gq * steps * (
             2 + 2 * vec + 5 + gq * (3 * vec + 2 * math.log2(lpe) + 11))
+    if base == "attn_bwd_dq_vec":
+        return edges * heads / gq * steps * (
+            2 + 2 * vec + 5 + gq * (3 * vec + 4 * math.log2(lpe) + 7))
+    if base == "attn_bwd_dkdv_vec":
+        return edges * heads / groups * steps * (
+            2 + groups * (6 * vec + 4 * math.log2(lpe) + 11))
     if base == "attn_bwd_dq":
         return edges * heads / gq * (2 * nt + 6 + gq * (3 * nt + 26))
     if base == "attn_bwd_dkdv":
@@ -289,11 +298,12 @@ def run(cfg: Config, log: Callable[[str], None] = lambda s: None) -> dict:
             for c in counts:
                 base = c["kernel"].split("<")[0]
                 warps = resident_warps(_registers(c["kernel"]))
-                items = (plan.rows.items if base in ("attn_fwd", "attn_fwd_vec", "attn_bwd_dq")
-                         else plan.cols.items if base == "attn_bwd_dkdv" else None)
+                kind = base.replace("_vec", "")
+                items = (plan.rows.items if kind in ("attn_fwd", "attn_bwd_dq")
+                         else plan.cols.items if kind == "attn_bwd_dkdv" else None)
                 imb = imbalance(items, warps) if items is not None else 1.0
-                side = ("csr" if base in ("attn_fwd", "attn_fwd_vec", "attn_bwd_dq")
-                        else "csc" if base == "attn_bwd_dkdv" else None)
+                side = ("csr" if kind in ("attn_fwd", "attn_bwd_dq")
+                        else "csc" if kind == "attn_bwd_dkdv" else None)
                 rho = 1.0
                 if side is not None:
                     key = (side, warps, dim)

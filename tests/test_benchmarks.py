@@ -194,7 +194,9 @@ def test_model_preset_writes_labelled_predictions(tmp_path, monkeypatch):
         assert 0 < f["t_lo"] <= f["t_mid"] <= f["t_hi"] and f["t_floor"] > 0
         assert r["flex_fwd"] > 0 and r["fa2_fwd"] > 0
         kernels = {x["kernel"].split("<")[0] for x in r["launches"]}
-        assert {"attn_fwd_vec", "attn_bwd_dq", "attn_bwd_dkdv"} <= kernels
+        assert {"attn_fwd_vec", "attn_bwd_dq_vec", "attn_bwd_dkdv_vec"} <= kernels
+        assert all(x["warp_instructions"] > 0 for x in r["launches"]
+                   if x["kernel"].startswith(("attn_fwd_vec", "attn_bwd")))
         # bf16, D = 32: a K and a V row are 2 sectors each
         assert r["ideal_sectors_per_edge"] == 4 and r["sectors_per_edge_fwd"] >= 4
     s = data["summary"]

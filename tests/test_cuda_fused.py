@@ -227,8 +227,9 @@ def test_forward_sectors_per_edge_near_ideal(dtype, D):
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("D,D_v", [(64, 64), (40, 24), (36, 20), (30, 30), (256, 256)])
 def test_vectorised_and_scalar_forward_agree(D, D_v, dtype):
-    """Rows of whole 16-byte vectors no wider than 32 vectors take attn_fwd_vec (several
-    edges per warp step), the rest attn_fwd; both meet the 2x rule on a graph with cut rows.
+    """Rows of whole 16-byte vectors no wider than 32 vectors take the *_vec kernels (several
+    edges per warp step, forward and backward), the rest the scalar ones; both meet the 2x
+    rule on a graph with cut rows and cut key columns.
     (36, 20) is vectorised in fp32 only, (30, 30) in none, (256, 256) in 2-byte types."""
     vec = 16 // dtype.itemsize
     vectorised = D % vec == 0 and D_v % vec == 0 and max(D, D_v) <= 32 * vec
@@ -236,7 +237,8 @@ def test_vectorised_and_scalar_forward_agree(D, D_v, dtype):
     with emulator.count() as launches:
         check_case(g, dtype, H=4, H_kv=2, D=D, D_v=D_v, bias_heads=4)
     names = {s.kernel.split("<")[0] for s in launches}
-    assert ("attn_fwd_vec" in names) == vectorised and ("attn_fwd" in names) != vectorised
+    for kernel in ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv"):
+        assert (kernel + "_vec" in names) == vectorised and (kernel in names) != vectorised
 
 
 def test_misaligned_rows_take_the_scalar_forward():

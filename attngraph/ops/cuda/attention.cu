@@ -346,6 +346,98 @@ attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restric
   }
 }
 
+// attn_bwd_dq for rows of whole 16-byte vectors: 32 / LPE edges per warp step, as
+// attn_fwd_vec; the sub-warps' dq sums are added by shuffles once per item.
+template <class T, int LPE, int GQ>
+__global__ void __launch_bounds__(kWarps * 32, 4)
+attn_bwd_dq_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                const float* __restrict__ bias, int bias_cols, const T* __restrict__ dout,
+                const float* __restrict__ lse, const float* __restrict__ delta,
+                const long long* __restrict__ items, long long n_items,
+                const int* __restrict__ col, T* __restrict__ dq, float* __restrict__ part_dq,
+                float* __restrict__ dbias, int H, int G, int D, int Dv, float scale) {
+  constexpr int VEC = ag::VecTraits<T>::kN, S = ag::kWarpSize / LPE;
+  const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
+  AG_ITEM_LOOP(n_items) {
+    const int sub = lane / LPE, d0 = (lane % LPE) * VEC;
+    const bool has_d = d0 < D, has_dv = d0 < Dv;
+    const Item item = load_item(items, it);
+    float qv[GQ][VEC], dov[GQ][VEC], dqa[GQ][VEC], L[GQ], dl[GQ];
+#pragma unroll
+    for (int g = 0; g < GQ; ++g) {
+      const long long rh = item.node * H + h0 + g;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) qv[g][i] = dov[g][i] = dqa[g][i] = 0.0f;
+      if (has_d) ag::load_vec(q + rh * D + d0, qv[g]);
+      if (has_dv) ag::load_vec(dout + rh * Dv + d0, dov[g]);
+      const float x = item.begin < item.end ? ag_load(lse + rh) : 0.0f;
+      L[g] = x == -INFINITY ? INFINITY : x;
+      dl[g] = item.begin < item.end ? ag_load(delta + rh) : 0.0f;
+    }
+    for (long long e0 = item.begin; e0 < item.end; e0 += kEdgeBatch) {
+      const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
+      const int my_key = lane < n ? ag_load(col + e0 + lane) : 0;
+      float my_bias[GQ];
+#pragma unroll
+      for (int g = 0; g < GQ; ++g)
+        my_bias[g] = (bias != nullptr && lane < n)
+                         ? ag_load(bias + (e0 + lane) * bias_cols + (h0 + g) % bias_cols) : 0.0f;
+      for (int t = 0; t < n; t += S) {
+        const int idx = t + sub;
+        const bool valid = idx < n;
+        const long long j = __shfl_sync(ag::kFullMask, my_key, idx);
+        float kr[VEC], vr[VEC];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) kr[i] = vr[i] = 0.0f;
+        if (valid && has_d) ag::load_vec(k + (j * Hk + hk) * D + d0, kr);
+        if (valid && has_dv) ag::load_vec(v + (j * Hk + hk) * Dv + d0, vr);
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) {
+          float s = 0.0f, dp = 0.0f;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            s += qv[g][i] * kr[i];
+            dp += dov[g][i] * vr[i];
+          }
+#pragma unroll
+          for (int o = LPE / 2; o > 0; o >>= 1) {
+            s += __shfl_xor_sync(ag::kFullMask, s, o);
+            dp += __shfl_xor_sync(ag::kFullMask, dp, o);
+          }
+          const float b = __shfl_sync(ag::kFullMask, my_bias[g], idx);
+          const float p = valid ? __expf(s * scale + b - L[g]) : 0.0f;
+          const float ds = p * (dp - dl[g]);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) dqa[g][i] += ds * kr[i];
+          if (dbias != nullptr && valid && lane % LPE == 0)
+            ag_store(dbias + (e0 + idx) * H + h0 + g, ds);
+        }
+      }
+    }
+#pragma unroll
+    for (int o = LPE; o < ag::kWarpSize; o <<= 1)
+#pragma unroll
+      for (int g = 0; g < GQ; ++g)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) dqa[g][i] += __shfl_xor_sync(ag::kFullMask, dqa[g][i], o);
+    if (sub == 0 && has_d) {
+#pragma unroll
+      for (int g = 0; g < GQ; ++g) {
+        if (item.slot < 0) {
+          ag::store_vec(dq + (item.node * H + h0 + g) * D + d0, dqa[g], scale);
+        } else {
+          float* dst = part_dq + (item.slot * H + h0 + g) * D + d0;
+#pragma unroll
+          for (int i = 0; i < VEC; i += 4)
+            ag_store(reinterpret_cast<float4*>(dst + i),
+                     make_float4(dqa[g][i] * scale, dqa[g][i + 1] * scale,
+                                 dqa[g][i + 2] * scale, dqa[g][i + 3] * scale));
+        }
+      }
+    }
+  }
+}
+
 // dK and dV over CSC items of keys: for each edge into query i and each head h of the kv
 // head's group, p = exp(s - lse), dv += p dO, ds = p (dO . v - delta), dk += scale ds q.
 // citems hold key-major edge positions; krow / perm give the query and canonical edge id.
@@ -401,6 +493,100 @@ attn_bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
       const long long sh = item.slot * Hk + hk;
       store_row_f32(part_dk + sh * D, D, lane, dka, scale);
       store_row_f32(part_dv + sh * Dv, Dv, lane, dva, 1.0f);
+    }
+  }
+}
+
+// attn_bwd_dkdv for rows of whole 16-byte vectors: 32 / LPE edges (queries) per warp
+// step; the sub-warps' dk / dv sums are added by shuffles once per item.
+template <class T, int LPE>
+__global__ void __launch_bounds__(kWarps * 32, 4)
+attn_bwd_dkdv_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                  const float* __restrict__ bias, int bias_cols, const T* __restrict__ dout,
+                  const float* __restrict__ lse, const float* __restrict__ delta,
+                  const long long* __restrict__ items, long long n_items,
+                  const int* __restrict__ krow, const long long* __restrict__ perm,
+                  T* __restrict__ dk, T* __restrict__ dv, float* __restrict__ part_dk,
+                  float* __restrict__ part_dv, int H, int G, int D, int Dv, float scale) {
+  constexpr int VEC = ag::VecTraits<T>::kN, S = ag::kWarpSize / LPE;
+  const int hk = blockIdx.y, Hk = H / G;
+  AG_ITEM_LOOP(n_items) {
+    const int sub = lane / LPE, d0 = (lane % LPE) * VEC;
+    const bool has_d = d0 < D, has_dv = d0 < Dv;
+    const Item item = load_item(items, it);
+    float kr[VEC], vr[VEC], dka[VEC], dva[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) kr[i] = vr[i] = dka[i] = dva[i] = 0.0f;
+    if (has_d) ag::load_vec(k + (item.node * Hk + hk) * D + d0, kr);
+    if (has_dv) ag::load_vec(v + (item.node * Hk + hk) * Dv + d0, vr);
+    for (long long e0 = item.begin; e0 < item.end; e0 += kEdgeBatch) {
+      const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
+      const int my_row = lane < n ? ag_load(krow + e0 + lane) : 0;
+      const long long my_edge = lane < n ? ag_load(perm + e0 + lane) : 0;
+      for (int t = 0; t < n; t += S) {
+        const int idx = t + sub;
+        const bool valid = idx < n;
+        const long long i = __shfl_sync(ag::kFullMask, my_row, idx);
+        const long long e = __shfl_sync(ag::kFullMask, my_edge, idx);
+        for (int g = 0; g < G; ++g) {
+          const int h = hk * G + g;
+          const long long ih = i * H + h;
+          float qv[VEC], dov[VEC];
+#pragma unroll
+          for (int x = 0; x < VEC; ++x) qv[x] = dov[x] = 0.0f;
+          if (valid && has_d) ag::load_vec(q + ih * D + d0, qv);
+          if (valid && has_dv) ag::load_vec(dout + ih * Dv + d0, dov);
+          float s = 0.0f, dp = 0.0f;
+#pragma unroll
+          for (int x = 0; x < VEC; ++x) {
+            s += qv[x] * kr[x];
+            dp += dov[x] * vr[x];
+          }
+#pragma unroll
+          for (int o = LPE / 2; o > 0; o >>= 1) {
+            s += __shfl_xor_sync(ag::kFullMask, s, o);
+            dp += __shfl_xor_sync(ag::kFullMask, dp, o);
+          }
+          float p = 0.0f, ds = 0.0f;
+          if (valid) {
+            const float b = bias != nullptr ? ag_load(bias + e * bias_cols + h % bias_cols) : 0.0f;
+            const float x = ag_load(lse + ih);
+            p = x == -INFINITY ? 0.0f : __expf(s * scale + b - x);
+            ds = p * (dp - ag_load(delta + ih));
+          }
+#pragma unroll
+          for (int x = 0; x < VEC; ++x) {
+            dva[x] += p * dov[x];
+            dka[x] += ds * qv[x];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int o = LPE; o < ag::kWarpSize; o <<= 1)
+#pragma unroll
+      for (int x = 0; x < VEC; ++x) {
+        dka[x] += __shfl_xor_sync(ag::kFullMask, dka[x], o);
+        dva[x] += __shfl_xor_sync(ag::kFullMask, dva[x], o);
+      }
+    if (sub == 0) {
+      const long long nh = item.node * Hk + hk;
+      if (item.slot < 0) {
+        if (has_d) ag::store_vec(dk + nh * D + d0, dka, scale);
+        if (has_dv) ag::store_vec(dv + nh * Dv + d0, dva, 1.0f);
+      } else {
+        const long long sh = item.slot * Hk + hk;
+#pragma unroll
+        for (int x = 0; x < VEC; x += 4) {
+          if (has_d)
+            ag_store(reinterpret_cast<float4*>(part_dk + sh * D + d0 + x),
+                     make_float4(dka[x] * scale, dka[x + 1] * scale, dka[x + 2] * scale,
+                                 dka[x + 3] * scale));
+          if (has_dv)
+            ag_store(reinterpret_cast<float4*>(part_dv + sh * Dv + d0 + x),
+                     make_float4(dva[x], dva[x + 1], dva[x + 2], dva[x + 3]));
+        }
+      }
     }
   }
 }

@@ -238,14 +238,20 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
     part_dv = torch.empty(cols.num_slots, Hk, Dv, dtype=torch.float32, device=dev)
     ds = (torch.zeros(a.num_edges, H, dtype=torch.float32, device=dev)
           if need_bias_grad else None)
+    vec = loader.vec_layout(T, D, Dv, H // Hk, "dq") if _aligned(q, k, v, dout) else None
+    if vec is not None:
+        lpe, gq = vec
+        dq_name, dkdv_name = f"attn_bwd_dq_vec<{T}, {lpe}, {gq}>", f"attn_bwd_dkdv_vec<{T}, {lpe}>"
+    else:
+        dq_name, dkdv_name = f"attn_bwd_dq<{T}, {nt}, {gq}>", f"attn_bwd_dkdv<{T}, {nt}>"
     if R and H:
-        _kernel(f"attn_bwd_dq<{T}, {nt}, {gq}>", dev)(
+        _kernel(dq_name, dev)(
             _grid(rows.num_items, H // gq, dev), (THREADS,),
             (q, k, v, bias, np.int32(bc), dout, lse, delta, rows.items,
              np.int64(rows.num_items), a.col, dq, part_dq, ds, np.int32(H),
              np.int32(H // Hk), np.int32(D), np.int32(Dv), np.float32(scale)))
     if a.num_src and Hk:
-        _kernel(f"attn_bwd_dkdv<{T}, {nt}>", dev)(
+        _kernel(dkdv_name, dev)(
             _grid(cols.num_items, Hk, dev), (THREADS,),
             (q, k, v, bias, np.int32(bc), dout, lse, delta, cols.items,
              np.int64(cols.num_items), a.krow, a.perm, dk, dv, part_dk, part_dv, np.int32(H),

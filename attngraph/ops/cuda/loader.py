@@ -259,6 +259,9 @@ def _attention_expressions() -> Tuple[str, ...]:
         for lpe in VEC_LANES:
             for gq in VEC_GROUP_HEADS:
                 exprs.append(f"attn_fwd_vec<{t}, {lpe}, {gq}>")
+            for gq in VEC_DQ_GROUP_HEADS:
+                exprs.append(f"attn_bwd_dq_vec<{t}, {lpe}, {gq}>")
+            exprs.append(f"attn_bwd_dkdv_vec<{t}, {lpe}>")
     return tuple(exprs)
 
 
@@ -267,9 +270,11 @@ def _attention_expressions() -> Tuple[str, ...]:
 VEC_ELEMENTS = {"float": 4, "__half": 8, "__nv_bfloat16": 8}
 VEC_LANES = (4, 8, 16, 32)
 VEC_GROUP_HEADS = (4, 2, 1)
+VEC_DQ_GROUP_HEADS = (2, 1)      # q, dO and dQ vectors per head: GQ = 4 would spill
 
 
-def vec_layout(dtype_name: str, D: int, Dv: int, G: int) -> Optional[Tuple[int, int]]:
+def vec_layout(dtype_name: str, D: int, Dv: int, G: int, kernel: str = "fwd"
+               ) -> Optional[Tuple[int, int]]:
     """``(LPE, GQ)`` of attn_fwd_vec for these dims, or None when rows are not whole
     16-byte vectors or too wide for one vector per lane."""
     vec = VEC_ELEMENTS[dtype_name]
@@ -277,7 +282,8 @@ def vec_layout(dtype_name: str, D: int, Dv: int, G: int) -> Optional[Tuple[int, 
     if D % vec or Dv % vec or width > 32 * vec:
         return None
     lpe = next(n for n in VEC_LANES if n * vec >= width)
-    gq = next(g for g in VEC_GROUP_HEADS if G % g == 0)
+    heads = VEC_GROUP_HEADS if kernel == "fwd" else VEC_DQ_GROUP_HEADS
+    gq = next(g for g in heads if G % g == 0)
     return lpe, gq
 
 
