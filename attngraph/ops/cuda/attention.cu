@@ -66,6 +66,51 @@ __device__ __forceinline__ Item load_item(const long long* __restrict__ items, l
   return Item{ag_load(p), ag_load(p + 1), ag_load(p + 2), ag_load(p + 3)};
 }
 
+// Lane l < n loads the bias of edge e0 + l for each of the warp's GQ heads (0 without bias);
+// the edge's owner reads it back with a shuffle.
+template <int GQ>
+__device__ __forceinline__ void load_batch_bias(const float* __restrict__ bias, int bias_cols,
+                                                long long e0, int n, int lane, int h0,
+                                                float (&b)[GQ]) {
+#pragma unroll
+  for (int g = 0; g < GQ; ++g)
+    b[g] = (bias != nullptr && lane < n)
+               ? ag_load(bias + (e0 + lane) * bias_cols + (h0 + g) % bias_cols) : 0.0f;
+}
+
+// A row's lse (as +inf when -inf, so exp(s - lse) = 0) and delta, for the dQ kernels.
+__device__ __forceinline__ void load_row_stats(const float* __restrict__ lse,
+                                               const float* __restrict__ delta, long long rh,
+                                               bool has_edges, float& L, float& dl) {
+  const float x = has_edges ? ag_load(lse + rh) : 0.0f;
+  L = x == -INFINITY ? INFINITY : x;
+  dl = has_edges ? ag_load(delta + rh) : 0.0f;
+}
+
+// VEC floats * f to fp32 scratch (partial results), as 16-byte stores.
+template <int VEC>
+__device__ __forceinline__ void store_vec_f32(float* __restrict__ p, const float (&x)[VEC], float f) {
+#pragma unroll
+  for (int i = 0; i < VEC; i += 4)
+    ag_store(reinterpret_cast<float4*>(p + i),
+             make_float4(x[i] * f, x[i + 1] * f, x[i + 2] * f, x[i + 3] * f));
+}
+
+// One edge of the online softmax: running max m, sum l and accumulator acc take score s
+// and value row v. A -inf score with nothing seen yet changes nothing. Callers keep the
+// branch uniform where lanes shuffle afterwards (all of a warp, or of a sub-warp, hold s).
+template <int N>
+__device__ __forceinline__ void softmax_step(float& m, float& l, float (&acc)[N], float s,
+                                             const float (&v)[N]) {
+  const float mn = fmaxf(m, s);
+  if (mn == -INFINITY) return;
+  const float c = __expf(m - mn), p = __expf(s - mn);
+  l = l * c + p;
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i] = acc[i] * c + p * v[i];
+  m = mn;
+}
+
 #define AG_ITEM_LOOP(n_items)                                                             \
   const int lane = threadIdx.x % ag::kWarpSize;                                            \
   const long long item_stride = static_cast<long long>(gridDim.x) * kWarps;               \
@@ -97,10 +142,7 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
       const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
       const int my_key = lane < n ? ag_load(col + e0 + lane) : 0;
       float my_bias[GQ];
-#pragma unroll
-      for (int g = 0; g < GQ; ++g)
-        my_bias[g] = (bias != nullptr && lane < n)
-                         ? ag_load(bias + (e0 + lane) * bias_cols + (h0 + g) % bias_cols) : 0.0f;
+      load_batch_bias(bias, bias_cols, e0, n, lane, h0, my_bias);
       for (int t = 0; t < n; ++t) {
         const long long j = __shfl_sync(ag::kFullMask, my_key, t);
         float kr[NT], vr[NT], s[GQ];
@@ -111,15 +153,7 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
         for (int g = 0; g < GQ; ++g) s[g] = ag::warp_sum(s[g]) * scale + __shfl_sync(ag::kFullMask, my_bias[g], t);
         load_row(v + (j * Hk + hk) * Dv, Dv, lane, vr);
 #pragma unroll
-        for (int g = 0; g < GQ; ++g) {
-          const float mn = fmaxf(m[g], s[g]);
-          if (mn == -INFINITY) continue;          // warp-uniform: every lane holds s and m
-          const float c = __expf(m[g] - mn), p = __expf(s[g] - mn);
-          l[g] = l[g] * c + p;
-#pragma unroll
-          for (int t2 = 0; t2 < NT; ++t2) acc[g][t2] = acc[g][t2] * c + p * vr[t2];
-          m[g] = mn;
-        }
+        for (int g = 0; g < GQ; ++g) softmax_step(m[g], l[g], acc[g], s[g], vr);
       }
     }
 #pragma unroll
@@ -172,10 +206,7 @@ attn_fwd_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
       const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
       const int my_key = lane < n ? ag_load(col + e0 + lane) : 0;
       float my_bias[GQ];
-#pragma unroll
-      for (int g = 0; g < GQ; ++g)
-        my_bias[g] = (bias != nullptr && lane < n)
-                         ? ag_load(bias + (e0 + lane) * bias_cols + (h0 + g) % bias_cols) : 0.0f;
+      load_batch_bias(bias, bias_cols, e0, n, lane, h0, my_bias);
       for (int t = 0; t < n; t += S) {
         const int idx = t + sub;                 // this sub-warp's edge, < 32
         const bool valid = idx < n;
@@ -196,15 +227,7 @@ attn_fwd_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
           s[g] = valid ? x * scale + b : -INFINITY;
         }
 #pragma unroll
-        for (int g = 0; g < GQ; ++g) {
-          const float mn = fmaxf(m[g], s[g]);
-          if (mn == -INFINITY) continue;         // uniform within the sub-warp
-          const float c = __expf(m[g] - mn), p = __expf(s[g] - mn);
-          l[g] = l[g] * c + p;
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[g][i] = acc[g][i] * c + p * vr[i];
-          m[g] = mn;
-        }
+        for (int g = 0; g < GQ; ++g) softmax_step(m[g], l[g], acc[g], s[g], vr);
       }
     }
     // merge the sub-warps' states (log-sum-exp), once per item
@@ -235,12 +258,7 @@ attn_fwd_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
           if (lane == 0) ag_store(lse + rh, l[g] > 0.0f ? m[g] + logf(l[g]) : -INFINITY);
         } else {
           const long long sh = item.slot * H + h0 + g;
-          if (has_dv) {
-#pragma unroll
-            for (int i = 0; i < VEC; i += 4)
-              ag_store(reinterpret_cast<float4*>(part_acc + sh * Dv + d0 + i),
-                       make_float4(acc[g][i], acc[g][i + 1], acc[g][i + 2], acc[g][i + 3]));
-          }
+          if (has_dv) store_vec_f32(part_acc + sh * Dv + d0, acc[g], 1.0f);
           if (lane == 0) {
             ag_store(part_ml + sh * 2, m[g]);
             ag_store(part_ml + sh * 2 + 1, l[g]);
@@ -303,18 +321,13 @@ attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restric
       load_row(dout + rh * Dv, Dv, lane, dov[g]);
 #pragma unroll
       for (int t = 0; t < NT; ++t) dqa[g][t] = 0.0f;
-      const float x = item.begin < item.end ? ag_load(lse + rh) : 0.0f;
-      L[g] = x == -INFINITY ? INFINITY : x;
-      dl[g] = item.begin < item.end ? ag_load(delta + rh) : 0.0f;
+      load_row_stats(lse, delta, rh, item.begin < item.end, L[g], dl[g]);
     }
     for (long long e0 = item.begin; e0 < item.end; e0 += kEdgeBatch) {
       const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
       const int my_key = lane < n ? ag_load(col + e0 + lane) : 0;
       float my_bias[GQ];
-#pragma unroll
-      for (int g = 0; g < GQ; ++g)
-        my_bias[g] = (bias != nullptr && lane < n)
-                         ? ag_load(bias + (e0 + lane) * bias_cols + (h0 + g) % bias_cols) : 0.0f;
+      load_batch_bias(bias, bias_cols, e0, n, lane, h0, my_bias);
       for (int t = 0; t < n; ++t) {
         const long long j = __shfl_sync(ag::kFullMask, my_key, t);
         float kr[NT], vr[NT], s[GQ], dp[GQ];
@@ -370,18 +383,13 @@ attn_bwd_dq_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __res
       for (int i = 0; i < VEC; ++i) qv[g][i] = dov[g][i] = dqa[g][i] = 0.0f;
       if (has_d) ag::load_vec(q + rh * D + d0, qv[g]);
       if (has_dv) ag::load_vec(dout + rh * Dv + d0, dov[g]);
-      const float x = item.begin < item.end ? ag_load(lse + rh) : 0.0f;
-      L[g] = x == -INFINITY ? INFINITY : x;
-      dl[g] = item.begin < item.end ? ag_load(delta + rh) : 0.0f;
+      load_row_stats(lse, delta, rh, item.begin < item.end, L[g], dl[g]);
     }
     for (long long e0 = item.begin; e0 < item.end; e0 += kEdgeBatch) {
       const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
       const int my_key = lane < n ? ag_load(col + e0 + lane) : 0;
       float my_bias[GQ];
-#pragma unroll
-      for (int g = 0; g < GQ; ++g)
-        my_bias[g] = (bias != nullptr && lane < n)
-                         ? ag_load(bias + (e0 + lane) * bias_cols + (h0 + g) % bias_cols) : 0.0f;
+      load_batch_bias(bias, bias_cols, e0, n, lane, h0, my_bias);
       for (int t = 0; t < n; t += S) {
         const int idx = t + sub;
         const bool valid = idx < n;
@@ -426,12 +434,7 @@ attn_bwd_dq_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __res
         if (item.slot < 0) {
           ag::store_vec(dq + (item.node * H + h0 + g) * D + d0, dqa[g], scale);
         } else {
-          float* dst = part_dq + (item.slot * H + h0 + g) * D + d0;
-#pragma unroll
-          for (int i = 0; i < VEC; i += 4)
-            ag_store(reinterpret_cast<float4*>(dst + i),
-                     make_float4(dqa[g][i] * scale, dqa[g][i + 1] * scale,
-                                 dqa[g][i + 2] * scale, dqa[g][i + 3] * scale));
+          store_vec_f32(part_dq + (item.slot * H + h0 + g) * D + d0, dqa[g], scale);
         }
       }
     }
@@ -576,16 +579,8 @@ attn_bwd_dkdv_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __r
         if (has_dv) ag::store_vec(dv + nh * Dv + d0, dva, 1.0f);
       } else {
         const long long sh = item.slot * Hk + hk;
-#pragma unroll
-        for (int x = 0; x < VEC; x += 4) {
-          if (has_d)
-            ag_store(reinterpret_cast<float4*>(part_dk + sh * D + d0 + x),
-                     make_float4(dka[x] * scale, dka[x + 1] * scale, dka[x + 2] * scale,
-                                 dka[x + 3] * scale));
-          if (has_dv)
-            ag_store(reinterpret_cast<float4*>(part_dv + sh * Dv + d0 + x),
-                     make_float4(dva[x], dva[x + 1], dva[x + 2], dva[x + 3]));
-        }
+        if (has_d) store_vec_f32(part_dk + sh * D + d0, dka, scale);
+        if (has_dv) store_vec_f32(part_dv + sh * Dv + d0, dva, 1.0f);
       }
     }
   }
