@@ -274,3 +274,48 @@ def test_stage_kernels_read_coalesced_rows():
     assert s.load_sectors == E * (row_sectors + 2) + 64 * 2
     assert s.load_bytes == E * (64 * 4 + 32 * 4 + 32 * 4) + 64 * 2 * 32 * 8
     assert s.store_sectors == 64 * row_sectors
+
+
+def test_cupy_launch_glue_converts_arguments_and_uses_torchs_stream(monkeypatch):
+    """The GPU launch path, with CuPy and torch.cuda stood in for: tensors go by DLPack,
+    None and empty tensors as null pointers, scalars as they are, on torch's current stream."""
+    import contextlib
+    import sys
+    import types
+
+    import numpy as np
+
+    from attngraph.ops.cuda import loader
+
+    seen = {}
+
+    @contextlib.contextmanager
+    def context(*args):
+        seen.setdefault("contexts", []).append(args)
+        yield
+
+    fake = types.SimpleNamespace(
+        from_dlpack=lambda t: ("dlpack", tuple(t.shape)),
+        cuda=types.SimpleNamespace(Device=context, ExternalStream=context))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: types.SimpleNamespace(cuda_stream=1234))
+
+    def fn(grid, block, args, shared_mem=0):
+        seen.update(grid=grid, block=block, args=args, shared_mem=shared_mem)
+
+    kernel = loader._CupyKernel(fn, "k", 0)
+    kernel((3,), (128,), (torch.zeros(2, 5), None, torch.empty(0), np.int32(7)), shared_mem=64)
+    assert seen["grid"] == (3,) and seen["block"] == (128,) and seen["shared_mem"] == 64
+    a = seen["args"]
+    assert a[0] == ("dlpack", (2, 5)) and a[1] == np.uint64(0) and a[2] == np.uint64(0)
+    assert a[3] == np.int32(7) and a[3].dtype == np.int32
+    assert (1234,) in seen["contexts"] and (0,) in seen["contexts"]
+
+
+def test_gpu_check_script_is_valid_bash():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

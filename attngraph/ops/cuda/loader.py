@@ -191,7 +191,9 @@ class _CupyKernel:
 
         conv = []
         for a in args:
-            if isinstance(a, torch.Tensor):
+            if a is None:                   # an optional pointer argument: null
+                conv.append(numpy.uint64(0))
+            elif isinstance(a, torch.Tensor):
                 # an empty tensor's pointer is never dereferenced: pass a null pointer
                 conv.append(cupy.from_dlpack(a.detach()) if a.numel() else numpy.uint64(0))
             else:
