@@ -123,6 +123,12 @@ __global__ void strided_load(const float* x, float* out, int stride) {
   ag_store(out + t, ag_load(x + t * stride));
 }
 
+// A 16-byte vector load at a 4-byte boundary faults on a GPU.
+__global__ void misaligned(const float* x, float* out) {
+  const uint4 v = ag_load(reinterpret_cast<const uint4*>(x + 1));
+  out[0] = __uint_as_float(v.x);
+}
+
 __global__ void scalars(long long* out, long long a, int b, float c, double d, unsigned e) {
   out[0] = a; out[1] = b; out[2] = (long long)(c * 4); out[3] = (long long)(d * 8); out[4] = e;
 }
@@ -130,7 +136,8 @@ __global__ void scalars(long long* out, long long a, int b, float c, double d, u
 
 NAMES = ("barrier_order", "shuffles", "votes", "early_exit", "dynamic_smem", "atomics",
          "indices", "halves<__half>", "halves<__nv_bfloat16>", "halves<float>", "two_barriers",
-         "shuffle_exited", "traps", "reads_masked_out_lane", "strided_load", "scalars")
+         "shuffle_exited", "traps", "reads_masked_out_lane", "strided_load", "scalars",
+         "misaligned")
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +254,13 @@ def test_trap_and_undefined_shuffle_source_are_errors(mod):
         mod.get_function("traps")((4,), (32,), (out,))
     with pytest.raises(EmulatorError, match=r"reads lane 20.*not in the mask"):
         mod.get_function("reads_masked_out_lane")((1,), (32,), (out,))
+
+
+def test_misaligned_vector_access_is_an_error(mod):
+    x, out = torch.zeros(64), torch.zeros(1)
+    with pytest.raises(EmulatorError, match=r"misaligned: misaligned address: load of 16 bytes"
+                                            r".*thread \(0,0,0\).*features.cu:\d+"):
+        mod.get_function("misaligned")((1,), (1,), (x, out))
 
 
 def test_a_failed_launch_leaves_the_module_usable(mod):

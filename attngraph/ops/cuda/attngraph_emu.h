@@ -942,14 +942,33 @@ inline auto max(A a, B b) -> std::common_type_t<A, B> { return a < b ? b : a; }
 template <class T>
 inline T __ldg(const T* p) { return *p; }
 
-// Instrumented global memory accesses (see attngraph/ops/cuda/common.cuh).
+// Instrumented global memory accesses (see attngraph/ops/cuda/common.cuh). A GPU faults on
+// an access not aligned to its size (a 16-byte vector at an 8-byte boundary, say): so does
+// the emulator.
+namespace emu {
+template <class T>
+inline void check_aligned(const void* p, const char* what, const Loc& loc) {
+  constexpr size_t align = alignof(T) > sizeof(T) ? alignof(T) : sizeof(T);
+  constexpr size_t need = (align & (align - 1)) == 0 && align <= 16 ? align : alignof(T);
+  if (reinterpret_cast<uintptr_t>(p) % need != 0) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%p", p);
+    fail(std::string("misaligned address: ") + what + " of " + std::to_string(sizeof(T)) +
+         " bytes at " + buf + " by " + thread_name(*tf) + " in " + block_name(tw) + " at " +
+         where(loc));
+  }
+}
+}  // namespace emu
+
 template <class T>
 inline T ag_load(const T* p, emu::Loc loc = emu::Loc::current()) {
+  emu::check_aligned<T>(p, "load", loc);
   emu::touch(p, sizeof(T), 0, loc);
   return *p;
 }
 template <class T>
 inline void ag_store(T* p, T v, emu::Loc loc = emu::Loc::current()) {
+  emu::check_aligned<T>(p, "store", loc);
   emu::touch(p, sizeof(T), 1, loc);
   *p = v;
 }
