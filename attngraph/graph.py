@@ -17,10 +17,14 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-__all__ = ["TokenGraph"]
+__all__ = ["TokenGraph", "MAX_NODES"]
 
 # Elements evaluated per call of a mask_mod predicate in `TokenGraph.from_mask_mod`.
 MASK_MOD_CHUNK_ELEMENTS = 1 << 24
+
+# Most key or query nodes a graph may have: node ids must fit int32 (the kernels' column
+# indices), and CSR offsets for more would take tens of GB before any edge exists.
+MAX_NODES = 2 ** 31 - 1
 
 
 def _check_count(name: str, value, *, allow_none: bool = False) -> Optional[int]:
@@ -33,6 +37,10 @@ def _check_count(name: str, value, *, allow_none: bool = False) -> Optional[int]
     value = int(value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+    if value > MAX_NODES:
+        raise ValueError(f"{name}={value} exceeds the {MAX_NODES:,} nodes a TokenGraph can "
+                         f"hold (int32 node ids; its CSR offsets alone would take "
+                         f"{8 * (value + 1) / 1e9:.3g} GB)")
     return value
 
 
@@ -92,7 +100,8 @@ class TokenGraph:
         max_src = int(ei[0].max()) + 1 if ei.numel() else 0
         max_dst = int(ei[1].max()) + 1 if ei.numel() else 0
         if num_src is None and num_dst is None:
-            num_src = num_dst = max(max_src, max_dst)
+            num_src = num_dst = _check_count("num_nodes (inferred from edge_index)",
+                                             max(max_src, max_dst))
         elif num_src is None or num_dst is None:
             raise ValueError("give both num_src and num_dst (or num_nodes), got only one")
         if max_src > num_src:

@@ -39,6 +39,17 @@ def check_int(name: str, value, *, minimum: int = 0, maximum: Optional[int] = No
     return value
 
 
+def check_nodes(name: str, value) -> int:
+    """A token count: an int in ``[0, MAX_NODES]`` (see :data:`attngraph.graph.MAX_NODES`)."""
+    from attngraph.graph import MAX_NODES
+
+    value = check_int(name, value)
+    if value > MAX_NODES:
+        raise ValueError(f"{name}={value} exceeds the {MAX_NODES:,} tokens a TokenGraph can "
+                         f"hold (int32 node ids)")
+    return value
+
+
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} "

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from attngraph.graph import TokenGraph
-from attngraph.masks._common import Range, Take, check_bool, check_int, from_runs, keep_edges
+from attngraph.masks._common import (Range, Take, check_bool, check_int, check_nodes, from_runs,
+                                     keep_edges)
 
 __all__ = ["block_sparse", "fixed", "dilated_block"]
 
@@ -143,7 +144,7 @@ def fixed(n: int, block: int, *, num_local_blocks: int = 4, num_global_blocks: i
                 [0, 1, 0, 1, 1, 1],
                 [0, 1, 0, 1, 1, 1]], dtype=torch.int32)
     """
-    n = check_int("n", n)
+    n = check_nodes("n", n)
     block = check_int("block", block, minimum=1)
     num_local_blocks = check_int("num_local_blocks", num_local_blocks, minimum=1)
     num_global_blocks = check_int("num_global_blocks", num_global_blocks)
@@ -188,7 +189,7 @@ def dilated_block(n: int, block: int, dilation: int, *, offset: int = 0) -> Toke
                 [0, 0, 0, 0, 0, 0],
                 [0, 0, 0, 1, 0, 1]], dtype=torch.int32)
     """
-    n = check_int("n", n)
+    n = check_nodes("n", n)
     block = check_int("block", block, minimum=1)
     dilation = check_int("dilation", dilation)
     offset = check_int("offset", offset)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from attngraph.graph import TokenGraph
 from attngraph.masks._common import (Range, Take, as_index_tensor, check_bool, check_int,
-                                     from_runs, union)
+                                     check_nodes, from_runs, union)
 
 __all__ = ["global_tokens", "longformer"]
 
@@ -61,7 +61,7 @@ def global_tokens(n: int, indices: Indices) -> TokenGraph:
                 [0, 1, 0, 0],
                 [0, 1, 0, 0]], dtype=torch.int32)
     """
-    n = check_int("n", n)
+    n = check_nodes("n", n)
     ids = _global_ids(n, indices, "indices")
     i, is_global, seen, everything = _global_part(n, ids, causal=False)
     zero = torch.zeros_like(i)
@@ -97,7 +97,7 @@ def longformer(n: int, window: int, global_indices: Indices = (), *, dilation: i
                 [1, 0, 0, 1, 1, 1],
                 [1, 0, 0, 0, 1, 1]], dtype=torch.int32)
     """
-    n = check_int("n", n)
+    n = check_nodes("n", n)
     window = check_int("window", window)
     dilation = check_int("dilation", dilation)
     causal = check_bool("causal", causal)

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from attngraph.graph import TokenGraph
-from attngraph.masks._common import CHUNK_EDGES, check_bool, check_int, wrap
+from attngraph.masks._common import CHUNK_EDGES, check_bool, check_int, check_nodes, wrap
 from attngraph.masks.blocks import expand_blocks
 from attngraph.masks.global_tokens import global_tokens
 from attngraph.masks.windows import sliding_window
@@ -83,7 +83,7 @@ def random(n: int, per_row: int, *, seed: int, causal: bool = False) -> TokenGra
                 [1, 0, 1, 0],
                 [1, 0, 1, 0]], dtype=torch.int32)
     """
-    n = check_int("n", n)
+    n = check_nodes("n", n)
     per_row = check_int("per_row", per_row)
     seed = check_int("seed", seed, minimum=-(1 << 63), maximum=(1 << 64) - 1)
     causal = check_bool("causal", causal)
@@ -155,7 +155,7 @@ def bigbird(n: int, block: int, *, num_window_blocks: int = 3, num_global_blocks
                 [1, 0, 1, 1, 1],
                 [1, 0, 0, 1, 1]], dtype=torch.int32)
     """
-    n = check_int("n", n)
+    n = check_nodes("n", n)
     block = check_int("block", block, minimum=1)
     num_window_blocks = check_int("num_window_blocks", num_window_blocks)
     num_global_blocks = check_int("num_global_blocks", num_global_blocks)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from attngraph.graph import TokenGraph
-from attngraph.masks._common import Range, check_bool, check_int, from_runs
+from attngraph.masks._common import Range, check_bool, check_int, check_nodes, from_runs
 
 __all__ = ["full", "causal", "sliding_window", "dilated_window", "strided"]
 
@@ -35,7 +35,7 @@ def full(n: int, *, causal: bool = False) -> TokenGraph:
                 [1, 1, 0],
                 [1, 1, 1]], dtype=torch.int32)
     """
-    n = check_int("n", n)
+    n = check_nodes("n", n)
     causal = check_bool("causal", causal)
     i = _positions(n)
     count = i + 1 if causal else torch.full_like(i, n)
@@ -101,7 +101,7 @@ def dilated_window(n: int, window: int, dilation: int, *, causal: bool = False) 
                 [0, 1, 0, 1, 0],
                 [0, 0, 1, 0, 1]], dtype=torch.int32)
     """
-    n = check_int("n", n)
+    n = check_nodes("n", n)
     window = check_int("window", window)
     dilation = check_int("dilation", dilation)
     causal = check_bool("causal", causal)
@@ -140,7 +140,7 @@ def strided(n: int, stride: int, *, causal: bool = True) -> TokenGraph:
                 [1, 0, 1, 1, 1, 0],
                 [0, 1, 0, 1, 1, 1]], dtype=torch.int32)
     """
-    n = check_int("n", n)
+    n = check_nodes("n", n)
     stride = check_int("stride", stride, minimum=1)
     causal = check_bool("causal", causal)
     stride = min(stride, max(n, 1))

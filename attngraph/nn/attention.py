@@ -168,6 +168,10 @@ class SparseSelfAttention(nn.Module):
         if x.size(-1) != self.embed_dim:
             raise ValueError(f"x has last dimension {x.size(-1)} but embed_dim is "
                              f"{self.embed_dim}")
+        dtype = self.q_proj.weight.dtype
+        if x.dtype != dtype:
+            raise TypeError(f"x is {x.dtype} but the layer's parameters are {dtype}; cast x "
+                            f"(x.to({dtype})) or the layer (layer.to({x.dtype}))")
         if not isinstance(graph, TokenGraph):
             raise TypeError(f"graph must be an attngraph.TokenGraph, got "
                             f"{type(graph).__name__}; build one with attngraph.masks or "

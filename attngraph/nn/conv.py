@@ -260,6 +260,8 @@ class GraphAttentionConv(MessagePassing):
         """
         H, C = self.heads, self.out_channels
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else self._check_pair(x)
+        self._check_features(x_src, self.lin_key, "x_src" if x_src is not x_dst else "x")
+        self._check_features(x_dst, self.lin_query, "x_dst" if x_src is not x_dst else "x")
 
         query = self.lin_query(x_dst).view(-1, H, C)
         key = self.lin_key(x_src).view(-1, H, C)
@@ -307,6 +309,24 @@ class GraphAttentionConv(MessagePassing):
         if isinstance(edge_index, SparseTensor):
             return out, edge_index.set_value(alpha, layout="coo")
         return out, (edge_index, alpha)
+
+    @staticmethod
+    def _check_features(x: Tensor, lin, name: str) -> None:
+        """``x [N, F]`` against the linear layer that reads it (a lazy ``in_channels=-1``
+        layer takes any F on its first call)."""
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must have shape [N, F], got {list(x.shape)}")
+        weight = lin.weight
+        if isinstance(weight, torch.nn.parameter.UninitializedParameter):
+            return
+        if x.size(-1) != weight.size(1):
+            raise ValueError(f"{name} has {x.size(-1)} features but the layer expects "
+                             f"{weight.size(1)} (in_channels)")
+        if x.dtype != weight.dtype:
+            raise TypeError(f"{name} is {x.dtype} but the layer's parameters are "
+                            f"{weight.dtype}; cast one to the other")
 
     @staticmethod
     def _check_pair(x) -> Tuple[Tensor, Tensor]:

@@ -81,6 +81,20 @@ def _check_qkv(q, k, v, graph) -> None:
     if k.size(-1) != q.size(-1):
         raise ValueError(f"q and k must have the same head dim, got {q.size(-1)} and "
                          f"{k.size(-1)}")
+    if q.size(-1) == 0:
+        raise ValueError(f"q and k must have a head dim >= 1, got shape {list(q.shape)}")
+    if v.size(-1) == 0:
+        raise ValueError(f"v must have a head dim >= 1, got shape {list(v.shape)}")
+
+
+def check_bias_values(edge_bias: Tensor) -> None:
+    """NaN has no meaning as a score and +inf no finite softmax: both are errors (-inf is how
+    an edge is masked out)."""
+    bad = torch.isnan(edge_bias) | torch.isposinf(edge_bias)
+    if bad.any():
+        kind = "NaN" if torch.isnan(edge_bias).any() else "+inf"
+        raise ValueError(f"edge_bias contains {kind} (at edge {int(bad.nonzero()[0, 0])}); "
+                         f"use -inf to mask an edge out")
 
 
 def _check_bias(edge_bias, graph: TokenGraph, q: Tensor) -> Optional[Tensor]:
@@ -100,8 +114,8 @@ def _check_bias(edge_bias, graph: TokenGraph, q: Tensor) -> Optional[Tensor]:
         raise ValueError(f"edge_bias is on {edge_bias.device} but q is on {q.device}")
     # Under torch.compile a data-dependent check would break the graph: the cupy backend's
     # op makes it when it runs.
-    if not torch.compiler.is_compiling() and torch.isnan(edge_bias).any():
-        raise ValueError("edge_bias contains NaN; use -inf to mask an edge out")
+    if not torch.compiler.is_compiling():
+        check_bias_values(edge_bias)
     return edge_bias if edge_bias.dim() == 2 else edge_bias.unsqueeze(-1)
 
 
@@ -206,6 +220,8 @@ def aggregate(p: Tensor, v: Tensor, graph: TokenGraph, *, backend: str = "auto")
     """
     _check_graph(graph)
     _check_tensor("v", v, (3,))
+    if v.size(-1) == 0:
+        raise ValueError(f"v must have a head dim >= 1, got shape {list(v.shape)}")
     if not isinstance(p, Tensor) or p.dtype != v.dtype:
         raise TypeError(f"p must be a tensor of v's dtype {v.dtype}, got "
                         f"{getattr(p, 'dtype', type(p).__name__)}")

@@ -276,8 +276,10 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: 
                   col: Tensor, kptr: Tensor, krow: Tensor, perm: Tensor, row_items: Tensor,
                   row_splits: Tensor, col_items: Tensor, col_splits: Tensor, row_slots: int,
                   col_slots: int, scale: float) -> Tuple[Tensor, Tensor]:
-    if bias is not None and torch.isnan(bias).any():   # checked here when compiled
-        raise ValueError("edge_bias contains NaN; use -inf to mask an edge out")
+    if bias is not None:   # eager calls were checked already; compiled ones are checked here
+        from attngraph.ops.functional import check_bias_values
+
+        check_bias_values(bias)
     p = Plan.from_tensors(ptr, col, kptr, krow, perm, row_items, row_splits, col_items,
                           col_splits, row_slots, col_slots)
     return forward(q, k, v, p, scale, bias)
