@@ -364,3 +364,27 @@ def test_cli_show_arguments(mask, n, extra, tmp_path, capsys):
         assert e.code == 2 and "error:" in capsys.readouterr().err
         return
     assert rc in (0, None) and out.exists()
+
+
+index_lists = st.one_of(st.lists(st.integers(-3, 20), max_size=6), st.just("0,1"),
+                        st.just([1.5]), st.just(torch.tensor([[0, 1]])))
+
+
+@fuzz
+@given(n=st.one_of(st.integers(-2, 20), ints), indices=index_lists,
+       lengths=st.one_of(st.lists(st.integers(-1, 6), max_size=5), st.just([2.0]), st.just(3)),
+       layout=st.lists(st.lists(st.integers(0, 2), min_size=2, max_size=2), max_size=3),
+       block=st.one_of(st.integers(-1, 4), ints), causal=st.booleans())
+def test_index_and_layout_masks(n, indices, lengths, layout, block, causal):
+    g = clear_error_or(lambda: masks.global_tokens(n, indices), ["n", "indices", "index"])
+    if g is not None:
+        assert_canonical(g)
+        ids = set(int(i) for i in torch.as_tensor(indices).flatten().tolist())
+        assert all(int(i) in ids or int(j) in ids for j, i in g.edge_index.as_tensor().t().tolist())
+    g = clear_error_or(lambda: masks.document(lengths, causal=causal), ["lengths", "length"])
+    if g is not None:
+        assert_canonical(g) and g.num_dst == sum(lengths)
+    lay = torch.tensor(layout, dtype=torch.long) if layout else torch.zeros(0, 0, dtype=torch.long)
+    g = clear_error_or(lambda: masks.block_sparse(lay, block), ["layout", "block"])
+    if g is not None:
+        assert_canonical(g)

@@ -25,7 +25,8 @@ def expand_blocks(layout: TokenGraph, block: int, *, causal: bool = False) -> To
     keep only ``j <= i``.
     """
     nb = layout.num_dst
-    n = nb * block
+    check_nodes("block", block)
+    n = check_nodes(f"num_blocks * block ({nb} * {block})", nb * block)
     if causal:
         layout = keep_edges(layout, layout.src <= layout.dst)
     # Key ids of every block column, block row after block row. Token row i reads its block
