@@ -155,10 +155,11 @@ def test_hash_buckets_and_qk_drop(buckets, strict, dtype):
 
 # ---------------------------------------------------------------------------- graph_attention
 ATTN_NAMES = ["q", "k", "v", "graph", "scale", "edge_bias", "backend", "head", "batch",
-              "token", "dtype", "float", "shape"]
+              "token", "dtype", "float", "shape", "device"]
 CORRUPTIONS = ["none", "none", "none", "q-dims", "k-heads", "v-tokens", "graph-type",
                "scale-nan", "scale-str", "bias-shape", "bias-nan", "bias-posinf", "bias-int",
-               "backend-name", "dtype-int", "dtype-mixed", "head-dim-0", "gqa-indivisible"]
+               "backend-name", "dtype-int", "dtype-mixed", "head-dim-0", "gqa-indivisible",
+               "q-meta", "bias-meta"]
 
 
 @st.composite
@@ -226,6 +227,10 @@ def _corrupt(c, g, q, k, v, bias, kw):
         k = k.float() if k.dtype != torch.float32 else k.double()
     elif x == "head-dim-0":
         q, k = q[..., :0], k[..., :0]
+    elif x == "q-meta":             # another device than the graph's
+        q = q.to("meta")
+    elif x == "bias-meta":
+        bias = torch.zeros(g.num_edges, dtype=q.dtype, device="meta")
     elif x == "gqa-indivisible":
         k, v = (torch.cat([t, t[..., :1, :]], dim=-2) for t in (k, v))
         if q.size(-2) % k.size(-2) == 0:
