@@ -247,7 +247,7 @@ def warp_instructions(kernel: str, edges: int, heads: int, groups: int = 1) -> f
 
 
 def model_launch(c: dict, *, e_emul: int, n_emul: int, edges: int, n: int, heads: int,
-                 dim: int, itemsize: int, warps: int, imb: float, rho: float) -> dict:
+                 dim: int, warps: int, imb: float, rho: float) -> dict:
     base = c["kernel"].split("<")[0]
     per_edge = edges / max(e_emul, 1) * heads
     per_node = n / max(n_emul, 1) * heads
@@ -260,20 +260,16 @@ def model_launch(c: dict, *, e_emul: int, n_emul: int, edges: int, n: int, heads
     bw = H100["hbm_bytes_per_s"]
     t_hi, t_mid, t_lo = SECTOR * sectors / bw, SECTOR * mid / bw, SECTOR * unique / bw
     instr = warp_instructions(c["kernel"], edges, heads)
-    t_c = max(flops / H100["fp32_flops"], instr / H100["warp_instr_per_s"])
-    bound = ("memory" if t_hi > t_c else
-             "issue" if instr / H100["warp_instr_per_s"] > flops / H100["fp32_flops"]
-             else "compute")
+    t_issue, t_flops = instr / H100["warp_instr_per_s"], flops / H100["fp32_flops"]
+    t_c = max(t_issue, t_flops)
+    core = "issue" if t_issue > t_flops else "compute"
     return dict(kernel=c["kernel"], bytes_requested=requested, sectors=sectors,
-                unique_sectors=unique, flops=flops, rho=rho,
-                warp_instructions=instr, bound_mid=(
-                    "memory" if SECTOR * mid / bw > t_c else bound if bound != "memory"
-                    else "issue" if instr / H100["warp_instr_per_s"] > flops / H100["fp32_flops"]
-                    else "compute"),
+                unique_sectors=unique, flops=flops, rho=rho, warp_instructions=instr,
+                bound="memory" if t_hi > t_c else core,
+                bound_mid="memory" if t_mid > t_c else core,
                 bytes_hi=SECTOR * sectors, bytes_mid=SECTOR * mid, bytes_lo=SECTOR * unique,
                 t_hi=max(t_hi, t_c) * imb, t_mid=max(t_mid, t_c) * imb,
-                t_lo=max(t_lo, t_c) * imb,
-                bound=bound, imbalance=imb,
+                t_lo=max(t_lo, t_c) * imb, imbalance=imb,
                 resident_warps=warps)
 
 
@@ -316,7 +312,7 @@ def run(cfg: Config, log: Callable[[str], None] = lambda s: None) -> dict:
                     rho = rhos[key]
                 launches.append(model_launch(c, e_emul=small.num_edges,
                                              n_emul=small.num_dst, edges=E, n=n,
-                                             heads=cfg.heads, dim=dim, itemsize=itemsize,
+                                             heads=cfg.heads, dim=dim,
                                              warps=warps, imb=imb, rho=rho))
             fwd = [x for x in launches if x["kernel"].startswith("attn_fwd")]
             res = {}

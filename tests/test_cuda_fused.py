@@ -142,7 +142,7 @@ def test_minus_inf_bias_rows_and_edges():
 
 def test_backward_is_bitwise_deterministic():
     g = masks.longformer(300, 4, [0, 100, 200])      # cut rows and cut key columns
-    assert fused._items(g, "csr").num_slots > 0 and fused._items(g, "csc").num_slots > 0
+    assert fused.plan(g).rows.num_slots > 0 and fused.plan(g).cols.num_slots > 0
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(300, 4, 32, generator=gen).requires_grad_() for _ in range(3))
     bias = torch.randn(g.num_edges, 4, generator=gen).requires_grad_()
@@ -198,7 +198,7 @@ def test_global_rows_do_not_serialise_the_launch():
     glob = masks.longformer(n, w, list(range(0, n, n // 16)))
     ratios = []
     for g in (plain, glob):
-        items = fused._items(g, "csr")
+        items = fused.plan(g).rows
         s = _warp_work(g, blocks=math.ceil(items.num_items / 32))
         ratios.append(s.max_warp_load_requests / (s.load_requests / s.warps))
     assert ratios[1] <= 1.5 * ratios[0], ratios
@@ -291,7 +291,7 @@ def test_custom_op_passes_opcheck():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(40, 2, 8, generator=gen).requires_grad_() for _ in range(3))
     bias = torch.randn(g.num_edges, 1, generator=gen).requires_grad_()
-    args = (q, k, v, bias, *fused._plan_args(g), 0.3)
+    args = (q, k, v, bias, *fused._plan_args(g), 0.3, True)
     torch.library.opcheck(torch.ops.attngraph.graph_attention.default, args)
 
 

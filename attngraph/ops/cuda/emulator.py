@@ -353,9 +353,6 @@ class RawKernel:
         counters = (ctypes.c_ulonglong * len(COUNTER_NAMES))()
         err = ctypes.create_string_buffer(4096)
         launches = getattr(_recording, "launches", None)
-        if any(d == 0 for d in grid + block):
-            raise EmulatorError(f"{self.name}: invalid configuration argument: grid {grid}, "
-                                f"block {block}")
         rc = self._launch((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
                           int(shared_mem), _workers(), int(launches is not None), counters,
                           err, len(err), argv)

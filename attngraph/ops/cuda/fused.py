@@ -37,7 +37,7 @@ MIN_CHUNK = 64
 
 @dataclass(frozen=True)
 class WorkItems:
-    """Rows cut into work items of at most ``chunk`` edges.
+    """Rows cut into work items (of at most :func:`chunk_size` edges).
 
     ``items`` int64 ``[n_items, 4]``: (node, first edge, end edge, slot), longest first; slot
     is -1 when the item is its node's whole row, else the index of its partial result. ``splits`` int64
@@ -45,7 +45,6 @@ class WorkItems:
     one item (an empty row's item writes zeros and ``lse = -inf``).
     """
 
-    chunk: int
     items: Tensor
     splits: Tensor
     num_slots: int
@@ -83,12 +82,7 @@ def work_items(ptr: Tensor, chunk: int) -> WorkItems:
     rows = torch.nonzero(n_chunks > 1).flatten()
     slot0 = slot[first[rows]]
     splits = torch.stack([rows, slot0, slot0 + n_chunks[rows]], 1).contiguous()
-    return WorkItems(chunk, items, splits, int(cut.sum()))
-
-
-def _items(graph: TokenGraph, side: str) -> WorkItems:
-    p = plan(graph)
-    return p.rows if side == "csr" else p.cols
+    return WorkItems(items, splits, int(cut.sum()))
 
 
 @dataclass(frozen=True)
@@ -110,8 +104,8 @@ class Plan:
                      row_slots: int, col_slots: int) -> "Plan":
         a = GraphArrays(kptr.numel() - 1, ptr.numel() - 1, col.numel(), ptr, col, kptr, krow,
                         perm)
-        return Plan(a, WorkItems(0, row_items, row_splits, row_slots),
-                    WorkItems(0, col_items, col_splits, col_slots))
+        return Plan(a, WorkItems(row_items, row_splits, row_slots),
+                    WorkItems(col_items, col_splits, col_slots))
 
 
 def plan(graph: TokenGraph) -> Plan:
@@ -236,7 +230,8 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
     part_dq = torch.empty(rows.num_slots, H, D, dtype=torch.float32, device=dev)
     part_dk = torch.empty(cols.num_slots, Hk, D, dtype=torch.float32, device=dev)
     part_dv = torch.empty(cols.num_slots, Hk, Dv, dtype=torch.float32, device=dev)
-    ds = (torch.zeros(a.num_edges, H, dtype=torch.float32, device=dev)
+    # every (edge, head) is written by the dQ kernel (each edge lies in exactly one item)
+    ds = (torch.empty(a.num_edges, H, dtype=torch.float32, device=dev)
           if need_bias_grad else None)
     vec = loader.vec_layout(T, D, Dv, H // Hk, "dq") if _aligned(q, k, v, dout) else None
     if vec is not None:
@@ -275,8 +270,8 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: Tensor,
                   col: Tensor, kptr: Tensor, krow: Tensor, perm: Tensor, row_items: Tensor,
                   row_splits: Tensor, col_items: Tensor, col_splits: Tensor, row_slots: int,
-                  col_slots: int, scale: float) -> Tuple[Tensor, Tensor]:
-    if bias is not None:   # eager calls were checked already; compiled ones are checked here
+                  col_slots: int, scale: float, check_bias: bool) -> Tuple[Tensor, Tensor]:
+    if check_bias and bias is not None:   # graph_attention could not check while traced
         from attngraph.ops.functional import check_bias_values
 
         check_bias_values(bias)
@@ -316,7 +311,7 @@ def _(q, k, v, bias, out, lse, dout, *rest):
 def _setup_context(ctx, inputs, output):
     q, k, v, bias = inputs[:4]
     graph_tensors = inputs[4:13]
-    ctx.row_slots, ctx.col_slots, ctx.scale = inputs[13:16]
+    ctx.row_slots, ctx.col_slots, ctx.scale = inputs[13:16]   # inputs[16]: check_bias
     out, lse = output
     ctx.save_for_backward(q, k, v, bias, out, lse, *graph_tensors)
     ctx.has_bias = bias is not None
@@ -328,7 +323,7 @@ def _backward(ctx, dout, _dlse):
     dq, dk, dv, dbias = _attention_backward_op(q, k, v, bias, out, lse, dout.contiguous(),
                                                *graph_tensors, ctx.row_slots, ctx.col_slots,
                                                ctx.scale, bias_grad)
-    return (dq, dk, dv, dbias if bias_grad else None) + (None,) * 12
+    return (dq, dk, dv, dbias if bias_grad else None) + (None,) * 13
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -341,7 +336,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
     q, k, v = (t.contiguous() for t in (q, k, v))
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
-    return _attention_op(q, k, v, bias, *_plan_args(graph), float(scale))
+    # traced by torch.compile, graph_attention skipped the data-dependent bias check: the op
+    # makes it when it runs (is_compiling() is True while tracing, baked into the graph)
+    return _attention_op(q, k, v, bias, *_plan_args(graph), float(scale),
+                         torch.compiler.is_compiling())
 
 
 # Under torch.compile the plan is built (or taken from the graph's cache) while tracing and

@@ -4,8 +4,8 @@ unfused attention they compose.
 Layers (STYLE §2): ``row_dot`` / ``row_gather`` / ``col_gather`` / ``row_softmax`` launch one
 kernel each after checking every argument on the host; ``EdgeScores``, ``EdgeSoftmax`` and
 ``Aggregate`` are their ``autograd.Function`` s (each backward runs the other kernels, no
-atomics, so gradients are deterministic); :func:`edge_scores`, :func:`edge_softmax`,
-:func:`aggregate` and :func:`attention` are what :mod:`attngraph.ops.functional` calls.
+atomics, so gradients are deterministic); :func:`edge_scores`, :func:`edge_softmax` and
+:func:`aggregate` are what :mod:`attngraph.ops.functional` calls.
 
 Shapes: ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``, ``v [N_src, H_kv, D_v]``, per-edge
 ``[E, H]`` in the graph's canonical order; GQA query head ``h`` reads kv head ``h // G``,
@@ -26,7 +26,7 @@ from attngraph.ops.cuda import loader
 
 __all__ = ["GraphArrays", "graph_arrays", "row_dot", "row_gather", "col_gather",
            "row_softmax", "row_softmax_bwd", "edge_scores", "edge_softmax", "aggregate",
-           "attention", "KERNEL_DTYPES"]
+           "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = {torch.float32: "float", torch.float16: "__half",
                  torch.bfloat16: "__nv_bfloat16"}
@@ -89,8 +89,7 @@ def graph_arrays(graph: TokenGraph) -> GraphArrays:
     kptr = kptr.to(torch.int64).contiguous().clone()
     krow = kdst.to(torch.int32).contiguous()
     perm = perm.to(torch.int64).contiguous().clone()
-    _check_offsets("CSC", kptr, S, E)
-    _check_indices("query", krow, R)
+    _check_offsets("CSC", kptr, S, E)   # krow permutes dst (checked above)
     _check_indices("edge permutation", perm, E)
     arrays = GraphArrays(S, R, E, ptr, col, kptr, krow, perm)
     graph._cache["cuda_arrays"] = arrays
@@ -292,23 +291,3 @@ def edge_softmax(scores: Tensor, graph: TokenGraph) -> Tensor:
 
 def aggregate(p: Tensor, v: Tensor, graph: TokenGraph) -> Tensor:
     return Aggregate.apply(p.contiguous(), v.contiguous(), graph_arrays(graph))
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
-              bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Graph attention composed of the three stage kernels -> ``(out, lse)``.
-
-    Runs the stages in float32 (per-edge tensors of ``[E, H]`` are held, unlike a fused
-    kernel); ``out`` comes back in the input dtype, ``lse`` float32. ``bias`` is ``None``,
-    ``[E, 1]`` or ``[E, b]`` with ``H`` a multiple of ``b`` (batch folded into heads).
-    """
-    dtype = q.dtype
-    arrays = graph_arrays(graph)
-    q32, k32, v32 = (t.to(torch.float32).contiguous() for t in (q, k, v))
-    s = EdgeScores.apply(q32, k32, arrays, float(scale))
-    if bias is not None:
-        b = bias.to(torch.float32)
-        s = s + (b if b.size(1) in (1, s.size(1)) else b.repeat(1, s.size(1) // b.size(1)))
-    p, lse = EdgeSoftmax.apply(s.contiguous(), arrays, True)
-    out = Aggregate.apply(p, v32, arrays)
-    return out.to(dtype), lse
