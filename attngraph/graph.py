@@ -11,10 +11,12 @@ target (``sort_order="col"``), with ``sparse_size = (num_src, num_dst)``.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 from torch_geometric import EdgeIndex
 
 __all__ = ["TokenGraph", "MAX_NODES"]
@@ -25,6 +27,10 @@ MASK_MOD_CHUNK_ELEMENTS = 1 << 24
 # Most key or query nodes a graph may have: node ids must fit int32 (the kernels' column
 # indices), and CSR offsets for more would take tens of GB before any edge exists.
 MAX_NODES = 2 ** 31 - 1
+
+
+# graph.src -> the graph: torch.library operators receive a graph as its tensors
+_BY_SRC = WeakIdKeyDictionary()
 
 
 def _check_count(name: str, value, *, allow_none: bool = False) -> Optional[int]:
@@ -78,9 +84,11 @@ class TokenGraph:
     """
 
     # _cache: index arrays derived for kernels (attngraph.ops.cuda), built once per graph;
-    # _meta: (num_src, num_dst, num_edges, device) as plain Python values, so code that
-    # torch.compile traces reads them without calling into the EdgeIndex
-    __slots__ = ("_ei", "_cache", "_meta")
+    # _meta: (num_src, num_dst, num_edges, device) as plain Python values and _arrays:
+    # (ptr, src, dst) as plain tensors, the same objects on every access, so code that
+    # torch.compile traces reads them without calling into the EdgeIndex, and an operator
+    # that receives them finds the graph again (graph_of)
+    __slots__ = ("_ei", "_cache", "_meta", "_arrays", "__weakref__")
 
     def __init__(self, edge_index, num_nodes: Optional[int] = None, *,
                  num_src: Optional[int] = None, num_dst: Optional[int] = None):
@@ -113,9 +121,7 @@ class TokenGraph:
         # One sort on a combined key puts edges in (dst, src) order and drops duplicates.
         key = torch.unique(ei[1] * max(num_src, 1) + ei[0], sorted=True)
         src, dst = key % max(num_src, 1), torch.div(key, max(num_src, 1), rounding_mode="floor")
-        self._ei = self._make_edge_index(src, dst, num_src, num_dst)
-        self._cache = {}
-        self._meta = self._read_meta()
+        self._init(self._make_edge_index(src, dst, num_src, num_dst))
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -131,10 +137,29 @@ class TokenGraph:
         buffer, which saves an O(E log E) sort and a copy at 10^8 edges.
         """
         g = cls.__new__(cls)
-        g._ei = EdgeIndex(edge_index, sparse_size=(num_src, num_dst), sort_order="col")
-        g._cache = {}
-        g._meta = g._read_meta()
+        g._init(EdgeIndex(edge_index, sparse_size=(num_src, num_dst), sort_order="col"))
         return g
+
+    @classmethod
+    def _from_arrays(cls, src: Tensor, dst: Tensor, num_src: int, num_dst: int) -> "TokenGraph":
+        """Wrap canonical int64 ``src``, ``dst`` (no checks) with plain tensors only: code
+        that torch.compile traces builds graphs this way (the EdgeIndex is made on demand,
+        and such a graph is found again by ``graph_of`` only through its tensors)."""
+        g = cls.__new__(cls)
+        g._ei = None
+        g._cache = {}
+        g._meta = (num_src, num_dst, src.size(0), src.device)
+        ptr = torch.searchsorted(dst, torch.arange(num_dst + 1, device=dst.device))
+        g._arrays = (ptr, src, dst)
+        return g
+
+    def _init(self, ei: EdgeIndex) -> None:
+        self._ei = ei
+        self._cache = {}
+        self._meta = (int(ei.sparse_size(0)), int(ei.sparse_size(1)), ei.size(1), ei.device)
+        plain = ei.as_tensor()
+        ptr, src, dst = self._arrays = (ei.get_indptr(), plain[0], plain[1])
+        _BY_SRC[src] = (weakref.ref(self), id(ptr), id(dst))
 
     @classmethod
     def _from_canonical(cls, src: Tensor, dst: Tensor, num_src: int,
@@ -207,25 +232,24 @@ class TokenGraph:
         ei = torch.tensor(pairs, dtype=torch.long).t().reshape(2, -1)
         return cls(ei, num_src=num_src, num_dst=num_dst)
 
-    def _read_meta(self) -> Tuple[int, int, int, torch.device]:
-        ei = self._ei
-        return int(ei.sparse_size(0)), int(ei.sparse_size(1)), ei.size(1), ei.device
-
     # ------------------------------------------------------------------ properties
     @property
     def edge_index(self) -> EdgeIndex:
         """``[2, E]`` EdgeIndex in canonical (dst, src) order; row 0 keys, row 1 queries."""
+        if self._ei is None:    # a graph built while torch.compile traced (_from_arrays)
+            self._ei = EdgeIndex(torch.stack([self.src, self.dst]),
+                                 sparse_size=(self.num_src, self.num_dst), sort_order="col")
         return self._ei
 
     @property
     def src(self) -> Tensor:
         """Key index of every edge, ``[E]`` int64 (canonical order)."""
-        return self._ei.as_tensor()[0]
+        return self._arrays[1]
 
     @property
     def dst(self) -> Tensor:
         """Query index of every edge, ``[E]`` int64 (canonical order, non-decreasing)."""
-        return self._ei.as_tensor()[1]
+        return self._arrays[2]
 
     @property
     def num_src(self) -> int:
@@ -250,7 +274,7 @@ class TokenGraph:
     @property
     def ptr(self) -> Tensor:
         """int64 ``[num_dst + 1]`` CSR offsets over queries: row i is ``ptr[i]:ptr[i+1]``."""
-        return self._ei.get_indptr()
+        return self._arrays[0]
 
     def csc(self) -> Tuple[Tensor, Tensor, Tensor]:
         """Edges grouped by key: ``(key_ptr [num_src + 1], dst [E], perm [E])``.
@@ -258,7 +282,7 @@ class TokenGraph:
         ``perm`` maps this order to the canonical one: the k-th edge of the key-major order
         is canonical edge ``perm[k]``. Cached on the graph (used by backward passes).
         """
-        (ptr, dst), perm = self._ei.get_csr()
+        (ptr, dst), perm = self.edge_index.get_csr()
         if perm is None:  # pragma: no cover - only when sorted by row, which we never are
             perm = torch.arange(self.num_edges, device=self.device)
         return ptr, dst, perm
@@ -284,7 +308,7 @@ class TokenGraph:
         device = torch.device(device)
         if device == self.device:
             return self
-        ei = self._ei.as_tensor().to(device)
+        ei = self.edge_index.as_tensor().to(device)
         return self._from_canonical(ei[0], ei[1], self.num_src, self.num_dst)
 
     def cpu(self) -> "TokenGraph":
@@ -354,7 +378,8 @@ class TokenGraph:
         """Same node counts and the same edges."""
         return (isinstance(other, TokenGraph)
                 and (self.num_src, self.num_dst) == (other.num_src, other.num_dst)
-                and torch.equal(self._ei.as_tensor(), other._ei.as_tensor().to(self.device)))
+                and torch.equal(self.src, other.src.to(self.device))
+                and torch.equal(self.dst, other.dst.to(self.device)))
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
@@ -376,6 +401,26 @@ class TokenGraph:
         except ImportError:
             return None
         return mask_png(self)
+
+
+def graph_of(ptr: Tensor, src: Tensor, dst: Tensor, num_src: int, num_dst: int) -> TokenGraph:
+    """The graph whose ``(ptr, src, dst)`` these are, with its caches.
+
+    A ``torch.library`` operator receives a graph as these tensors (the graph itself cannot
+    cross the op boundary): eager calls and compiled graphs pass the very tensor objects of
+    ``graph.ptr`` / ``src`` / ``dst``, so the graph is found again and its CSC and kernel
+    plans are not rebuilt. Other tensors (say, a copy) get a graph wrapped around them.
+    """
+    entry = _BY_SRC.get(src)
+    if entry is not None:
+        graph, ptr_id, dst_id = entry[0](), entry[1], entry[2]
+        if graph is not None and ptr_id == id(ptr) and dst_id == id(dst):
+            return graph
+    graph = TokenGraph._from_edge_index(torch.stack([src, dst]), num_src, num_dst)
+    if entry is None or entry[0]() is None:
+        # the wrapper holds copies, not src: a strong reference, released with src
+        _BY_SRC[src] = ((lambda: graph), id(ptr), id(dst))
+    return graph
 
 
 def batch(graphs: Iterable[TokenGraph]) -> TokenGraph:

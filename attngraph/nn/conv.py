@@ -105,14 +105,37 @@ def _read_edges(edge_index, num_src: int, num_dst: int) -> _Edges:
             raise ValueError(f"the graph has {given} {name} nodes but {x} has {expected} "
                              f"rows")
     src, dst = src.long(), dst.long()
-    if graph is None and src.numel():
-        for name, idx, n in (("sources (edge_index[0])", src, num_src),
-                             ("targets (edge_index[1])", dst, num_dst)):
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= n:
-                raise ValueError(f"{name} hold index {lo if lo < 0 else hi}, outside "
-                                 f"[0, {n}) for {n} nodes")
+    if graph is None:
+        if torch.compiler.is_compiling():   # the check is data-dependent: an op makes it
+            src, dst = _checked_edges(src, dst, num_src, num_dst)
+        else:
+            _check_edges(src, dst, num_src, num_dst)
     return _Edges(src, dst, num_src, num_dst, values, graph)
+
+
+def _check_edges(src: Tensor, dst: Tensor, num_src: int, num_dst: int) -> None:
+    if not src.numel():
+        return
+    for name, idx, n in (("sources (edge_index[0])", src, num_src),
+                         ("targets (edge_index[1])", dst, num_dst)):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{name} hold index {lo if lo < 0 else hi}, outside "
+                             f"[0, {n}) for {n} nodes")
+
+
+@torch.library.custom_op("attngraph::checked_edges", mutates_args=())
+def _checked_edges(src: Tensor, dst: Tensor, num_src: int, num_dst: int
+                   ) -> Tuple[Tensor, Tensor]:
+    """``(src, dst)`` once their range is checked (copies: what a compiled graph computes
+    next reads them, so the check cannot be pruned)."""
+    _check_edges(src, dst, num_src, num_dst)
+    return src.clone(), dst.clone()
+
+
+@_checked_edges.register_fake
+def _(src, dst, num_src, num_dst):
+    return torch.empty_like(src), torch.empty_like(dst)
 
 
 class GraphAttentionConv(MessagePassing):
@@ -356,7 +379,7 @@ class GraphAttentionConv(MessagePassing):
             # fused operator sees q_i . (k_j + e_ji) and v_j + e_ji exactly. Sorting by
             # target alone makes (dst, virtual id) canonical.
             dst = edges.dst
-            if E and not bool((dst[1:] >= dst[:-1]).all()):
+            if torch.compiler.is_compiling() or E and not bool((dst[1:] >= dst[:-1]).all()):
                 order = torch.sort(dst, stable=True).indices
                 user_to_graph = torch.empty_like(order)
                 user_to_graph[order] = torch.arange(E, device=order.device)
@@ -371,8 +394,10 @@ class GraphAttentionConv(MessagePassing):
             else:  # PyG adds raw edge_attr to the values only
                 key = key.index_select(0, src)
             value = value.index_select(0, src) + e
-            graph = TokenGraph._from_canonical(torch.arange(E, device=dst.device), take(dst),
-                                               E, edges.num_dst)
+            virtual = torch.arange(E, device=dst.device)
+            graph = (TokenGraph._from_arrays(virtual, take(dst), E, edges.num_dst)
+                     if torch.compiler.is_compiling()
+                     else TokenGraph._from_canonical(virtual, take(dst), E, edges.num_dst))
         elif edges.graph is not None:
             graph = edges.graph
         else:
@@ -399,9 +424,20 @@ class GraphAttentionConv(MessagePassing):
 
         ``user_to_graph[e]`` is the graph edge of input edge ``e`` (None when the input is
         already canonical); ``counts`` are multiplicities (None without duplicates).
+
+        Under torch.compile, where a graph's size must not depend on data, duplicates are
+        not merged: every copy stays an edge of its own (an internal multigraph, which the
+        operators compute exactly as PyG does), and the edges are sorted unconditionally.
         """
         ns = max(edges.num_src, 1)
         key = edges.dst * ns + edges.src
+        if torch.compiler.is_compiling():
+            key, order = torch.sort(key, stable=True)
+            user_to_graph = torch.empty_like(order)
+            user_to_graph[order] = torch.arange(order.numel(), device=order.device)
+            graph = TokenGraph._from_arrays(key % ns, torch.div(key, ns, rounding_mode="floor"),
+                                            edges.num_src, edges.num_dst)
+            return graph, user_to_graph, None
         if key.numel() < 2 or bool((key[1:] > key[:-1]).all()):
             graph = TokenGraph._from_canonical(edges.src, edges.dst, edges.num_src,
                                                edges.num_dst)

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from attngraph.graph import TokenGraph
+from attngraph.graph import TokenGraph, graph_of
 from attngraph.ops.segment import segment_max, segment_sum
 
 __all__ = ["attention", "row_chunks", "MAX_CHUNK_ELEMENTS"]
@@ -60,9 +60,16 @@ class _Chunk:
 
 
 def _chunks(graph: TokenGraph, heads: int, dim: int, max_elements: int) -> List[_Chunk]:
-    ptr_host = graph.ptr.cpu()
+    """The graph's row chunks for this chunk size, planned once per graph and size (the
+    plan copies ``ptr`` to the host, a device sync on a GPU)."""
     max_edges = max(1, max_elements // max(1, heads * dim))
-    return [_Chunk(graph, r0, r1, ptr_host) for r0, r1 in row_chunks(ptr_host, max_edges)]
+    key = ("row_chunks", max_edges)
+    chunks = graph._cache.get(key)
+    if chunks is None:
+        ptr_host = graph.ptr.cpu()
+        chunks = [_Chunk(graph, r0, r1, ptr_host) for r0, r1 in row_chunks(ptr_host, max_edges)]
+        graph._cache[key] = chunks
+    return chunks
 
 
 def _bias_chunk(bias: Optional[Tensor], c: _Chunk, heads: int) -> Optional[Tensor]:
@@ -153,24 +160,66 @@ def _backward(q, k, v, out, lse, dout, graph, scale, bias, max_elements, need_bi
     return dq, dk, dv, dbias
 
 
-class ChunkedAttentionFunction(torch.autograd.Function):
-    """Autograd for :func:`attention`: saves inputs, output and lse; recomputes the rest."""
+# ---------------------------------------------------------------------------- the custom op
+# A torch.library custom op with a fake (shape) implementation and autograd, so that
+# torch.compile sees one opaque node: the host-side chunk planning (a ``ptr`` copy to the
+# host) and torch_scatter's kernels, which have no fake kernels, stay inside it. The graph
+# enters as its (ptr, src, dst) tensors, which find the graph and its caches again.
 
-    @staticmethod
-    def forward(ctx, q, k, v, bias, graph, scale, max_elements):
-        out, lse = _forward(q, k, v, graph, scale, bias, max_elements)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.graph, ctx.scale, ctx.max_elements = graph, scale, max_elements
-        ctx.mark_non_differentiable(lse)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        need_bias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _backward(q, k, v, out, lse, dout.contiguous(), ctx.graph,
-                                      ctx.scale, bias, ctx.max_elements, need_bias)
-        return dq, dk, dv, dbias, None, None, None
+@torch.library.custom_op("attngraph::chunked_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: Tensor,
+                  src: Tensor, dst: Tensor, num_src: int, scale: float, max_elements: int,
+                  check_bias: bool) -> Tuple[Tensor, Tensor]:
+    if check_bias and bias is not None:    # graph_attention could not check while traced
+        from attngraph.ops.functional import check_bias_values
+
+        check_bias_values(bias)
+    graph = graph_of(ptr, src, dst, num_src, ptr.numel() - 1)
+    return _forward(q, k, v, graph, scale, bias, max_elements)
+
+
+@_attention_op.register_fake
+def _(q, k, v, bias, *rest):
+    return q.new_empty(q.size(0), q.size(1), v.size(2)), q.new_empty(q.size(0), q.size(1))
+
+
+@torch.library.custom_op("attngraph::chunked_attention_backward", mutates_args=())
+def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                           out: Tensor, lse: Tensor, dout: Tensor, ptr: Tensor, src: Tensor,
+                           dst: Tensor, num_src: int, scale: float, max_elements: int,
+                           bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    graph = graph_of(ptr, src, dst, num_src, ptr.numel() - 1)
+    dq, dk, dv, dbias = _backward(q, k, v, out, lse, dout.contiguous(), graph, scale, bias,
+                                  max_elements, bias_grad)
+    return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0))
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, bias, out, lse, dout, *rest):
+    bias_grad = rest[-1]
+    dbias = torch.empty_like(bias) if bias_grad and bias is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, ptr, src, dst = inputs[:7]
+    ctx.num_src, ctx.scale, ctx.max_elements = inputs[7:10]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, ptr, src, dst)
+    ctx.has_bias = bias is not None
+
+
+def _backward_formula(ctx, dout, _dlse):
+    q, k, v, bias, out, lse, ptr, src, dst = ctx.saved_tensors
+    bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = _attention_backward_op(q, k, v, bias, out, lse, dout.contiguous(),
+                                               ptr, src, dst, ctx.num_src, ctx.scale,
+                                               ctx.max_elements, bias_grad)
+    return (dq, dk, dv, dbias if bias_grad else None) + (None,) * 7
+
+
+_attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
@@ -180,7 +229,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
 
     Computes in float32 (float64 for float64 inputs); returns ``out`` in the input dtype and
     ``lse`` in the compute dtype. Inputs must already be validated. ``max_chunk_elements``
-    (default ``MAX_CHUNK_ELEMENTS``) bounds the per-edge elements held at once.
+    (default ``MAX_CHUNK_ELEMENTS``) bounds the per-edge elements held at once. Differentiable
+    in q, k, v and bias (the ``attngraph::chunked_attention`` op).
     """
     if max_chunk_elements is None:
         max_chunk_elements = MAX_CHUNK_ELEMENTS
@@ -188,7 +238,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
     cdt = _compute_dtype(dtype)
     q, k, v = (t.to(cdt).contiguous() for t in (q, k, v))
     if bias is not None:
-        bias = bias.to(cdt)
-    out, lse = ChunkedAttentionFunction.apply(q, k, v, bias, graph, float(scale),
-                                              int(max_chunk_elements))
+        bias = bias.to(cdt).contiguous()
+    # traced by torch.compile, graph_attention skipped the data-dependent bias check: the op
+    # makes it when it runs
+    out, lse = _attention_op(q, k, v, bias, graph.ptr, graph.src, graph.dst, graph.num_src,
+                             float(scale), int(max_chunk_elements),
+                             torch.compiler.is_compiling())
     return out.to(dtype), lse

@@ -1,7 +1,9 @@
 """Reductions over contiguous segments (CSR rows) of an edge tensor.
 
 torch_scatter's CSR kernels are used when installed (``USE_TORCH_SCATTER``, which tests
-switch off to exercise the fallback); otherwise torch's scatter ops over a row index.
+switch off to exercise the fallback); otherwise torch's scatter ops over a row index. Under
+torch.compile the torch_scatter kernels are called through ``attngraph::segment_*`` custom
+ops, since torch_scatter registers no fake (shape) kernels that tracing could use.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def segment_sum(x: Tensor, ptr: Tensor, index: Optional[Tensor] = None) -> Tenso
     from ``ptr`` when not given.
     """
     if USE_TORCH_SCATTER and _torch_scatter is not None:
+        if torch.compiler.is_compiling():
+            return _segment_sum_op(x, ptr)
         return _torch_scatter.segment_csr(x, ptr, reduce="sum")
     if index is None:
         index = _rows_of(ptr, x.size(0))
@@ -51,6 +55,8 @@ def segment_max(x: Tensor, ptr: Tensor, index: Optional[Tensor] = None) -> Tenso
     an edge, and set such rows' log-sum-exp to ``-inf`` themselves.
     """
     if USE_TORCH_SCATTER and _torch_scatter is not None:
+        if torch.compiler.is_compiling():
+            return _segment_max_op(x, ptr)
         return _torch_scatter.segment_csr(x, ptr, reduce="max")
     if index is None:
         index = _rows_of(ptr, x.size(0))
@@ -63,3 +69,58 @@ def _rows_of(ptr: Tensor, num_edges: int) -> Tensor:
     counts = ptr.diff()
     return torch.repeat_interleave(torch.arange(counts.numel(), device=ptr.device), counts,
                                    output_size=num_edges)
+
+
+# ---------------------------------------------------------------------------- compiled calls
+@torch.library.custom_op("attngraph::segment_sum", mutates_args=())
+def _segment_sum_op(x: Tensor, ptr: Tensor) -> Tensor:
+    return _torch_scatter.segment_csr(x, ptr, reduce="sum")
+
+
+@_segment_sum_op.register_fake
+def _(x, ptr):
+    return x.new_empty((ptr.size(0) - 1,) + tuple(x.shape[1:]))
+
+
+@torch.library.custom_op("attngraph::gather_rows", mutates_args=())
+def _gather_rows_op(y: Tensor, ptr: Tensor, num_edges: int) -> Tensor:
+    """``y[row of e]`` for each element ``e`` of a CSR (the adjoint of segment_sum)."""
+    return _torch_scatter.gather_csr(y, ptr)
+
+
+@_gather_rows_op.register_fake
+def _(y, ptr, num_edges):
+    return y.new_empty((num_edges,) + tuple(y.shape[1:]))
+
+
+def _sum_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.num_edges = inputs[0].size(0)
+
+
+def _sum_backward(ctx, grad):
+    (ptr,) = ctx.saved_tensors
+    return _gather_rows_op(grad.contiguous(), ptr, ctx.num_edges), None
+
+
+def _gather_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _gather_backward(ctx, grad):
+    (ptr,) = ctx.saved_tensors
+    return _segment_sum_op(grad.contiguous(), ptr), None, None
+
+
+_segment_sum_op.register_autograd(_sum_backward, setup_context=_sum_setup)
+_gather_rows_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+@torch.library.custom_op("attngraph::segment_max", mutates_args=())
+def _segment_max_op(x: Tensor, ptr: Tensor) -> Tensor:
+    return _torch_scatter.segment_csr(x, ptr, reduce="max")
+
+
+@_segment_max_op.register_fake
+def _(x, ptr):
+    return x.new_empty((ptr.size(0) - 1,) + tuple(x.shape[1:]))

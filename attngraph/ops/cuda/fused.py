@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attngraph.graph import TokenGraph
+from attngraph.graph import TokenGraph, graph_of
 from attngraph.ops.cuda import loader
 from attngraph.ops.cuda.stages import (GraphArrays, _expect, _kernel_dtype, _lanes,
                                        graph_arrays)
@@ -93,19 +93,6 @@ class Plan:
     arrays: GraphArrays
     rows: WorkItems
     cols: WorkItems
-
-    def tensors(self) -> Tuple[Tensor, ...]:
-        a = self.arrays
-        return (a.ptr, a.col, a.kptr, a.krow, a.perm, self.rows.items, self.rows.splits,
-                self.cols.items, self.cols.splits)
-
-    @staticmethod
-    def from_tensors(ptr, col, kptr, krow, perm, row_items, row_splits, col_items, col_splits,
-                     row_slots: int, col_slots: int) -> "Plan":
-        a = GraphArrays(kptr.numel() - 1, ptr.numel() - 1, col.numel(), ptr, col, kptr, krow,
-                        perm)
-        return Plan(a, WorkItems(row_items, row_splits, row_slots),
-                    WorkItems(col_items, col_splits, col_slots))
 
 
 def plan(graph: TokenGraph) -> Plan:
@@ -263,21 +250,20 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
 # ---------------------------------------------------------------------------- the custom op
 # graph_attention on the fused kernels is a torch.library custom op with a fake (meta)
 # implementation and autograd, so torch.compile sees one opaque node and no graph break.
-# A graph enters as its plan's tensors (index arrays and work items).
+# A graph enters as its (ptr, src, dst) tensors, which find the graph again (graph_of) with
+# its cached plan: the plan's construction is data-dependent host code, never traced.
 
 
 @torch.library.custom_op("attngraph::graph_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: Tensor,
-                  col: Tensor, kptr: Tensor, krow: Tensor, perm: Tensor, row_items: Tensor,
-                  row_splits: Tensor, col_items: Tensor, col_splits: Tensor, row_slots: int,
-                  col_slots: int, scale: float, check_bias: bool) -> Tuple[Tensor, Tensor]:
+                  src: Tensor, dst: Tensor, num_src: int, scale: float, check_bias: bool
+                  ) -> Tuple[Tensor, Tensor]:
     if check_bias and bias is not None:   # graph_attention could not check while traced
         from attngraph.ops.functional import check_bias_values
 
         check_bias_values(bias)
-    p = Plan.from_tensors(ptr, col, kptr, krow, perm, row_items, row_splits, col_items,
-                          col_splits, row_slots, col_slots)
-    return forward(q, k, v, p, scale, bias)
+    return forward(q, k, v, plan(graph_of(ptr, src, dst, num_src, ptr.numel() - 1)), scale,
+                   bias)
 
 
 @_attention_op.register_fake
@@ -288,13 +274,10 @@ def _(q, k, v, bias, *rest):
 
 @torch.library.custom_op("attngraph::graph_attention_backward", mutates_args=())
 def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
-                           out: Tensor, lse: Tensor, dout: Tensor, ptr: Tensor, col: Tensor,
-                           kptr: Tensor, krow: Tensor, perm: Tensor, row_items: Tensor,
-                           row_splits: Tensor, col_items: Tensor, col_splits: Tensor,
-                           row_slots: int, col_slots: int, scale: float, bias_grad: bool
+                           out: Tensor, lse: Tensor, dout: Tensor, ptr: Tensor, src: Tensor,
+                           dst: Tensor, num_src: int, scale: float, bias_grad: bool
                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    p = Plan.from_tensors(ptr, col, kptr, krow, perm, row_items, row_splits, col_items,
-                          col_splits, row_slots, col_slots)
+    p = plan(graph_of(ptr, src, dst, num_src, ptr.numel() - 1))
     dq, dk, dv, dbias = backward(q, k, v, out, lse, dout.contiguous(), p, scale, bias,
                                  bias_grad)
     return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0, dtype=torch.float32))
@@ -309,21 +292,20 @@ def _(q, k, v, bias, out, lse, dout, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias = inputs[:4]
-    graph_tensors = inputs[4:13]
-    ctx.row_slots, ctx.col_slots, ctx.scale = inputs[13:16]   # inputs[16]: check_bias
+    q, k, v, bias, ptr, src, dst = inputs[:7]
+    ctx.num_src, ctx.scale = inputs[7:9]         # inputs[9]: check_bias
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, out, lse, *graph_tensors)
+    ctx.save_for_backward(q, k, v, bias, out, lse, ptr, src, dst)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, bias, out, lse, *graph_tensors = ctx.saved_tensors
+    q, k, v, bias, out, lse, ptr, src, dst = ctx.saved_tensors
     bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = _attention_backward_op(q, k, v, bias, out, lse, dout.contiguous(),
-                                               *graph_tensors, ctx.row_slots, ctx.col_slots,
-                                               ctx.scale, bias_grad)
-    return (dq, dk, dv, dbias if bias_grad else None) + (None,) * 13
+                                               ptr, src, dst, ctx.num_src, ctx.scale,
+                                               bias_grad)
+    return (dq, dk, dv, dbias if bias_grad else None) + (None,) * 6
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -338,13 +320,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
         bias = bias.to(torch.float32).contiguous()
     # traced by torch.compile, graph_attention skipped the data-dependent bias check: the op
     # makes it when it runs (is_compiling() is True while tracing, baked into the graph)
-    return _attention_op(q, k, v, bias, *_plan_args(graph), float(scale),
-                         torch.compiler.is_compiling())
-
-
-# Under torch.compile the plan is built (or taken from the graph's cache) while tracing and
-# enters the graph as constants: its construction is data-dependent host code.
-@torch.compiler.assume_constant_result
-def _plan_args(graph: TokenGraph) -> Tuple:
-    p = plan(graph)
-    return p.tensors() + (p.rows.num_slots, p.cols.num_slots)
+    return _attention_op(q, k, v, bias, graph.ptr, graph.src, graph.dst, graph.num_src,
+                         float(scale), torch.compiler.is_compiling())

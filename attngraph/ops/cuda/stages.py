@@ -2,10 +2,11 @@
 unfused attention they compose.
 
 Layers (STYLE §2): ``row_dot`` / ``row_gather`` / ``col_gather`` / ``row_softmax`` launch one
-kernel each after checking every argument on the host; ``EdgeScores``, ``EdgeSoftmax`` and
-``Aggregate`` are their ``autograd.Function`` s (each backward runs the other kernels, no
-atomics, so gradients are deterministic); :func:`edge_scores`, :func:`edge_softmax` and
-:func:`aggregate` are what :mod:`attngraph.ops.functional` calls.
+kernel each after checking every argument on the host; the ``attngraph::edge_scores``,
+``::edge_softmax`` and ``::aggregate`` custom ops give them autograd (each backward runs the
+other kernels, no atomics, so gradients are deterministic) and make them opaque to
+torch.compile; :func:`edge_scores`, :func:`edge_softmax` and :func:`aggregate` are what
+:mod:`attngraph.ops.functional` calls.
 
 Shapes: ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``, ``v [N_src, H_kv, D_v]``, per-edge
 ``[E, H]`` in the graph's canonical order; GQA query head ``h`` reads kv head ``h // G``,
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attngraph.graph import TokenGraph
+from attngraph.graph import TokenGraph, graph_of
 from attngraph.ops.cuda import loader
 
 __all__ = ["GraphArrays", "graph_arrays", "row_dot", "row_gather", "col_gather",
@@ -220,74 +221,151 @@ def row_softmax_bwd(p: Tensor, dp: Tensor, g: GraphArrays) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- autograd
-class EdgeScores(torch.autograd.Function):
-    """``s = scale * q . k`` per edge; backward: ``dq`` over CSR rows, ``dk`` over the CSC."""
+# Each stage is a torch.library custom op with a fake (shape) implementation and autograd,
+# so torch.compile sees one opaque node per stage; each backward is an op too and runs the
+# other kernels (no atomics, so gradients are deterministic). A graph enters as its
+# (ptr, src, dst) tensors, which find the graph and its cached arrays again (graph_of).
 
-    @staticmethod
-    def forward(ctx, q, k, arrays, scale):
-        ctx.save_for_backward(q, k)
-        ctx.arrays, ctx.scale = arrays, scale
-        return row_dot(q, k, arrays, scale)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, ds):
-        q, k = ctx.saved_tensors
-        ds = ds.contiguous()
-        dq = row_gather(ds, k, ctx.arrays, ctx.scale) if ctx.needs_input_grad[0] else None
-        dk = (col_gather(ds, q, ctx.arrays, k.size(1), ctx.scale)
-              if ctx.needs_input_grad[1] else None)
-        return dq, dk, None, None
+def _arrays(ptr: Tensor, src: Tensor, dst: Tensor, num_src: int) -> GraphArrays:
+    return graph_arrays(graph_of(ptr, src, dst, num_src, ptr.numel() - 1))
 
 
-class EdgeSoftmax(torch.autograd.Function):
-    """Per-query softmax of edge scores (and, not differentiable, the log-sum-exp)."""
-
-    @staticmethod
-    def forward(ctx, s, arrays, with_lse):
-        p, lse = row_softmax(s, arrays, with_lse=with_lse)
-        ctx.save_for_backward(p)
-        ctx.arrays = arrays
-        if lse is None:
-            return p
-        ctx.mark_non_differentiable(lse)
-        return p, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dp, *_):
-        (p,) = ctx.saved_tensors
-        return row_softmax_bwd(p, dp.contiguous(), ctx.arrays), None, None
+def _none(t: Tensor) -> Tensor:
+    return t.new_empty(0)
 
 
-class Aggregate(torch.autograd.Function):
-    """``out = sum_e p_e v[src_e]`` per query; backward: ``dp`` per edge, ``dv`` over the CSC."""
+@torch.library.custom_op("attngraph::edge_scores", mutates_args=())
+def _scores_op(q: Tensor, k: Tensor, ptr: Tensor, src: Tensor, dst: Tensor, num_src: int,
+               scale: float) -> Tensor:
+    return row_dot(q, k, _arrays(ptr, src, dst, num_src), scale)
 
-    @staticmethod
-    def forward(ctx, p, v, arrays):
-        ctx.save_for_backward(p, v)
-        ctx.arrays = arrays
-        return row_gather(p, v, arrays, 1.0)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        p, v = ctx.saved_tensors
-        dout = dout.contiguous()
-        dp = row_dot(dout, v, ctx.arrays, 1.0) if ctx.needs_input_grad[0] else None
-        dv = (col_gather(p, dout, ctx.arrays, v.size(1), 1.0)
-              if ctx.needs_input_grad[1] else None)
-        return dp, dv, None
+@_scores_op.register_fake
+def _(q, k, ptr, src, *rest):
+    return q.new_empty(src.size(0), q.size(1))
+
+
+@torch.library.custom_op("attngraph::edge_scores_backward", mutates_args=())
+def _scores_bwd_op(ds: Tensor, q: Tensor, k: Tensor, ptr: Tensor, src: Tensor, dst: Tensor,
+                   num_src: int, scale: float, need_dq: bool, need_dk: bool
+                   ) -> Tuple[Tensor, Tensor]:
+    a = _arrays(ptr, src, dst, num_src)
+    dq = row_gather(ds, k, a, scale) if need_dq else _none(q)
+    dk = col_gather(ds, q, a, k.size(1), scale) if need_dk else _none(k)
+    return dq, dk
+
+
+@_scores_bwd_op.register_fake
+def _(ds, q, k, ptr, src, dst, num_src, scale, need_dq, need_dk):
+    return (torch.empty_like(q) if need_dq else _none(q),
+            torch.empty_like(k) if need_dk else _none(k))
+
+
+def _scores_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.num_src, ctx.scale = inputs[5:]
+
+
+def _scores_backward(ctx, ds):
+    q, k, ptr, src, dst = ctx.saved_tensors
+    need_dq, need_dk = ctx.needs_input_grad[:2]
+    dq, dk = _scores_bwd_op(ds.contiguous(), q, k, ptr, src, dst, ctx.num_src, ctx.scale,
+                            need_dq, need_dk)
+    return (dq if need_dq else None, dk if need_dk else None) + (None,) * 5
+
+
+_scores_op.register_autograd(_scores_backward, setup_context=_scores_setup)
+
+
+@torch.library.custom_op("attngraph::edge_softmax", mutates_args=())
+def _softmax_op(s: Tensor, ptr: Tensor, src: Tensor, dst: Tensor, num_src: int) -> Tensor:
+    return row_softmax(s, _arrays(ptr, src, dst, num_src))[0]
+
+
+@_softmax_op.register_fake
+def _(s, *rest):
+    return torch.empty_like(s)
+
+
+@torch.library.custom_op("attngraph::edge_softmax_backward", mutates_args=())
+def _softmax_bwd_op(p: Tensor, dp: Tensor, ptr: Tensor, src: Tensor, dst: Tensor,
+                    num_src: int) -> Tensor:
+    return row_softmax_bwd(p, dp, _arrays(ptr, src, dst, num_src))
+
+
+@_softmax_bwd_op.register_fake
+def _(p, *rest):
+    return torch.empty_like(p)
+
+
+def _softmax_setup(ctx, inputs, output):
+    ctx.save_for_backward(output, *inputs[1:4])
+    ctx.num_src = inputs[4]
+
+
+def _softmax_backward(ctx, dp):
+    p, ptr, src, dst = ctx.saved_tensors
+    return (_softmax_bwd_op(p, dp.contiguous(), ptr, src, dst, ctx.num_src),) + (None,) * 4
+
+
+_softmax_op.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+
+
+@torch.library.custom_op("attngraph::aggregate", mutates_args=())
+def _aggregate_op(p: Tensor, v: Tensor, ptr: Tensor, src: Tensor, dst: Tensor,
+                  num_src: int) -> Tensor:
+    return row_gather(p, v, _arrays(ptr, src, dst, num_src), 1.0)
+
+
+@_aggregate_op.register_fake
+def _(p, v, ptr, *rest):
+    return v.new_empty(ptr.size(0) - 1, p.size(1), v.size(2))
+
+
+@torch.library.custom_op("attngraph::aggregate_backward", mutates_args=())
+def _aggregate_bwd_op(dout: Tensor, p: Tensor, v: Tensor, ptr: Tensor, src: Tensor,
+                      dst: Tensor, num_src: int, need_dp: bool, need_dv: bool
+                      ) -> Tuple[Tensor, Tensor]:
+    a = _arrays(ptr, src, dst, num_src)
+    dp = row_dot(dout, v, a, 1.0) if need_dp else _none(p)
+    dv = col_gather(p, dout, a, v.size(1), 1.0) if need_dv else _none(v)
+    return dp, dv
+
+
+@_aggregate_bwd_op.register_fake
+def _(dout, p, v, ptr, src, dst, num_src, need_dp, need_dv):
+    return (torch.empty_like(p) if need_dp else _none(p),
+            torch.empty_like(v) if need_dv else _none(v))
+
+
+def _aggregate_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.num_src = inputs[5]
+
+
+def _aggregate_backward(ctx, dout):
+    p, v, ptr, src, dst = ctx.saved_tensors
+    need_dp, need_dv = ctx.needs_input_grad[:2]
+    dp, dv = _aggregate_bwd_op(dout.contiguous(), p, v, ptr, src, dst, ctx.num_src, need_dp,
+                               need_dv)
+    return (dp if need_dp else None, dv if need_dv else None) + (None,) * 4
+
+
+_aggregate_op.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
 
 
 # ---------------------------------------------------------------------------- entry points
+def _graph(graph: TokenGraph) -> Tuple[Tensor, Tensor, Tensor, int]:
+    return graph.ptr, graph.src, graph.dst, graph.num_src
+
+
 def edge_scores(q: Tensor, k: Tensor, graph: TokenGraph, scale: float) -> Tensor:
-    return EdgeScores.apply(q.contiguous(), k.contiguous(), graph_arrays(graph), float(scale))
+    return _scores_op(q.contiguous(), k.contiguous(), *_graph(graph), float(scale))
 
 
 def edge_softmax(scores: Tensor, graph: TokenGraph) -> Tensor:
-    return EdgeSoftmax.apply(scores.contiguous(), graph_arrays(graph), False)
+    return _softmax_op(scores.contiguous(), *_graph(graph))
 
 
 def aggregate(p: Tensor, v: Tensor, graph: TokenGraph) -> Tensor:
-    return Aggregate.apply(p.contiguous(), v.contiguous(), graph_arrays(graph))
+    return _aggregate_op(p.contiguous(), v.contiguous(), *_graph(graph))
