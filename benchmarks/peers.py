@@ -7,6 +7,8 @@ values, in its own native layout: node-major ``[N, H, D]`` for attngraph and the
 =================  =========================================================================
 ``attngraph``      ``attngraph.graph_attention(..., backend="torch")`` (chunked, fused autograd)
 ``attngraph-cupy`` ``attngraph.graph_attention(..., backend="cupy")`` (the CUDA kernels)
+``attngraph-       the ``attngraph`` peer under ``torch.compile(..., fullgraph=True)``
+compiled``         (compiled in the warm-up)
 ``pyg``            what ``torch_geometric.nn.TransformerConv`` computes per head: gather
                    ``q[dst]``, ``k[src]``, ``v[src]`` as ``[E, H, D]``, score, ``utils.softmax``
                    by target, ``utils.scatter`` (sum) of ``alpha * v_j`` — plain autograd
@@ -133,6 +135,26 @@ class AttnGraphPeer(Peer):
         import attngraph
 
         return attngraph.graph_attention(q, k, v, self.ctx.graph, backend=self.backend)
+
+
+class CompiledAttnGraphPeer(AttnGraphPeer):
+    """``torch.compile(graph_attention, fullgraph=True)`` (compiled during the warm-up): the
+    same kernels as the eager peer, one opaque op in the compiled graph."""
+
+    def __init__(self, backend: str):
+        super().__init__(backend)
+        self.name += "-compiled"
+        self._fn = None
+
+    def forward(self, q, k, v):
+        import attngraph
+
+        if self._fn is None:
+            graph, backend = self.ctx.graph, self.backend
+            self._fn = torch.compile(
+                lambda q, k, v: attngraph.graph_attention(q, k, v, graph, backend=backend),
+                fullgraph=True)
+        return self._fn(q, k, v)
 
 
 # ---------------------------------------------------------------------- PyG way
@@ -311,6 +333,7 @@ class FlexPeer(Peer):
 PEERS: Dict[str, Callable[[], Peer]] = {
     "attngraph": lambda: AttnGraphPeer("torch"),
     "attngraph-cupy": lambda: AttnGraphPeer("cupy"),
+    "attngraph-compiled": lambda: CompiledAttnGraphPeer("torch"),
     "pyg": PyGPeer,
     "sdpa": lambda: SDPAPeer(None),
     "sdpa-efficient": lambda: SDPAPeer("efficient"),
