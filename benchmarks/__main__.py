@@ -113,6 +113,8 @@ def run_sweep(argv: List[str]) -> int:
         return run_longest([a for a in argv if a != "--longest"])
     if args.preset and PRESETS[args.preset].get("model"):
         return run_model(args, PRESETS[args.preset], argv)
+    if args.preset and PRESETS[args.preset].get("distributed"):
+        return run_distributed(args, PRESETS[args.preset])
     device = _device(args.device)
     preset = dict(PRESETS[args.preset]) if args.preset else {}
     groups = preset.get("groups") or [dict(masks=["sliding_window(64)"], n=[4096])]
@@ -178,6 +180,23 @@ def run_sweep(argv: List[str]) -> int:
     written = write_report(out_json, with_plots=not args.no_plots)
     if not args.quiet:
         print("\n".join(str(p) for p in [out_json, *written]))
+    return 0
+
+
+def run_distributed(args, preset: dict) -> int:
+    """``--preset distributed``: P processes per point, written to ``OUT/distributed/``."""
+    from benchmarks import distributed
+
+    preset = dict(preset)
+    if args.n:
+        preset["n"] = preset["quick_n"] = args.n
+    if args.masks:
+        preset["masks"] = args.masks
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    written = distributed.run(preset, quick=args.quick, out_dir=args.out / "distributed",
+                              log=log)
+    if not args.quiet:
+        print("\n".join(str(p) for p in written))
     return 0
 
 

@@ -41,6 +41,22 @@ PRESETS = {
         repeats=20, warmup=3, max_seconds=5.0,
         quick_n=[1 * K, 2 * K],
         about="GPU sweep: bf16, H = 8, D = 64/128, N = 16k..1M"),
+    # Issue 15: graph_attention compiled (torch.compile, fullgraph) vs eager, same kernels.
+    "compile": dict(
+        groups=[dict(masks=["sliding_window(64)", "random(64)", "longformer(64,g4)"],
+                     n=[8 * K])],
+        heads=[4], dim=[64], dtype=["float32"],
+        peers=["attngraph", "attngraph-compiled"],
+        repeats=5, max_seconds=30.0, quick_n=[1 * K],
+        about="torch.compile(graph_attention, fullgraph=True) vs eager on the torch backend, "
+              "H = 4, D = 64, float32"),
+    # Issue 14: context parallel attention, P processes on this machine (gloo): halo bytes
+    # sent per rank vs ring attention's, and the time per forward + backward step.
+    "distributed": dict(
+        distributed=True, masks=["sliding_window(16)", "longformer(16,g16)"],
+        n=[64 * K, 256 * K, 1024 * K], world=[2, 4], heads=[2], dim=[32],
+        dtype=["float32"], repeats=2, quick_n=[4 * K],
+        about="context parallel: halo exchange vs ring attention bytes, step time"),
     # The traffic model of the fused kernels (benchmarks/model.py): emulator counts at
     # N_e = 1k extrapolated to N = 64k on an H100 roofline, next to FlexAttention and
     # FlashAttention-2 on the same roofline. Every figure is a model.

@@ -59,7 +59,7 @@ class SparseSelfAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
-                 bias: bool = True, dropout: float = 0.0):
+                 bias: bool = True, dropout: float = 0.0, process_group=None):
         super().__init__()
         embed_dim = _check_positive_int("embed_dim", embed_dim)
         num_heads = _check_positive_int("num_heads", num_heads)
@@ -78,6 +78,7 @@ class SparseSelfAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.dropout = float(dropout)
+        self.process_group = process_group
         kv_dim = num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias)
@@ -128,8 +129,16 @@ class SparseSelfAttention(nn.Module):
                 layer.out_proj.bias.copy_(mha.out_proj.bias)
         return layer
 
-    def forward(self, x: Tensor, graph: TokenGraph) -> Tensor:
-        """Attend over ``graph``: ``x [B, L, E]`` or ``[L, E]`` -> same shape."""
+    def forward(self, x: Tensor, graph: TokenGraph, *, ranges=None) -> Tensor:
+        """Attend over ``graph``: ``x [B, L, E]`` or ``[L, E]`` -> same shape.
+
+        With a ``process_group`` the sequence is sharded: ``x`` holds this rank's tokens
+        ``[B, n_r, E]`` of ``ranges`` (default
+        :func:`attngraph.distributed.shard_ranges` ``(graph, world_size)``), and the
+        attention runs through :func:`attngraph.distributed.graph_attention`.
+        """
+        if self.process_group is not None:
+            return self._sharded(x, graph, ranges)
         self._check_input(x, graph)
         unbatched = x.dim() == 2
         if unbatched:
@@ -144,6 +153,25 @@ class SparseSelfAttention(nn.Module):
         else:
             out = graph_attention(q, k, v, graph)                    # [B, L, H, D]
         out = self.out_proj(out.reshape(B, L, H * D))
+        return out.squeeze(0) if unbatched else out
+
+    def _sharded(self, x: Tensor, graph: TokenGraph, ranges) -> Tensor:
+        from attngraph import distributed
+
+        if self.training and self.dropout > 0:
+            raise ValueError("attention dropout is not supported with a process_group; set "
+                             "dropout=0 or call eval()")
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0)
+        B, n, _ = x.shape
+        H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, n, H, D)
+        k = self.k_proj(x).view(B, n, H_kv, D)
+        v = self.v_proj(x).view(B, n, H_kv, D)
+        out = distributed.graph_attention(q, k, v, graph, group=self.process_group,
+                                          ranges=ranges)
+        out = self.out_proj(out.reshape(B, n, H * D))
         return out.squeeze(0) if unbatched else out
 
     def _attention_with_dropout(self, q: Tensor, k: Tensor, v: Tensor,

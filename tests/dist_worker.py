@@ -1,0 +1,135 @@
+"""The body of one rank in tests/test_distributed.py (started there with spawn, gloo on
+loopback). Each scenario writes a dict of results to ``out/<scenario>-<rank>.pt``."""
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import attngraph as ag
+from attngraph import TokenGraph, masks
+from attngraph import distributed as agd
+from attngraph.nn import SparseSelfAttention
+
+N = 60
+
+
+def cases(world):
+    """name -> (graph, ranges or None, batched, heads, kv heads, bias)."""
+    even = agd.shard_ranges(N, world, balance="tokens")
+    lengths = [b - a for a, b in even]
+    uneven = [(0, 7), (7, 40), (40, N)] if world == 3 else [(0, 13), (13, N)]
+    return {
+        "sliding_window": (masks.sliding_window(N, 4), None, False, 2, 2, None),
+        "longformer": (masks.longformer(N, 3, [0, 31, N - 1]), None, False, 4, 2, "E"),
+        "random": (masks.random(N, 5, seed=1), uneven, True, 2, 1, "EH"),
+        "bigbird": (masks.bigbird(N, 5, seed=2), None, True, 4, 4, None),
+        "no_halo": (masks.document(lengths), even, False, 2, 2, None),
+        "every_key": (masks.full(N), uneven, False, 2, 2, "EH"),
+    }
+
+
+def _inputs(graph, batched, H, H_kv, bias_kind, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lead = (2, N) if batched else (N,)
+    q = torch.randn(*lead, H, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(*lead, H_kv, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(*lead, H_kv, 6, generator=gen, dtype=torch.float64)
+    bias = None
+    if bias_kind == "E":
+        bias = torch.randn(graph.num_edges, generator=gen, dtype=torch.float64)
+    elif bias_kind == "EH":
+        bias = torch.randn(graph.num_edges, H, generator=gen, dtype=torch.float64)
+    dout = torch.randn(*lead, H, 6, generator=gen, dtype=torch.float64)
+    return q, k, v, bias, dout
+
+
+def _rows(t, r0, r1, batched):
+    return (t[:, r0:r1] if batched else t[r0:r1]).detach().clone()
+
+
+def attention_case(rank, world, name):
+    graph, ranges, batched, H, H_kv, bias_kind = cases(world)[name]
+    ranges = ranges or agd.shard_ranges(graph, world)
+    r0, r1 = ranges[rank]
+    e0, e1 = int(graph.ptr[r0]), int(graph.ptr[r1])
+    q, k, v, bias, dout = _inputs(graph, batched, H, H_kv, bias_kind)
+    # one process, the whole sequence
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    fb = bias.clone().requires_grad_() if bias is not None else None
+    out, lse = ag.graph_attention(*full, graph, edge_bias=fb, return_lse=True)
+    ref_grads = torch.autograd.grad(out, full + ([fb] if fb is not None else []), dout)
+    want = {"out": _rows(out, r0, r1, batched), "lse": _rows(lse, r0, r1, batched),
+            "dq": _rows(ref_grads[0], r0, r1, batched), "dk": _rows(ref_grads[1], r0, r1, batched),
+            "dv": _rows(ref_grads[2], r0, r1, batched)}
+    if fb is not None:
+        want["dbias"] = ref_grads[3][e0:e1]
+
+    def sharded():
+        mine = [_rows(t, r0, r1, batched).requires_grad_() for t in (q, k, v)]
+        mb = bias[e0:e1].clone().requires_grad_() if bias is not None else None
+        o, l = agd.graph_attention(*mine, graph, ranges=ranges, edge_bias=mb, return_lse=True)
+        g = torch.autograd.grad(o, mine + ([mb] if mb is not None else []),
+                                _rows(dout, r0, r1, batched))
+        got = {"out": o.detach(), "lse": l, "dq": g[0], "dk": g[1], "dv": g[2]}
+        if mb is not None:
+            got["dbias"] = g[3]
+        return got
+
+    first, second = sharded(), sharded()
+    plan = agd.halo_plan(graph, ranges)
+    return {"err": {key: (first[key] - want[key]).abs().max().item() if want[key].numel() else 0.0
+                    for key in want},
+            "bitwise": all(torch.equal(first[key], second[key]) for key in first),
+            "halo": plan.halo_size, "own": r1 - r0}
+
+
+def layer_case(rank, world):
+    torch.manual_seed(0)
+    graph = masks.longformer(N, 4, [0, 30])
+    layer = SparseSelfAttention(16, 4, num_kv_heads=2).double()
+    sharded = SparseSelfAttention(16, 4, num_kv_heads=2, process_group=dist.group.WORLD)
+    sharded = sharded.double()
+    sharded.load_state_dict(layer.state_dict())
+    x = torch.randn(2, N, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ranges = agd.shard_ranges(graph, world)
+    r0, r1 = ranges[rank]
+    want = layer(x, graph)[:, r0:r1]
+    got = sharded(x[:, r0:r1], graph)
+    return {"err": (got - want).abs().max().item()}
+
+
+def error_case(rank, world, kind):
+    graph = masks.sliding_window(N, 4)
+    ranges = agd.shard_ranges(graph, world)
+    if kind == "graph" and rank == 1:
+        graph = masks.sliding_window(N, 5)
+    if kind == "ranges" and rank == 0:     # valid ranges, but not the others' ranges
+        ranges = [(0, ranges[0][1] + 1)] + [(ranges[1][0] + 1, ranges[1][1])] + ranges[2:]
+    r0, r1 = ranges[rank]
+    n = r1 - r0
+    if kind == "shard_size" and rank == 1:
+        n -= 1
+    q = torch.randn(n, 2, 8)
+    try:
+        agd.graph_attention(q, q, q, graph, ranges=ranges)
+    except ValueError as e:
+        return {"raised": str(e)}
+    return {"raised": None}
+
+
+def main(rank, world, port, scenario, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        if scenario == "attention":
+            result = {name: attention_case(rank, world, name) for name in cases(world)}
+        elif scenario == "layer":
+            result = layer_case(rank, world)
+        else:
+            result = error_case(rank, world, scenario)
+    except Exception:
+        result = {"exception": traceback.format_exc()}
+    torch.save(result, os.path.join(out, f"{scenario}-{rank}.pt"))
+    dist.destroy_process_group()

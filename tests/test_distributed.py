@@ -1,0 +1,98 @@
+"""Context parallel attention: processes started here (spawn, gloo on loopback), each run
+with a time limit, compared with one process in float64."""
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import attngraph as ag
+from attngraph import distributed as agd, masks
+
+import dist_worker
+
+TIME_LIMIT = 240
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world, scenario, tmp_path):
+    """Run ``dist_worker.main`` on ``world`` ranks; their result dicts, by rank."""
+    ctx = mp.start_processes(dist_worker.main, args=(world, _port(), scenario, str(tmp_path)),
+                             nprocs=world, join=False, start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + TIME_LIMIT
+    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{scenario} on {world} ranks did not finish in {TIME_LIMIT} s")
+    results = [torch.load(tmp_path / f"{scenario}-{r}.pt") for r in range(world)]
+    for r, res in enumerate(results):
+        assert "exception" not in res, f"rank {r}:\n{res['exception']}"
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_attention_equals_one_process(world, tmp_path):
+    results = launch(world, "attention", tmp_path)
+    for rank, res in enumerate(results):
+        for name, case in res.items():
+            for key, err in case["err"].items():
+                assert err < 1e-10, f"rank {rank} {name} {key}: {err}"
+            assert case["bitwise"], f"rank {rank} {name}: two runs differ"
+    # the masks that bound the halo do: no halo at all / every remote key
+    for rank, res in enumerate(results):
+        assert res["no_halo"]["halo"] == 0
+        assert res["every_key"]["halo"] == dist_worker.N - res["every_key"]["own"]
+        assert 0 < res["sliding_window"]["halo"] <= 2 * 4
+
+
+def test_sparse_self_attention_with_a_process_group(tmp_path):
+    for res in launch(2, "layer", tmp_path):
+        assert res["err"] < 1e-10
+
+
+@pytest.mark.parametrize("kind, says", [("shard_size", "rank 1: ValueError: q has"),
+                                        ("graph", "different graphs"),
+                                        ("ranges", "different graphs or ranges")])
+def test_bad_input_raises_on_every_rank(kind, says, tmp_path):
+    results = launch(3, kind, tmp_path)
+    for rank, res in enumerate(results):
+        assert res["raised"] is not None, f"rank {rank} did not raise"
+        assert says in res["raised"], res["raised"]
+
+
+# ---------------------------------------------------------------------------- one process
+def test_shard_ranges_balance_edges_and_tokens():
+    g = masks.longformer(100, 2, [0])            # row 0 holds 100 edges
+    by_edges = agd.shard_ranges(g, 4)
+    by_tokens = agd.shard_ranges(g, 4, balance="tokens")
+    assert by_tokens == [(0, 25), (25, 50), (50, 75), (75, 100)]
+    assert by_edges[0][0] == 0 and by_edges[-1][1] == 100
+    assert all(a[1] == b[0] for a, b in zip(by_edges, by_edges[1:]))
+    deg = g.in_degree() + 1
+    costs = [int(deg[a:b].sum()) for a, b in by_edges]
+    assert max(costs) < max(int(deg[a:b].sum()) for a, b in by_tokens)
+    assert agd.shard_ranges(2, 4) == [(0, 1), (1, 1), (1, 2), (2, 2)] or \
+        sum(b - a for a, b in agd.shard_ranges(2, 4)) == 2
+    with pytest.raises(ValueError, match="balance"):
+        agd.shard_ranges(g, 2, balance="flops")
+    with pytest.raises(ValueError, match="world_size"):
+        agd.shard_ranges(g, 0)
+
+
+def test_no_process_group_is_a_clear_error():
+    g = masks.sliding_window(10, 2)
+    q = torch.randn(10, 1, 4)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        agd.graph_attention(q, q, q, g)
+
+
+def test_ring_bytes():
+    assert agd.ring_bytes(1000, 4, 2, 64, 64, 2) == 750 * 2 * 128 * 2
