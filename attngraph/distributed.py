@@ -224,9 +224,9 @@ def _agree(group, world: int, error: Optional[str], facts: Tuple[int, ...]) -> N
     dist.all_gather_object(messages, error, group=group)
     lines = [f"rank {p}: {m}" for p, m in enumerate(messages) if m]
     if not lines:
-        lines = ["the ranks hold different graphs or ranges (fingerprints "
-                 f"{sorted({int(r[1]) for r in rows})}); every rank must pass the same "
-                 f"graph and ranges"]
+        lines = ["the ranks hold different graphs or ranges, or disagree on whether k and "
+                 "v need gradients; every rank must pass the same graph and ranges, with "
+                 "the same requires_grad"]
     raise ValueError("attngraph.distributed.graph_attention: " + "; ".join(lines))
 
 
@@ -254,7 +254,7 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group
     Collective: every rank of the group must call it with the same graph and ranges.
     """
     rank, world = _world(group)
-    error, facts = None, (0, 0)
+    error, facts = None, (0, 0, 0)
     try:
         functional._check_graph(graph)
         if graph.num_src != graph.num_dst:
@@ -264,7 +264,6 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group
         if ranges is None:
             ranges = shard_ranges(graph, world)
         ranges = _check_ranges(ranges, graph.num_dst, world)
-        facts = (_fingerprint(graph), hash(ranges) & (2 ** 62 - 1))
         r0, r1 = ranges[rank]
         for name, t in (("q", q), ("k", k), ("v", v)):
             functional._check_tensor(name, t, (3, 4))
@@ -277,6 +276,10 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group
             if t.size(t.dim() - 3) != r1 - r0:
                 raise ValueError(f"{name} has {t.size(t.dim() - 3)} tokens but this rank's "
                                  f"range [{r0}, {r1}) has {r1 - r0}")
+        # the backward exchanges dK/dV only where k or v needs a gradient: every rank must
+        # agree, or one would wait in the reverse exchange for the others
+        kv_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+        facts = (_fingerprint(graph), hash(ranges) & (2 ** 62 - 1), int(kv_grad))
         if edge_bias is not None:
             if not isinstance(edge_bias, Tensor):
                 raise TypeError(f"edge_bias must be a torch.Tensor, got "
@@ -288,7 +291,7 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group
                 raise ValueError(f"edge_bias must have this rank's {e1 - e0} edges or all "
                                  f"{graph.num_edges} in its first dim, got "
                                  f"{list(edge_bias.shape)}")
-    except (TypeError, ValueError) as e:
+    except Exception as e:          # reported by every rank, raised by every rank
         error = f"{type(e).__name__}: {e}"
     _agree(group, world, error, facts)
 

@@ -45,6 +45,9 @@ class SparseSelfAttention(nn.Module):
             stages (:func:`attngraph.ops.edge_scores`, ``edge_softmax``, dropout,
             ``aggregate``), which hold ``[E, H]`` weights and ``[E, H, D]`` gathers;
             evaluation and ``dropout = 0`` use the fused :func:`attngraph.graph_attention`.
+        process_group: a ``torch.distributed`` group to shard the sequence over (context
+            parallel, :mod:`attngraph.distributed`); ``forward`` then takes this rank's
+            tokens. Attention dropout is not supported there.
 
     Parameters: ``q_proj`` ``[E, E]``, ``k_proj`` / ``v_proj`` ``[H_kv * D, E]``,
     ``out_proj`` ``[E, E]`` (``nn.Linear`` each). :meth:`from_multihead_attention` copies
