@@ -1,6 +1,7 @@
 """Shared test oracles: dense attention in float64 and small graph builders."""
 import math
 
+import pytest
 import torch
 
 from attngraph import TokenGraph
@@ -61,3 +62,16 @@ def qkv(num_dst, num_src, H, H_kv, D, D_v=None, *, dtype=torch.float64, seed=0, 
           torch.randn(num_src, H_kv, D, generator=gen, dtype=dtype),
           torch.randn(num_src, H_kv, D_v, generator=gen, dtype=dtype))
     return tuple(t.requires_grad_(grad) for t in ts)
+
+
+@pytest.fixture(params=["torch_scatter", "torch_ops"])
+def scatter_mode(request, monkeypatch):
+    """Run a test with torch_scatter's segment kernels and with torch's own ops."""
+    from attngraph.ops import segment
+
+    if request.param == "torch_scatter":
+        pytest.importorskip("torch_scatter")
+        monkeypatch.setattr(segment, "USE_TORCH_SCATTER", True)
+    else:
+        monkeypatch.setattr(segment, "USE_TORCH_SCATTER", False)
+    return request.param

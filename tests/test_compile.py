@@ -18,6 +18,7 @@ import attngraph as ag
 from attngraph import TokenGraph, masks
 from attngraph.nn import GraphAttentionConv, SparseSelfAttention
 from attngraph.ops import segment
+from helpers import scatter_mode  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -25,16 +26,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-@pytest.fixture(params=["torch_scatter", "torch_ops"])
-def scatter_mode(request, monkeypatch):
-    if request.param == "torch_scatter":
-        pytest.importorskip("torch_scatter")
-        monkeypatch.setattr(segment, "USE_TORCH_SCATTER", True)
-    else:
-        monkeypatch.setattr(segment, "USE_TORCH_SCATTER", False)
-    return request.param
 
 
 # (backend, torch_scatter used): the CUDA kernels don't use the segment ops

@@ -7,19 +7,9 @@ from hypothesis import strategies as st
 
 import attngraph as ag
 from attngraph import TokenGraph
-from attngraph.ops import chunked, reference, segment
-from helpers import dense_attention, dense_attention_einsum, qkv, random_graph
-
-
-@pytest.fixture(params=["torch_scatter", "torch_ops"])
-def scatter_mode(request, monkeypatch):
-    """Run a test with torch_scatter's segment kernels and with torch's own ops."""
-    if request.param == "torch_scatter":
-        pytest.importorskip("torch_scatter")
-        monkeypatch.setattr(segment, "USE_TORCH_SCATTER", True)
-    else:
-        monkeypatch.setattr(segment, "USE_TORCH_SCATTER", False)
-    return request.param
+from attngraph.ops import chunked, reference
+from helpers import (dense_attention, dense_attention_einsum, qkv, random_graph,  # noqa: F401
+                     scatter_mode)
 
 
 def grads(out, inputs, seed=1):

@@ -140,9 +140,8 @@ class SparseSelfAttention(nn.Module):
         :func:`attngraph.distributed.shard_ranges` ``(graph, world_size)``), and the
         attention runs through :func:`attngraph.distributed.graph_attention`.
         """
-        if self.process_group is not None:
-            return self._sharded(x, graph, ranges)
-        self._check_input(x, graph)
+        sharded = self.process_group is not None
+        self._check_input(x, graph, sharded)
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(0)
@@ -151,30 +150,19 @@ class SparseSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, L, H, D)
         k = self.k_proj(x).view(B, L, H_kv, D)
         v = self.v_proj(x).view(B, L, H_kv, D)
-        if self.training and self.dropout > 0:
+        if sharded:
+            from attngraph import distributed
+
+            if self.training and self.dropout > 0:
+                raise ValueError("attention dropout is not supported with a process_group; "
+                                 "set dropout=0 or call eval()")
+            out = distributed.graph_attention(q, k, v, graph, group=self.process_group,
+                                              ranges=ranges)
+        elif self.training and self.dropout > 0:
             out = self._attention_with_dropout(q, k, v, graph)
         else:
             out = graph_attention(q, k, v, graph)                    # [B, L, H, D]
         out = self.out_proj(out.reshape(B, L, H * D))
-        return out.squeeze(0) if unbatched else out
-
-    def _sharded(self, x: Tensor, graph: TokenGraph, ranges) -> Tensor:
-        from attngraph import distributed
-
-        if self.training and self.dropout > 0:
-            raise ValueError("attention dropout is not supported with a process_group; set "
-                             "dropout=0 or call eval()")
-        unbatched = x.dim() == 2
-        if unbatched:
-            x = x.unsqueeze(0)
-        B, n, _ = x.shape
-        H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).view(B, n, H, D)
-        k = self.k_proj(x).view(B, n, H_kv, D)
-        v = self.v_proj(x).view(B, n, H_kv, D)
-        out = distributed.graph_attention(q, k, v, graph, group=self.process_group,
-                                          ranges=ranges)
-        out = self.out_proj(out.reshape(B, n, H * D))
         return out.squeeze(0) if unbatched else out
 
     def _attention_with_dropout(self, q: Tensor, k: Tensor, v: Tensor,
@@ -188,7 +176,7 @@ class SparseSelfAttention(nn.Module):
         p = F.dropout(p, p=self.dropout, training=True)
         return aggregate(p, v, graph).view(L, B, H, D).transpose(0, 1)
 
-    def _check_input(self, x, graph) -> None:
+    def _check_input(self, x, graph, sharded: bool = False) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor [B, L, E] or [L, E], got "
                             f"{type(x).__name__}")
@@ -208,6 +196,8 @@ class SparseSelfAttention(nn.Module):
                             f"{type(graph).__name__}; build one with attngraph.masks or "
                             f"TokenGraph(edge_index, num_nodes=L)")
         L = x.size(-2)
+        if sharded:     # x holds this rank's tokens: distributed.graph_attention checks them
+            return
         if graph.num_src != L or graph.num_dst != L:
             raise ValueError(f"graph must be over the {L} tokens of x (num_src = num_dst = "
                              f"{L}), got num_src={graph.num_src}, num_dst={graph.num_dst}")
