@@ -10,9 +10,12 @@ Per graph, ranges and group, a plan is made once and cached on the graph. In it,
 finds the remote keys its rows read and swaps these index lists with its peers. It then
 builds a local graph whose sources are [own tokens, halo tokens]. Per call, one K/V
 exchange (K and V in one message) feeds the local backend, whatever ``backend="auto"``
-picks. The backward sends the halo's dK/dV back to their owners, which add them to their
-own in a fixed order. So two runs with the same world size give bitwise-equal results, and
-results match one process up to float summation order.
+picks. A dense row (a global token's, with more remote edges than ``ship_degree``) would
+pull every key, so it ships its query to the keys' owners instead. They return the partial
+attention over their own keys, and the parts are merged by log-sum-exp. The backward runs
+the same exchanges in reverse, in one fixed order on every rank, and gradients are added in
+a fixed order. So two runs with the same world size give bitwise-equal results, and results
+match one process up to float summation order.
 
 Every call first checks, collectively, that the ranks agree: shard sizes against
 ``ranges``, the graph's fingerprint, the ranges themselves. A rank with bad input makes
@@ -71,12 +74,21 @@ def shard_ranges(graph_or_n: Union[TokenGraph, int], world_size: int, *,
 
 @dataclass(frozen=True)
 class HaloPlan:
-    """What one rank exchanges for one (graph, ranges) pair, and the graph it computes on.
+    """What one rank exchanges for one (graph, ranges) pair, and the graphs it computes on.
 
-    ``local`` has this rank's queries as targets and ``[own keys, halo keys]`` as sources;
-    ``order[i]`` is the edge of this rank's slice of the graph's canonical order that local
-    edge ``i`` is. ``send_idx`` lists the own keys each peer needs (grouped by peer, sizes
-    ``send_counts``); ``recv_counts[p]`` halo keys come from peer ``p``.
+    * **Pulled keys.** ``local`` has this rank's queries as targets and ``[own keys, halo
+      keys]`` as sources. ``order[i]`` is the edge of this rank's slice of the canonical
+      order that local edge ``i`` is. ``send_idx`` lists the own keys each peer needs
+      (grouped by peer, sizes ``send_counts``); ``recv_counts[p]`` halo keys come from
+      peer ``p``.
+    * **Shipped queries.** A *dense* row (more remote edges than the ship threshold, such as
+      a global token's) does not pull its keys. Its query goes to each peer that owns some of
+      them, and the peer returns the partial attention ``(out, lse)`` over its own keys. The
+      rank merges those parts with its own part by log-sum-exp. ``local`` keeps only a dense
+      row's own-key edges. ``ship_idx`` (sizes ``ship_counts``) lists the local rows sent to
+      each peer, and ``ship_edge_idx`` (sizes ``ship_edge_counts``) the bias entries of
+      their edges. ``guest`` is the graph of the queries this rank receives (``guest_counts``
+      from each peer) over its own keys.
     """
 
     rank: int
@@ -87,14 +99,29 @@ class HaloPlan:
     send_counts: Tuple[int, ...]
     recv_counts: Tuple[int, ...]
     edge_range: Tuple[int, int]
+    ship_any: bool = False
+    dense_rows: Optional[Tensor] = None          # local rows computed partly elsewhere
+    ship_idx: Optional[Tensor] = None
+    ship_pos: Optional[Tensor] = None            # position in dense_rows of each shipped row
+    ship_peer: Optional[Tensor] = None
+    ship_counts: Tuple[int, ...] = ()
+    guest_counts: Tuple[int, ...] = ()
+    ship_edge_idx: Optional[Tensor] = None
+    ship_edge_counts: Tuple[int, ...] = ()
+    guest_edge_counts: Tuple[int, ...] = ()
+    guest: Optional[TokenGraph] = None
 
     @property
     def halo_size(self) -> int:
         return sum(self.recv_counts)
 
-    def bytes_received(self, row_bytes: int) -> int:
-        """Bytes of one K/V exchange into this rank for ``row_bytes`` per token."""
-        return self.halo_size * row_bytes
+    def bytes_received(self, row_bytes: int, query_bytes: int = 0,
+                       result_bytes: int = 0) -> int:
+        """Bytes one forward brings into this rank: halo K/V rows of ``row_bytes`` each,
+        the queries shipped here (``query_bytes`` each) and the partial results of this
+        rank's shipped queries (``result_bytes`` each)."""
+        return (self.halo_size * row_bytes + sum(self.guest_counts) * query_bytes
+                + sum(self.ship_counts) * result_bytes)
 
 
 def _fingerprint(graph: TokenGraph) -> int:
@@ -150,12 +177,23 @@ def _all_to_all(x: Tensor, out_counts: Sequence[int], in_counts: Sequence[int],
     return out.to(x.device)
 
 
-def halo_plan(graph: TokenGraph, ranges: Sequence[Tuple[int, int]], group=None) -> HaloPlan:
+def _default_ship_degree(graph: TokenGraph) -> int:
+    """Remote edges above which a row ships its query: 8x the mean degree, at least 64
+    (the cost of pulling that many keys exceeds sending a query and its result back)."""
+    return max(64, 8 * math.ceil(graph.num_edges / max(graph.num_dst, 1)))
+
+
+def halo_plan(graph: TokenGraph, ranges: Sequence[Tuple[int, int]], group=None, *,
+              ship_degree: Optional[int] = None) -> HaloPlan:
     """This rank's :class:`HaloPlan` (collective: every rank of ``group`` calls it), built
-    once per graph, ranges and group and cached on the graph."""
+    once per graph, ranges, group and ship threshold and cached on the graph.
+    ``ship_degree``: rows with more remote edges ship their query (default
+    :func:`_default_ship_degree`); ``-1`` ships none."""
     rank, world = _world(group)
     ranges = _check_ranges(ranges, graph.num_dst, world)
-    key = ("halo_plan", ranges, rank, world, id(group))
+    if ship_degree is None:
+        ship_degree = _default_ship_degree(graph)
+    key = ("halo_plan", ranges, rank, world, id(group), ship_degree)
     cached = graph._cache.get(key)
     if cached is not None:
         return cached
@@ -167,45 +205,224 @@ def halo_plan(graph: TokenGraph, ranges: Sequence[Tuple[int, int]], group=None) 
     dst = graph.dst[e0:e1] - r0
     starts = torch.tensor([a for a, _ in ranges], device=dev)
     own = (src >= r0) & (src < r1)
-    need = torch.unique(src[~own])                                  # sorted: grouped by owner
+    remote_per_row = torch.bincount(dst[~own], minlength=n_own)
+    dense_row = (remote_per_row > ship_degree) if ship_degree >= 0 else \
+        torch.zeros(n_own, dtype=torch.bool, device=dev)
+    shipped = ~own & dense_row[dst]                                 # edges computed elsewhere
+    pulled = ~own & ~shipped
+    need = torch.unique(src[pulled])                                # sorted: grouped by owner
     owner = torch.searchsorted(starts, need, right=True) - 1
     recv = torch.bincount(owner, minlength=world)
     # how many of my keys each peer needs, then which
     send = _all_to_all(recv, [1] * world, [1] * world, group)
     recv_counts, send_counts = tuple(recv.tolist()), tuple(send.tolist())
     send_idx = _all_to_all(need - starts[owner], send_counts, recv_counts, group)
-    # local sources: own keys 0..n_own-1, then halo keys in the order they arrive
-    local_src = torch.where(own, src - r0, n_own + torch.searchsorted(need, src))
+    # local graph: every edge but the shipped ones; sources [own keys, halo keys]
+    kept = torch.nonzero(~shipped).flatten()
+    k_src, k_dst = src[kept], dst[kept]
+    k_own = own[kept]
+    local_src = torch.where(k_own, k_src - r0,
+                            n_own + torch.searchsorted(need, k_src).clamp_max(
+                                max(need.numel() - 1, 0)))
     num_src = n_own + need.numel()
-    order = torch.argsort(dst * max(num_src, 1) + local_src)
-    local = TokenGraph._from_canonical(local_src[order], dst[order], num_src, n_own)
-    plan = HaloPlan(rank, ranges, local, order, send_idx, send_counts, recv_counts, (e0, e1))
+    perm = torch.argsort(k_dst * max(num_src, 1) + local_src)
+    local = TokenGraph._from_canonical(local_src[perm], k_dst[perm], num_src, n_own)
+    order = kept[perm]
+    plan = dict(rank=rank, ranges=ranges, local=local, order=order, send_idx=send_idx,
+                send_counts=send_counts, recv_counts=recv_counts, edge_range=(e0, e1))
+
+    flag = torch.tensor([int(bool(shipped.any()))], device=_comm_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if int(flag):
+        plan.update(_ship_plan(graph, ranges, rank, world, group, src, dst, shipped,
+                               dense_row, starts))
+    plan = HaloPlan(**plan)
     graph._cache[key] = plan
     return plan
 
 
-class _HaloExchange(torch.autograd.Function):
-    """``rows [n_own, C]`` -> the halo rows ``[n_halo, C]`` this rank needs; backward sends
-    the halo's gradients back and adds them to their owners' rows, peer by peer (unique
-    indices within a peer: deterministic on every device)."""
+def _ship_plan(graph, ranges, rank, world, group, src, dst, shipped, dense_row, starts):
+    """The query-shipping half of a plan: which rows go where, and the guest graph."""
+    dev = graph.device
+    r0 = ranges[rank][0]
+    dense_rows = torch.nonzero(dense_row).flatten()
+    edges = torch.nonzero(shipped).flatten()                        # canonical order
+    peer = torch.searchsorted(starts, src[edges], right=True) - 1
+    by_peer = torch.argsort(peer, stable=True)                      # (peer, row, src) order
+    ship_edge_idx = edges[by_peer]
+    ship_edge_counts = torch.bincount(peer, minlength=world)
+    pair = torch.unique(peer * max(dense_row.numel(), 1) + dst[edges])   # (peer, row)
+    ship_peer = torch.div(pair, max(dense_row.numel(), 1), rounding_mode="floor")
+    ship_idx = pair % max(dense_row.numel(), 1)
+    ship_pos = torch.searchsorted(dense_rows, ship_idx)
+    ship_counts = torch.bincount(ship_peer, minlength=world)
+    guest_counts = _all_to_all(ship_counts, [1] * world, [1] * world, group)
+    guest_edge_counts = _all_to_all(ship_edge_counts, [1] * world, [1] * world, group)
+    sc, gc = tuple(ship_counts.tolist()), tuple(guest_counts.tolist())
+    guest_rows = _all_to_all(ship_idx + r0, gc, sc, group)          # global ids
+    # the guest graph: each guest row's edges into this rank's keys, in arrival order
+    a, b = ranges[rank]
+    g_src, g_dst = [], []
+    for g, i in enumerate(guest_rows.tolist()):
+        row = graph.src[int(graph.ptr[i]):int(graph.ptr[i + 1])]
+        lo, hi = torch.searchsorted(row, torch.tensor([a, b], device=dev)).tolist()
+        g_src.append(row[lo:hi] - a)
+        g_dst.append(torch.full((hi - lo,), g, dtype=torch.long, device=dev))
+    cat = (lambda xs: torch.cat(xs) if xs else torch.empty(0, dtype=torch.long, device=dev))
+    guest = TokenGraph._from_canonical(cat(g_src), cat(g_dst), b - a, len(g_src))
+    if guest.num_edges != int(guest_edge_counts.sum()):     # both sides list the same edges
+        raise RuntimeError("attngraph.distributed: the ranks' graphs disagree")
+    return dict(ship_any=True, dense_rows=dense_rows, ship_idx=ship_idx, ship_pos=ship_pos,
+                ship_peer=ship_peer, ship_counts=sc, guest_counts=gc,
+                ship_edge_idx=ship_edge_idx, ship_edge_counts=tuple(ship_edge_counts.tolist()),
+                guest_edge_counts=tuple(guest_edge_counts.tolist()), guest=guest)
+
+
+def _exchange(x: Tensor, idx: Optional[Tensor], out_counts, in_counts, group) -> Tensor:
+    """Send ``x[idx]`` (grouped by peer, sizes ``in_counts``), receive ``out_counts``."""
+    send = x if idx is None else x.index_select(0, idx)
+    return _all_to_all(send, out_counts, in_counts, group)
+
+
+def _exchange_back(grad: Tensor, idx: Optional[Tensor], n: int, out_counts, in_counts,
+                   group) -> Tensor:
+    """The adjoint of :func:`_exchange`: gradients back to the senders, added to the rows
+    they came from peer by peer (unique indices within a peer: deterministic)."""
+    back = _all_to_all(grad, in_counts, out_counts, group)
+    if idx is None:
+        return back
+    out = back.new_zeros((n,) + tuple(back.shape[1:]))
+    offset = 0
+    for count in in_counts:
+        out.index_add_(0, idx[offset:offset + count], back[offset:offset + count])
+        offset += count
+    return out
+
+
+def _rows(t: Tensor, nd: int) -> Tensor:
+    """``[.., n, ...]`` with the token dim ``nd`` -> ``[n, features]``."""
+    t = t.movedim(nd, 0)
+    return t.reshape(t.size(0), -1)
+
+
+def _unrows(rows: Tensor, like_shape, nd: int) -> Tensor:
+    """Inverse of :func:`_rows` for a tensor shaped ``like_shape`` but ``rows.size(0)``
+    tokens."""
+    shape = list(like_shape)
+    n = shape.pop(nd)
+    del n
+    return rows.view([rows.size(0)] + shape).movedim(0, nd)
+
+
+class _ContextParallel(torch.autograd.Function):
+    """The whole sharded computation: its backward runs every collective in one fixed
+    order on every rank (results back, shipped queries and bias back, halo K/V back), and
+    the local math through autograd on the graphs the forward kept."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, plan: HaloPlan, group) -> Tensor:
-        ctx.plan, ctx.group, ctx.n = plan, group, rows.size(0)
-        send = rows.index_select(0, plan.send_idx)
-        return _all_to_all(send, plan.recv_counts, plan.send_counts, group)
+    def forward(ctx, q, k, v, bias, plan: HaloPlan, group, scale, backend, grad):
+        nd = q.dim() - 3
+        H_kv, D = k.size(-2), k.size(-1)
+        with torch.enable_grad() if grad else torch.no_grad():
+            qd, kd, vd = (t.detach().requires_grad_(grad) for t in (q, k, v))
+            bd = bias.detach().requires_grad_(grad) if bias is not None else None
+            kv_rows = _rows(torch.cat([kd, vd], -1), nd)
+            halo = _exchange(kv_rows.detach(), plan.send_idx, plan.recv_counts,
+                             plan.send_counts, group).requires_grad_(grad)
+            halo_t = _unrows(halo, torch.cat([k, v], -1).shape, nd)
+            k_ext = torch.cat([kd, halo_t[..., :D]], nd)
+            v_ext = torch.cat([vd, halo_t[..., D:]], nd)
+            b_loc = bd.index_select(0, plan.order) if bd is not None else None
+            out, lse = functional.graph_attention(qd, k_ext, v_ext, plan.local, scale=scale,
+                                                  edge_bias=b_loc, return_lse=True,
+                                                  backend=backend)
+            saved = dict(qd=qd, kd=kd, vd=vd, bd=bd, halo=halo, out_l=out, lse_l=lse)
+            if plan.ship_any:
+                out, lse = _ship_forward(ctx, saved, plan, group, scale, backend, grad, nd)
+        ctx.plan, ctx.group, ctx.nd, ctx.saved = plan, group, nd, saved
+        ctx.final = (out, lse)
+        return out.detach(), lse.detach()
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        plan = ctx.plan
-        back = _all_to_all(grad, plan.send_counts, plan.recv_counts, ctx.group)
-        out = grad.new_zeros((ctx.n,) + tuple(grad.shape[1:]))
-        offset = 0
-        for count in plan.send_counts:
-            idx = plan.send_idx[offset:offset + count]
-            out.index_add_(0, idx, back[offset:offset + count])
-            offset += count
-        return out, None, None
+    def backward(ctx, dout, dlse):
+        plan, group, nd, sv = ctx.plan, ctx.group, ctx.nd, ctx.saved
+        out, lse = ctx.final
+        dout = torch.zeros_like(out) if dout is None else dout
+        dlse = torch.zeros_like(lse) if dlse is None else dlse
+        leaves = [sv["qd"], sv["kd"], sv["vd"], sv["halo"]] + \
+            ([sv["bd"]] if sv["bd"] is not None else []) + \
+            ([sv["parts"]] if plan.ship_any else [])
+        g = list(torch.autograd.grad((out, lse), leaves, (dout, dlse), allow_unused=True))
+        g = [torch.zeros_like(x) if gx is None else gx for x, gx in zip(leaves, g)]
+        dq, dk, dv, dhalo = g[:4]
+        dbias = g[4] if sv["bd"] is not None else None
+        if plan.ship_any:
+            # 1. the parts' gradients back to the ranks that computed them
+            d_guest = _exchange_back(g[-1], None, 0, plan.ship_counts, plan.guest_counts,
+                                     group)
+            gl = [sv["gq"], sv["kd"], sv["vd"]] + ([sv["gb"]] if sv["gb"] is not None else [])
+            gg = torch.autograd.grad((sv["g_msg"],), gl, (d_guest,), allow_unused=True)
+            gg = [torch.zeros_like(x) if gx is None else gx for x, gx in zip(gl, gg)]
+            dk, dv = dk + gg[1], dv + gg[2]
+            # 2. the shipped queries' (and bias entries') gradients back to their rows
+            dq = dq + _unrows(_exchange_back(gg[0], plan.ship_idx, dq.size(nd),
+                                             plan.guest_counts, plan.ship_counts, group),
+                              dq.shape, nd)
+            if sv["bd"] is not None:
+                dbias = dbias + _exchange_back(gg[3], plan.ship_edge_idx, dbias.size(0),
+                                               plan.guest_edge_counts,
+                                               plan.ship_edge_counts, group)
+        # 3. the halo's dK/dV back to the keys' owners
+        kv_shape = torch.cat([sv["kd"], sv["vd"]], -1).shape
+        dkv = _unrows(_exchange_back(dhalo, plan.send_idx, dk.size(nd), plan.recv_counts,
+                                     plan.send_counts, group), kv_shape, nd)
+        D = dk.size(-1)
+        return dq, dk + dkv[..., :D], dv + dkv[..., D:], dbias, None, None, None, None, None
+
+
+def _ship_forward(ctx, sv, plan: HaloPlan, group, scale, backend, grad, nd):
+    """Ship dense rows' queries, attend guests over own keys, merge the returned parts."""
+    qd, kd, vd, bd = sv["qd"], sv["kd"], sv["vd"], sv["bd"]
+    gq = _exchange(_rows(qd, nd).detach(), plan.ship_idx, plan.guest_counts,
+                   plan.ship_counts, group).requires_grad_(grad)
+    gq_t = _unrows(gq, qd.shape, nd)
+    gb = None
+    if bd is not None:
+        gb = _exchange(bd.detach(), plan.ship_edge_idx, plan.guest_edge_counts,
+                       plan.ship_edge_counts, group).requires_grad_(grad)
+    g_out, g_lse = functional.graph_attention(gq_t, kd, vd, plan.guest, scale=scale,
+                                              edge_bias=gb, return_lse=True, backend=backend)
+    g_msg = torch.cat([_rows(g_out, nd).to(g_lse.dtype), _rows(g_lse, nd)], 1)
+    parts = _exchange(g_msg.detach(), None, plan.ship_counts, plan.guest_counts,
+                      group).requires_grad_(grad)
+    sv.update(gq=gq, gb=gb, g_msg=g_msg, parts=parts)
+    # merge: own part (slot `rank`) and each peer's part, by log-sum-exp
+    out_l, lse_l = sv["out_l"], sv["lse_l"]
+    o_rows, l_rows = _rows(out_l, nd), _rows(lse_l, nd)
+    Fo = o_rows.size(1)
+    nd_rows = plan.dense_rows.numel()
+    world = len(plan.ranges)
+    lse_tab = l_rows.new_full((nd_rows, world, l_rows.size(1)), -math.inf)
+    out_tab = parts.new_zeros((nd_rows, world, Fo))
+    own = torch.full_like(plan.dense_rows, plan.rank)
+    lse_tab = lse_tab.index_put((torch.arange(nd_rows, device=own.device), own),
+                                l_rows.index_select(0, plan.dense_rows))
+    out_tab = out_tab.index_put((torch.arange(nd_rows, device=own.device), own),
+                                o_rows.index_select(0, plan.dense_rows).to(parts.dtype))
+    lse_tab = lse_tab.index_put((plan.ship_pos, plan.ship_peer), parts[:, Fo:].to(lse_tab.dtype))
+    out_tab = out_tab.index_put((plan.ship_pos, plan.ship_peer), parts[:, :Fo])
+    m = lse_tab.detach().amax(1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse_tab - m)                                       # [rows, world, B*H]
+    total = w.sum(1)
+    lse_m = torch.log(total) + m.squeeze(1)
+    heads = l_rows.size(1)
+    w_o = (w / total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(1))
+    out_m = w_o.unsqueeze(-1) * out_tab.view(nd_rows, world, heads, -1)
+    out_m = out_m.sum(1).reshape(nd_rows, Fo).to(o_rows.dtype)
+    o_rows = o_rows.index_copy(0, plan.dense_rows, out_m)
+    l_rows = l_rows.index_copy(0, plan.dense_rows, lse_m)
+    return _unrows(o_rows, out_l.shape, nd), _unrows(l_rows, lse_l.shape, nd)
 
 
 def _agree(group, world: int, error: Optional[str], facts: Tuple[int, ...]) -> None:
@@ -233,7 +450,8 @@ def _agree(group, world: int, error: Optional[str], facts: Tuple[int, ...]) -> N
 def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group=None,
                     ranges: Optional[Sequence[Tuple[int, int]]] = None,
                     scale: Optional[float] = None, edge_bias: Optional[Tensor] = None,
-                    return_lse: bool = False, backend: str = "auto"
+                    return_lse: bool = False, backend: str = "auto",
+                    ship_degree: Optional[int] = None
                     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """This rank's rows of :func:`attngraph.graph_attention` over a sharded sequence.
 
@@ -249,12 +467,16 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group
         edge_bias: the bias of this rank's rows' edges, ``[E_r]`` or ``[E_r, H]`` in the
             graph's canonical order (edges ``graph.ptr[start]:graph.ptr[end]``), or the
             whole ``[E]`` / ``[E, H]`` bias, of which the rank's slice is used.
+        ship_degree: a row with more remote edges than this (a global token's) sends its
+            query to the keys' owners instead of pulling its keys, and merges their
+            partial results by log-sum-exp; default 8x the mean degree (at least 64),
+            ``-1``: never.
 
     Returns this rank's ``out`` (and ``lse``), differentiable in q, k, v and edge_bias.
     Collective: every rank of the group must call it with the same graph and ranges.
     """
     rank, world = _world(group)
-    error, facts = None, (0, 0, 0)
+    error, facts = None, (0, 0, 0, 0)
     try:
         functional._check_graph(graph)
         if graph.num_src != graph.num_dst:
@@ -264,6 +486,10 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group
         if ranges is None:
             ranges = shard_ranges(graph, world)
         ranges = _check_ranges(ranges, graph.num_dst, world)
+        if ship_degree is not None and (isinstance(ship_degree, bool)
+                                        or not isinstance(ship_degree, int)
+                                        or ship_degree < -1):
+            raise ValueError(f"ship_degree must be an int >= -1 or None, got {ship_degree!r}")
         r0, r1 = ranges[rank]
         for name, t in (("q", q), ("k", k), ("v", v)):
             functional._check_tensor(name, t, (3, 4))
@@ -276,10 +502,13 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group
             if t.size(t.dim() - 3) != r1 - r0:
                 raise ValueError(f"{name} has {t.size(t.dim() - 3)} tokens but this rank's "
                                  f"range [{r0}, {r1}) has {r1 - r0}")
-        # the backward exchanges dK/dV only where k or v needs a gradient: every rank must
+        # the backward exchanges gradients only where an input needs one: every rank must
         # agree, or one would wait in the reverse exchange for the others
-        kv_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
-        facts = (_fingerprint(graph), hash(ranges) & (2 ** 62 - 1), int(kv_grad))
+        needs_grad = torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, edge_bias))
+        facts = (_fingerprint(graph), hash((ranges, -2 if ship_degree is None else int(ship_degree)))
+                 & (2 ** 62 - 1),
+                 int(needs_grad), int(edge_bias is not None))
         if edge_bias is not None:
             if not isinstance(edge_bias, Tensor):
                 raise TypeError(f"edge_bias must be a torch.Tensor, got "
@@ -295,17 +524,12 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group
         error = f"{type(e).__name__}: {e}"
     _agree(group, world, error, facts)
 
-    plan = halo_plan(graph, ranges, group)
-    nd = q.dim() - 3                                          # the token dim
-    kv = torch.cat([k, v], -1)                                # one message for K and V
-    rows = kv.movedim(nd, 0)
-    halo = _HaloExchange.apply(rows.reshape(rows.size(0), -1), plan, group)
-    halo = halo.view((halo.size(0),) + tuple(rows.shape[1:])).movedim(0, nd)
-    kv_ext = torch.cat([kv, halo], nd)
-    k_ext, v_ext = kv_ext.split([k.size(-1), v.size(-1)], -1)
-    bias = None if edge_bias is None else edge_bias.index_select(0, plan.order)
-    return functional.graph_attention(q, k_ext, v_ext, plan.local, scale=scale,
-                                      edge_bias=bias, return_lse=return_lse, backend=backend)
+    plan = halo_plan(graph, ranges, group, ship_degree=ship_degree)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, edge_bias))
+    out, lse = _ContextParallel.apply(q, k, v, edge_bias, plan, group, scale, backend, grad)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
 
 
 def ring_bytes(n: int, world: int, kv_heads: int, head_dim: int, value_dim: int,

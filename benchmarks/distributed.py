@@ -4,8 +4,9 @@ For each (mask, N, P) it starts P processes (spawn, gloo on loopback). Each proc
 holds the graph and its own shard of q, k and v, and runs :func:`attngraph.distributed.
 graph_attention` forward and backward. It reports:
 
-* **halo bytes**: K/V bytes received per rank in one forward. The backward sends the same
-  number of bytes back as dK/dV.
+* **halo bytes**: bytes received per rank in one forward: the K/V rows of its halo, plus,
+  for dense rows (global tokens), the queries other ranks ship to it and the partial
+  results its own shipped queries get back. The backward moves the same bytes the other way.
 * **ring bytes**: what ring attention moves into each rank per forward, all other ranks'
   K and V: ``(P - 1) / P · N · H_kv · (D + D_v)`` elements.
 * **step time**: median wall time of ``--repeats`` forward + backward steps (slowest rank).
@@ -62,8 +63,11 @@ def _rank_main(rank: int, world: int, port: int, job: Dict, out: str) -> None:
         q.grad = k.grad = v.grad = None
     plan = agd.halo_plan(graph, ranges)
     row = H * 2 * D * 4                            # K and V rows, float32
+    # shipped queries in, their (out, lse) back: float32
+    received = plan.bytes_received(row, query_bytes=H * D * 4, result_bytes=H * (D + 1) * 4)
     res = dict(rank=rank, tokens=r1 - r0, edges=int(graph.ptr[r1] - graph.ptr[r0]),
-               halo_tokens=plan.halo_size, halo_bytes=plan.bytes_received(row),
+               halo_tokens=plan.halo_size, shipped=sum(plan.ship_counts),
+               guests=sum(plan.guest_counts), halo_bytes=received,
                step_s=statistics.median(times), first_step_s=plan_s)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)

@@ -20,13 +20,18 @@ def cases(world):
     even = agd.shard_ranges(N, world, balance="tokens")
     lengths = [b - a for a, b in even]
     uneven = [(0, 7), (7, 40), (40, N)] if world == 3 else [(0, 13), (13, N)]
-    return {
-        "sliding_window": (masks.sliding_window(N, 4), None, False, 2, 2, None),
-        "longformer": (masks.longformer(N, 3, [0, 31, N - 1]), None, False, 4, 2, "E"),
-        "random": (masks.random(N, 5, seed=1), uneven, True, 2, 1, "EH"),
-        "bigbird": (masks.bigbird(N, 5, seed=2), None, True, 4, 4, None),
-        "no_halo": (masks.document(lengths), even, False, 2, 2, None),
-        "every_key": (masks.full(N), uneven, False, 2, 2, "EH"),
+    longformer = masks.longformer(N, 3, [0, 31, N - 1])
+    return {   # the last entry: ship_degree (rows with more remote edges ship their query)
+        "sliding_window": (masks.sliding_window(N, 4), None, False, 2, 2, None, None),
+        "longformer": (longformer, None, False, 4, 2, "E", None),
+        "random": (masks.random(N, 5, seed=1), uneven, True, 2, 1, "EH", None),
+        "bigbird": (masks.bigbird(N, 5, seed=2), None, True, 4, 4, None, None),
+        "no_halo": (masks.document(lengths), even, False, 2, 2, None, None),
+        "every_key": (masks.full(N), uneven, False, 2, 2, "EH", None),
+        # global rows ship their queries to the keys' owners; parts merged by lse
+        "longformer_shipped": (longformer, None, False, 4, 2, "E", 8),
+        "bigbird_shipped": (masks.bigbird(N, 5, seed=2), uneven, True, 4, 2, "EH", 3),
+        "every_row_shipped": (masks.full(N), uneven, False, 2, 2, None, 0),
     }
 
 
@@ -50,7 +55,7 @@ def _rows(t, r0, r1, batched):
 
 
 def attention_case(rank, world, name):
-    graph, ranges, batched, H, H_kv, bias_kind = cases(world)[name]
+    graph, ranges, batched, H, H_kv, bias_kind, ship = cases(world)[name]
     ranges = ranges or agd.shard_ranges(graph, world)
     r0, r1 = ranges[rank]
     e0, e1 = int(graph.ptr[r0]), int(graph.ptr[r1])
@@ -69,7 +74,8 @@ def attention_case(rank, world, name):
     def sharded():
         mine = [_rows(t, r0, r1, batched).requires_grad_() for t in (q, k, v)]
         mb = bias[e0:e1].clone().requires_grad_() if bias is not None else None
-        o, l = agd.graph_attention(*mine, graph, ranges=ranges, edge_bias=mb, return_lse=True)
+        o, l = agd.graph_attention(*mine, graph, ranges=ranges, edge_bias=mb, return_lse=True,
+                                   ship_degree=ship)
         g = torch.autograd.grad(o, mine + ([mb] if mb is not None else []),
                                 _rows(dout, r0, r1, batched))
         got = {"out": o.detach(), "lse": l, "dq": g[0], "dk": g[1], "dv": g[2]}
@@ -78,11 +84,12 @@ def attention_case(rank, world, name):
         return got
 
     first, second = sharded(), sharded()
-    plan = agd.halo_plan(graph, ranges)
+    plan = agd.halo_plan(graph, ranges, ship_degree=ship)
     return {"err": {key: (first[key] - want[key]).abs().max().item() if want[key].numel() else 0.0
                     for key in want},
             "bitwise": all(torch.equal(first[key], second[key]) for key in first),
-            "halo": plan.halo_size, "own": r1 - r0}
+            "halo": plan.halo_size, "own": r1 - r0, "shipped": sum(plan.ship_counts),
+            "guests": sum(plan.guest_counts)}
 
 
 def layer_case(rank, world):

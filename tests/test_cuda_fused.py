@@ -140,6 +140,22 @@ def test_minus_inf_bias_rows_and_edges():
     assert torch.allclose(lse[torch.isfinite(rlse)], rlse[torch.isfinite(rlse)], atol=1e-5)
 
 
+def test_gradient_through_the_log_sum_exp():
+    g = masks.longformer(90, 3, [0, 44])            # split rows: partial states merged
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(90, 2, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(90, 2, generator=gen, dtype=torch.float64)
+
+    def loss(backend, dtype):
+        ins = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = ag.graph_attention(*ins, g, return_lse=True, backend=backend)
+        total = out.double().sum() + (lse.double() * w).sum()
+        return torch.autograd.grad(total, ins)
+
+    for got, want in zip(loss("cupy", torch.float32), loss("torch", torch.float64)):
+        assert torch.allclose(got.double(), want, atol=1e-4)
+
+
 def test_backward_is_bitwise_deterministic():
     g = masks.longformer(300, 4, [0, 100, 200])      # cut rows and cut key columns
     assert fused.plan(g).rows.num_slots > 0 and fused.plan(g).cols.num_slots > 0

@@ -97,6 +97,20 @@ def test_gradcheck_tiny_graph():
     assert torch.autograd.gradcheck(fn, (q, k, v, bias))
 
 
+def test_gradcheck_through_the_log_sum_exp(scatter_mode):
+    """lse is differentiable too (merging partial attentions needs it); a row without
+    edges (lse = -inf) gets no gradient from it."""
+    _, g = random_graph(6, 5, p=0.5, empty_rows=(1,), seed=4)
+    q, k, v = qkv(6, 5, 2, 1, 3, 2, seed=5)
+    bias = torch.randn(g.num_edges, 2, dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v, b):
+        out, lse = ag.graph_attention(q, k, v, g, edge_bias=b, return_lse=True,
+                                      backend="torch")
+        return out, lse.nan_to_num(neginf=0.0).sin()
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+
+
 def test_gradcheck_stages():
     _, g = random_graph(5, 5, p=0.6, seed=6)
     q, k, v = qkv(5, 5, 2, 2, 3, seed=7)

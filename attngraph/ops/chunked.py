@@ -127,12 +127,16 @@ def _sum_group(w: Tensor, x: Tensor) -> Tensor:
     return (w.view(w.size(0), x.size(1), x.size(2), 1) * x).sum(2)
 
 
-def _backward(q, k, v, out, lse, dout, graph, scale, bias, max_elements, need_bias_grad):
+def _backward(q, k, v, out, lse, dout, graph, scale, bias, max_elements, need_bias_grad,
+              dlse=None):
     H, H_kv = q.size(1), k.size(1)
     G, D, D_v = H // H_kv, q.size(-1), v.size(-1)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dbias = bias.new_zeros(bias.shape) if need_bias_grad else None
+    # d lse / d s = p: a gradient of lse enters as ds = p * (dp - (delta - dlse))
     delta = (dout * out).sum(-1)                                   # [N_dst, H]
+    if dlse is not None:
+        delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse)
     # Rows whose lse is -inf (no edge, or every score -inf) get p = exp(s - inf) = 0.
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     for c in _chunks(graph, H, max(D, D_v), max_elements):
@@ -186,12 +190,13 @@ def _(q, k, v, bias, *rest):
 
 @torch.library.custom_op("attngraph::chunked_attention_backward", mutates_args=())
 def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
-                           out: Tensor, lse: Tensor, dout: Tensor, ptr: Tensor, src: Tensor,
-                           dst: Tensor, num_src: int, scale: float, max_elements: int,
-                           bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                           out: Tensor, lse: Tensor, dout: Tensor, dlse: Optional[Tensor],
+                           ptr: Tensor, src: Tensor, dst: Tensor, num_src: int, scale: float,
+                           max_elements: int, bias_grad: bool
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     graph = graph_of(ptr, src, dst, num_src, ptr.numel() - 1)
     dq, dk, dv, dbias = _backward(q, k, v, out, lse, dout.contiguous(), graph, scale, bias,
-                                  max_elements, bias_grad)
+                                  max_elements, bias_grad, dlse)
     return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0))
 
 
@@ -210,11 +215,11 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward_formula(ctx, dout, _dlse):
+def _backward_formula(ctx, dout, dlse):
     q, k, v, bias, out, lse, ptr, src, dst = ctx.saved_tensors
     bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = _attention_backward_op(q, k, v, bias, out, lse, dout.contiguous(),
-                                               ptr, src, dst, ctx.num_src, ctx.scale,
+                                               dlse, ptr, src, dst, ctx.num_src, ctx.scale,
                                                ctx.max_elements, bias_grad)
     return (dq, dk, dv, dbias if bias_grad else None) + (None,) * 7
 

@@ -197,16 +197,20 @@ def _sum_partials(w: WorkItems, part: Tensor, out: Tensor) -> None:
 
 
 def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-             p: Plan, scale: float, bias: Optional[Tensor], need_bias_grad: bool
-             ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """``(dq, dk, dv, dbias)``; deterministic (no atomics)."""
+             p: Plan, scale: float, bias: Optional[Tensor], need_bias_grad: bool,
+             dlse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """``(dq, dk, dv, dbias)``; deterministic (no atomics). ``dlse``: a gradient of the
+    log-sum-exp, which enters as ``ds = p * (dp - (delta - dlse))``."""
     a = p.arrays
     R, H, Hk, D, Dv = _check_qkv(q, k, v, a)
     dev = q.device
     _expect("dout", dout, (R, H, Dv), q.dtype, dev)
     _expect("lse", lse, (R, H), torch.float32, dev)
     bias, bc = _bias_arg(bias, a.num_edges, H, dev)
-    delta = (dout.float() * out.float()).sum(-1).contiguous()          # [R, H]
+    delta = (dout.float() * out.float()).sum(-1)                       # [R, H]
+    if dlse is not None:
+        delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse.float())
+    delta = delta.contiguous()
     rows, cols = p.rows, p.cols
     _check_items(rows, R, dev)
     _check_items(cols, a.num_src, dev)
@@ -274,12 +278,12 @@ def _(q, k, v, bias, *rest):
 
 @torch.library.custom_op("attngraph::graph_attention_backward", mutates_args=())
 def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
-                           out: Tensor, lse: Tensor, dout: Tensor, ptr: Tensor, src: Tensor,
-                           dst: Tensor, num_src: int, scale: float, bias_grad: bool
-                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                           out: Tensor, lse: Tensor, dout: Tensor, dlse: Optional[Tensor],
+                           ptr: Tensor, src: Tensor, dst: Tensor, num_src: int, scale: float,
+                           bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     p = plan(graph_of(ptr, src, dst, num_src, ptr.numel() - 1))
     dq, dk, dv, dbias = backward(q, k, v, out, lse, dout.contiguous(), p, scale, bias,
-                                 bias_grad)
+                                 bias_grad, dlse)
     return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0, dtype=torch.float32))
 
 
@@ -299,11 +303,11 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dout, _dlse):
+def _backward(ctx, dout, dlse):
     q, k, v, bias, out, lse, ptr, src, dst = ctx.saved_tensors
     bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = _attention_backward_op(q, k, v, bias, out, lse, dout.contiguous(),
-                                               ptr, src, dst, ctx.num_src, ctx.scale,
+                                               dlse, ptr, src, dst, ctx.num_src, ctx.scale,
                                                bias_grad)
     return (dq, dk, dv, dbias if bias_grad else None) + (None,) * 6
 
