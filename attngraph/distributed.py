@@ -302,7 +302,7 @@ def _exchange_back(grad: Tensor, idx: Optional[Tensor], n: int, out_counts, in_c
 def _rows(t: Tensor, nd: int) -> Tensor:
     """``[.., n, ...]`` with the token dim ``nd`` -> ``[n, features]``."""
     t = t.movedim(nd, 0)
-    return t.reshape(t.size(0), -1)
+    return t.reshape(t.size(0), math.prod(t.shape[1:]))
 
 
 def _unrows(rows: Tensor, like_shape, nd: int) -> Tensor:
@@ -418,7 +418,7 @@ def _ship_forward(ctx, sv, plan: HaloPlan, group, scale, backend, grad, nd):
     lse_m = torch.log(total) + m.squeeze(1)
     heads = l_rows.size(1)
     w_o = (w / total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(1))
-    out_m = w_o.unsqueeze(-1) * out_tab.view(nd_rows, world, heads, -1)
+    out_m = w_o.unsqueeze(-1) * out_tab.view(nd_rows, world, heads, Fo // max(heads, 1))
     out_m = out_m.sum(1).reshape(nd_rows, Fo).to(o_rows.dtype)
     o_rows = o_rows.index_copy(0, plan.dense_rows, out_m)
     l_rows = l_rows.index_copy(0, plan.dense_rows, lse_m)

@@ -32,6 +32,8 @@ def cases(world):
         "longformer_shipped": (longformer, None, False, 4, 2, "E", 8),
         "bigbird_shipped": (masks.bigbird(N, 5, seed=2), uneven, True, 4, 2, "EH", 3),
         "every_row_shipped": (masks.full(N), uneven, False, 2, 2, None, 0),
+        # only rank 0 ships (one global row): it gets no guests, the others no parts
+        "one_global_shipped": (masks.longformer(N, 3, [0]), None, True, 2, 2, "E", 8),
     }
 
 

@@ -55,6 +55,8 @@ def test_sharded_attention_equals_one_process(world, tmp_path):
         assert res["every_row_shipped"]["halo"] == 0
         assert res["every_row_shipped"]["guests"] > 0
         assert res["longformer_shipped"]["halo"] < res["longformer"]["halo"]
+    assert results[0]["one_global_shipped"]["guests"] == 0
+    assert results[0]["one_global_shipped"]["shipped"] == world - 1
     # the ranks owning the global rows 0 and N - 1 ship them
     assert results[0]["longformer_shipped"]["shipped"] > 0
     assert results[-1]["longformer_shipped"]["shipped"] > 0

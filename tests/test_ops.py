@@ -111,6 +111,14 @@ def test_gradcheck_through_the_log_sum_exp(scatter_mode):
     assert torch.autograd.gradcheck(fn, (q, k, v, bias))
 
 
+def test_batched_graph_without_queries():
+    g = TokenGraph(torch.empty(2, 0, dtype=torch.long), num_src=5, num_dst=0)
+    q = torch.randn(2, 0, 2, 4)
+    k, v = torch.randn(2, 5, 2, 4), torch.randn(2, 5, 2, 3)
+    out, lse = ag.graph_attention(q, k, v, g, return_lse=True)
+    assert out.shape == (2, 0, 2, 3) and lse.shape == (2, 0, 2)
+
+
 def test_gradcheck_stages():
     _, g = random_graph(5, 5, p=0.6, seed=6)
     q, k, v = qkv(5, 5, 2, 2, 3, seed=7)

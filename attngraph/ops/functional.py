@@ -147,8 +147,9 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *,
         ``return_lse`` also ``lse [N_dst, H]`` (``[B, L, H]``), float32 (float64 for
         float64 inputs). A query without edges gets ``out = 0`` and ``lse = -inf``.
 
-    Differentiable with respect to ``q``, ``k``, ``v`` and ``edge_bias``; computes in
-    float32 (float64 for float64 inputs) whatever the input dtype.
+    Differentiable with respect to ``q``, ``k``, ``v`` and ``edge_bias``, through ``out``
+    and ``lse`` (a loss may use the log-sum-exp, as merging partial attentions does);
+    computes in float32 (float64 for float64 inputs) whatever the input dtype.
     """
     _check_qkv(q, k, v, graph)
     bias = _check_bias(edge_bias, graph, q)
@@ -164,7 +165,7 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *,
                    for t in (q, k, v))
     out, lse = chosen.run(q, k, v, graph, scale, bias)
     if batched:
-        out = out.view(L, B, H, -1).transpose(0, 1)
+        out = out.view(L, B, H, v.size(-1)).transpose(0, 1)
         lse = lse.view(L, B, H).transpose(0, 1)
     return (out, lse) if return_lse else out
 
