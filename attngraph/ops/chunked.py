@@ -171,6 +171,9 @@ def _backward(q, k, v, out, lse, dout, graph, scale, bias, max_elements, need_bi
 # enters as its (ptr, src, dst) tensors, which find the graph and its caches again.
 
 
+# torch's on-disk AOT-autograd cache keys a compiled backward on the forward graph, not on
+# the backward formula: a change to a backward op's schema must come with a change to the
+# forward op's schema (or name), or graphs cached by an older version call the new op wrongly.
 @torch.library.custom_op("attngraph::chunked_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: Tensor,
                   src: Tensor, dst: Tensor, num_src: int, scale: float, max_elements: int,

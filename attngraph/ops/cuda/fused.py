@@ -258,6 +258,9 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
 # its cached plan: the plan's construction is data-dependent host code, never traced.
 
 
+# torch's on-disk AOT-autograd cache keys a compiled backward on the forward graph, not on
+# the backward formula: a change to a backward op's schema must come with a change to the
+# forward op's schema (or name), or graphs cached by an older version call the new op wrongly.
 @torch.library.custom_op("attngraph::graph_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: Tensor,
                   src: Tensor, dst: Tensor, num_src: int, scale: float, check_bias: bool
