@@ -220,3 +220,24 @@ def test_model_l2_reuse_credits_locality():
     assert rho(masks.sliding_window(8192, 64), 256) < 0.01
     assert rho(masks.random(8192, 64, seed=0), 64 * 2 ** 20) > 0.9     # rows far beyond L2
     assert rho(masks.random(8192, 64, seed=0), 256) < 0.01             # all rows fit in L2
+
+
+def test_distributed_preset_counts_halo_and_ring_bytes(tmp_path):
+    """Two gloo ranks on a window mask and a longformer mask at toy size: the window's halo
+    is 2·w K/V rows per interior boundary, the global rows are shipped, and both stay far
+    below ring attention's bytes."""
+    from benchmarks import distributed
+
+    preset = dict(masks=["sliding_window(4)", "longformer(4,g2)"], n=[512], quick_n=[512],
+                  world=[2], heads=[1], dim=[8], repeats=1)
+    md, = [p for p in distributed.run(preset, quick=False, out_dir=tmp_path,
+                                      log=lambda s: None) if p.suffix == ".md"]
+    data = json.loads((tmp_path / "distributed.json").read_text())
+    window, longformer = data["results"]
+    row = 1 * 2 * 8 * 4                                   # K and V of one token, float32
+    assert [r["halo_tokens"] for r in window["ranks"]] == [4, 4]
+    assert window["halo_bytes_max"] == 4 * row
+    assert window["ring_bytes"] == 256 * row
+    assert sum(r["shipped"] for r in longformer["ranks"]) > 0
+    assert longformer["halo_bytes_max"] < longformer["ring_bytes"] / 4
+    assert "ring / ours" in md.read_text()
