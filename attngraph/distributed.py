@@ -309,8 +309,7 @@ def _unrows(rows: Tensor, like_shape, nd: int) -> Tensor:
     """Inverse of :func:`_rows` for a tensor shaped ``like_shape`` but ``rows.size(0)``
     tokens."""
     shape = list(like_shape)
-    n = shape.pop(nd)
-    del n
+    shape.pop(nd)
     return rows.view([rows.size(0)] + shape).movedim(0, nd)
 
 
@@ -322,7 +321,7 @@ class _ContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, plan: HaloPlan, group, scale, backend, grad):
         nd = q.dim() - 3
-        H_kv, D = k.size(-2), k.size(-1)
+        D = k.size(-1)
         with torch.enable_grad() if grad else torch.no_grad():
             qd, kd, vd = (t.detach().requires_grad_(grad) for t in (q, k, v))
             bd = bias.detach().requires_grad_(grad) if bias is not None else None
