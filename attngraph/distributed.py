@@ -98,7 +98,6 @@ class HaloPlan:
     send_idx: Tensor
     send_counts: Tuple[int, ...]
     recv_counts: Tuple[int, ...]
-    edge_range: Tuple[int, int]
     ship_any: bool = False
     dense_rows: Optional[Tensor] = None          # local rows computed partly elsewhere
     ship_idx: Optional[Tensor] = None
@@ -229,7 +228,7 @@ def halo_plan(graph: TokenGraph, ranges: Sequence[Tuple[int, int]], group=None, 
     local = TokenGraph._from_canonical(local_src[perm], k_dst[perm], num_src, n_own)
     order = kept[perm]
     plan = dict(rank=rank, ranges=ranges, local=local, order=order, send_idx=send_idx,
-                send_counts=send_counts, recv_counts=recv_counts, edge_range=(e0, e1))
+                send_counts=send_counts, recv_counts=recv_counts)
 
     flag = torch.tensor([int(bool(shipped.any()))], device=_comm_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
@@ -313,6 +312,11 @@ def _unrows(rows: Tensor, like_shape, nd: int) -> Tensor:
     return rows.view([rows.size(0)] + shape).movedim(0, nd)
 
 
+def _kv_shape(k: Tensor, v: Tensor) -> Tuple[int, ...]:
+    """Shape of ``torch.cat([k, v], -1)``, without making it."""
+    return tuple(k.shape[:-1]) + (k.size(-1) + v.size(-1),)
+
+
 class _ContextParallel(torch.autograd.Function):
     """The whole sharded computation: its backward runs every collective in one fixed
     order on every rank (results back, shipped queries and bias back, halo K/V back), and
@@ -328,7 +332,7 @@ class _ContextParallel(torch.autograd.Function):
             kv_rows = _rows(torch.cat([kd, vd], -1), nd)
             halo = _exchange(kv_rows.detach(), plan.send_idx, plan.recv_counts,
                              plan.send_counts, group).requires_grad_(grad)
-            halo_t = _unrows(halo, torch.cat([k, v], -1).shape, nd)
+            halo_t = _unrows(halo, _kv_shape(k, v), nd)
             k_ext = torch.cat([kd, halo_t[..., :D]], nd)
             v_ext = torch.cat([vd, halo_t[..., D:]], nd)
             b_loc = bd.index_select(0, plan.order) if bd is not None else None
@@ -372,9 +376,8 @@ class _ContextParallel(torch.autograd.Function):
                                                plan.guest_edge_counts,
                                                plan.ship_edge_counts, group)
         # 3. the halo's dK/dV back to the keys' owners
-        kv_shape = torch.cat([sv["kd"], sv["vd"]], -1).shape
         dkv = _unrows(_exchange_back(dhalo, plan.send_idx, dk.size(nd), plan.recv_counts,
-                                     plan.send_counts, group), kv_shape, nd)
+                                     plan.send_counts, group), _kv_shape(dk, dv), nd)
         D = dk.size(-1)
         return dq, dk + dkv[..., :D], dv + dkv[..., D:], dbias, None, None, None, None, None
 
