@@ -374,6 +374,118 @@ class TokenGraph:
         order = torch.sort(self.src, stable=True).indices  # (src, dst) order: canonical after swap
         return self._from_canonical(self.dst[order], self.src[order], self.num_dst, self.num_src)
 
+    def permute(self, perm, src_perm=None, *, return_edge_perm: bool = False):
+        """The same mask over renumbered tokens: new query ``n`` is old query ``perm[n]``
+        (new key ``n`` is old key ``src_perm[n]``; ``src_perm`` defaults to ``perm`` for
+        self-attention and must be given for a bipartite graph).
+
+        Attention on the permuted graph with ``q[perm]``, ``k[src_perm]``, ``v[src_perm]``
+        gives ``out[perm]``. With ``return_edge_perm`` also returns int64 ``[E]``: new
+        canonical edge ``e`` is old canonical edge ``edge_perm[e]`` (reorder an
+        ``edge_bias`` with ``edge_bias[edge_perm]``).
+        """
+        perm = _check_perm("perm", perm, self.num_dst, self.device)
+        if src_perm is None:
+            if self.is_bipartite:
+                raise ValueError(f"a bipartite graph ({self.num_src} keys, {self.num_dst} "
+                                 f"queries) needs src_perm for its keys")
+            src_perm = perm
+        else:
+            src_perm = _check_perm("src_perm", src_perm, self.num_src, self.device)
+        inv_dst = torch.empty_like(perm)
+        inv_dst[perm] = torch.arange(perm.numel(), device=perm.device)
+        inv_src = inv_dst if src_perm is perm else torch.empty_like(src_perm)
+        if src_perm is not perm:
+            inv_src[src_perm] = torch.arange(src_perm.numel(), device=perm.device)
+        src, dst = inv_src[self.src], inv_dst[self.dst]
+        edge_perm = torch.sort(dst * max(self.num_src, 1) + src).indices
+        g = self._from_canonical(src[edge_perm], dst[edge_perm], self.num_src, self.num_dst)
+        return (g, edge_perm) if return_edge_perm else g
+
+    @property
+    def order(self):
+        """The token order dense tiles compute in: ``None`` (the graph's own), a query
+        permutation (self-attention: keys follow it), or ``(query_perm, key_perm)``.
+
+        ``graph.order = perm`` asks the tiled path to run on :meth:`permute` ``(perm)``,
+        where the mask is closer to block diagonal, and to map the results back: the mask
+        and every result stay the same. ``hash_buckets`` sets it to (bucket, position);
+        :func:`attngraph.reorder` computes one for any graph.
+        """
+        order = self._cache.get("order")
+        if order is None:
+            return None
+        return order[0] if order[1] is None else order
+
+    @order.setter
+    def order(self, perm) -> None:
+        if perm is None:
+            self._cache.pop("order", None)
+        else:
+            q_perm, k_perm = perm if isinstance(perm, tuple) else (perm, None)
+            q_perm = _check_perm("order", q_perm, self.num_dst, self.device)
+            if k_perm is not None:
+                k_perm = _check_perm("order (keys)", k_perm, self.num_src, self.device)
+            elif self.is_bipartite:
+                raise ValueError("a bipartite graph needs an order for queries and one for "
+                                 "keys: graph.order = (query_perm, key_perm)")
+            self._cache["order"] = (q_perm, k_perm)
+        for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == "tile_plan"]:
+            del self._cache[key]
+
+    def tile_plan(self, block_size: Optional[int] = None, *, block_k: Optional[int] = None,
+                  min_density: Optional[float] = None, order="auto", src_order=None):
+        """Which ``block_size x block_k`` tiles run as dense math and which edges run per
+        edge (:class:`attngraph.ops.tiles.TilePlan`: counts, ``tile_fraction``, masks).
+
+        Computed once per graph and arguments, and cached. ``block_size=None`` plans with
+        each size of ``attngraph.ops.tiles.BLOCK_SIZES`` (64, 128) and keeps the plan of
+        least modelled cost (``TilePlan.cost``). ``min_density``: a tile runs
+        dense when it holds at least this fraction of its cells as edges (default: the
+        measured break-even ``1 / attngraph.ops.tiles.EDGE_COST_CELLS``; 0: every non-empty
+        tile; above 1: none). ``order``: ``"auto"`` (the graph's :attr:`order`), ``None``
+        (the graph's own numbering) or a permutation of the queries (``src_order``: of the
+        keys, default ``order`` for self-attention).
+        """
+        from attngraph.masks._common import check_int
+        from attngraph.ops.tiles import BLOCK_SIZES, build_plan
+
+        if block_size is None:
+            if block_k is not None:
+                raise ValueError("give block_size with block_k")
+            plans = [self.tile_plan(b, min_density=min_density, order=order,
+                                    src_order=src_order) for b in BLOCK_SIZES]
+            return min(plans, key=lambda p: p.cost())
+        bq = check_int("block_size", block_size, minimum=1)
+        bk = bq if block_k is None else check_int("block_k", block_k, minimum=1)
+        if min_density is not None:
+            if isinstance(min_density, bool) or not isinstance(min_density, (int, float)) \
+                    or not min_density >= 0:
+                raise ValueError(f"min_density must be a number >= 0, got {min_density!r}")
+            min_density = float(min_density)
+        own = self._cache.get("order", (None, None))
+        if isinstance(order, str):
+            if order != "auto":
+                raise ValueError(f"order must be 'auto', None or a permutation tensor, got "
+                                 f"{order!r}")
+            order, src_order = own
+        if order is not None:
+            order = _check_perm("order", order, self.num_dst, self.device)
+        if src_order is not None:
+            src_order = _check_perm("src_order", src_order, self.num_src, self.device)
+        # plans in the graph's own order or its `order` are cached; other orders are not
+        # (a tensor's id can be reused once it is freed)
+        cacheable = (order is None and src_order is None
+                     or order is own[0] and src_order is own[1])
+        key = ("tile_plan", bq, bk, min_density, order is not None)
+        plan = self._cache.get(key) if cacheable else None
+        if plan is None:
+            plan = build_plan(self, bq, bk, min_density=min_density, order=order,
+                              src_order=src_order)
+            if cacheable:
+                self._cache[key] = plan
+        return plan
+
     def equal(self, other: "TokenGraph") -> bool:
         """Same node counts and the same edges."""
         return (isinstance(other, TokenGraph)
@@ -401,6 +513,25 @@ class TokenGraph:
         except ImportError:
             return None
         return mask_png(self)
+
+
+def _check_perm(name: str, perm, n: int, device) -> Tensor:
+    """``perm`` as an int64 permutation of ``0..n-1`` on ``device``."""
+    if not isinstance(perm, Tensor):
+        raise TypeError(f"{name} must be a 1-D integer tensor (a permutation of 0..{n - 1}), "
+                        f"got {type(perm).__name__}")
+    if perm.dtype == torch.bool or perm.is_floating_point() or perm.is_complex():
+        raise TypeError(f"{name} must hold integers, got {perm.dtype}")
+    if perm.dim() != 1 or perm.numel() != n:
+        raise ValueError(f"{name} must have shape [{n}], got {list(perm.shape)}")
+    perm = perm.to(device=device, dtype=torch.long)
+    seen = torch.zeros(n, dtype=torch.bool, device=device)
+    if n and (int(perm.min()) < 0 or int(perm.max()) >= n):
+        raise ValueError(f"{name} holds ids outside [0, {n})")
+    seen[perm] = True
+    if not bool(seen.all()):
+        raise ValueError(f"{name} is not a permutation of 0..{n - 1} (an id repeats)")
+    return perm
 
 
 def graph_of(ptr: Tensor, src: Tensor, dst: Tensor, num_src: int, num_dst: int) -> TokenGraph:

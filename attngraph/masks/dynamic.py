@@ -34,7 +34,10 @@ def hash_buckets(q_buckets: Tensor, k_buckets: Optional[Tensor] = None, *,
 
     Returns:
         TokenGraph with ``num_dst = N_dst``, ``num_src = N_src``; a query whose bucket holds
-        no (earlier) key gets no edges.
+        no (earlier) key gets no edges. Its :attr:`~attngraph.TokenGraph.order` is
+        (bucket, position), as SCFA sorts tokens: there the mask is block diagonal and the
+        tiled path computes on dense tiles, with results mapped back to the original
+        positions.
 
     Example::
 
@@ -69,7 +72,11 @@ def hash_buckets(q_buckets: Tensor, k_buckets: Optional[Tensor] = None, *,
     i = torch.arange(nq, device=q.device)
     limit = torch.clamp(i + (0 if strict else 1), max=nk) if causal else nk
     hi = torch.searchsorted(sort_key, q_rank * width + limit)     # keys at positions < limit
-    return from_runs(nk, nq, [Take(order, lo, hi - lo)], device=q.device)
+    graph = from_runs(nk, nq, [Take(order, lo, hi - lo)], device=q.device)
+    # Renumbered by (bucket, position) the mask is block diagonal: dense tiles compute there
+    graph.order = order if k_buckets is None else (
+        torch.sort(q_rank, stable=True).indices, order)
+    return graph
 
 
 def qk_drop(keep_q: Tensor, keep_k: Tensor, *, causal: bool = True) -> TokenGraph:

@@ -14,7 +14,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Backend", "register_backend", "backends", "select_backend", "explain", "WITH_CUPY"]
+__all__ = ["Backend", "register_backend", "backends", "select_backend", "per_edge_backend",
+           "explain", "WITH_CUPY"]
 
 WITH_CUPY = importlib.util.find_spec("cupy") is not None
 
@@ -28,6 +29,7 @@ class Inputs:
     head_dim: int
     value_dim: int
     requires_grad: bool
+    graph: object = None        # the TokenGraph, for backends that decide by its structure
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,15 @@ def backends() -> List[Backend]:
     return sorted(_BACKENDS.values(), key=lambda b: -b.priority)
 
 
-def select_backend(name: str, inputs: Inputs) -> Backend:
-    """The backend to run ``inputs`` with: ``name`` itself, or the best one for "auto"."""
+def select_backend(name: str, inputs: Inputs, *, exclude: Tuple[str, ...] = ()) -> Backend:
+    """The backend to run ``inputs`` with: ``name`` itself, or the best one for "auto"
+    (never one named in ``exclude``)."""
     if name != "auto" and name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of "
                          f"{sorted(_BACKENDS)}")
     reasons: List[Tuple[str, str]] = []
     for b in backends():
-        if name not in ("auto", b.name):
+        if name not in ("auto", b.name) or b.name in exclude:
             continue
         why = b.refuse(inputs)
         if why is None and name == "auto" and b.auto_refuse is not None:
@@ -80,11 +83,17 @@ def select_backend(name: str, inputs: Inputs) -> Backend:
         reasons.append((b.name, why))
     if name != "auto":  # say why the others would or would not have worked too
         reasons += [(b.name, b.refuse(inputs) or "would accept this input")
-                    for b in backends() if b.name != name]
+                    for b in backends() if b.name != name and b.name not in exclude]
     lines = "\n".join(f"  - {n}: {why}" for n, why in reasons)
     raise RuntimeError(f"no backend can run graph_attention with backend={name!r} on "
                        f"{inputs.dtype} tensors on {inputs.device} (head dim "
                        f"{inputs.head_dim}):\n{lines}")
+
+
+def per_edge_backend(name: str, inputs: Inputs) -> Backend:
+    """The per-edge backend (every one but ``tiles``) ``name`` resolves to for ``inputs``:
+    where the tiled path runs its residual edges."""
+    return select_backend("auto" if name == "tiles" else name, inputs, exclude=("tiles",))
 
 
 _TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -173,3 +182,48 @@ register_backend(Backend("torch", priority=0, refuse=_torch_refuse, run=_torch_r
 register_backend(Backend("cupy", priority=10, refuse=_cupy_refuse, run=_cupy_run,
                          stages=_cupy_stages, auto_refuse=_cupy_auto_refuse,
                          describe=_cupy_describe))
+
+
+def _tiles_refuse(x: Inputs) -> Optional[str]:
+    if x.dtype not in _TORCH_DTYPES:
+        return f"takes float16/bfloat16/float32/float64, got {x.dtype}"
+    if torch.compiler.is_compiling():
+        return "plans tiles on the host: not traced by torch.compile (the torch backend is)"
+    return None
+
+
+# Below this modelled saving the tile plan is not worth a second code path.
+_TILES_MIN_SAVING = 0.9
+
+
+def _tiles_auto_refuse(x: Inputs) -> Optional[str]:
+    from attngraph.ops.tiles import EDGE_COST_CELLS
+
+    g = x.graph
+    if g is None or g.num_edges == 0:
+        return "no graph to plan"
+    plan = g.tile_plan()
+    if plan.num_tiles == 0:
+        return "no tile of the graph is dense enough to pay (tile_plan() has no tiles)"
+    per_edge = EDGE_COST_CELLS * g.num_edges
+    if plan.cost() > _TILES_MIN_SAVING * per_edge:
+        return (f"the tile plan saves too little: modelled cost {plan.cost():.3g} vs "
+                f"{per_edge:.3g} cells per edge")
+    return None
+
+
+def _tiles_describe(x: Inputs) -> str:
+    plan = x.graph.tile_plan() if x.graph is not None else None
+    how = "dense tiles (ops/tiles.py) + per-edge residual, merged by log-sum-exp"
+    return f"{how}: {plan}" if plan is not None else how
+
+
+def _tiles_run(q, k, v, graph, scale, bias):
+    from attngraph.ops import tiles
+
+    return tiles.attention(q, k, v, graph, scale, bias)
+
+
+register_backend(Backend("tiles", priority=20, refuse=_tiles_refuse, run=_tiles_run,
+                         stages=_torch_stages, auto_refuse=_tiles_auto_refuse,
+                         describe=_tiles_describe))

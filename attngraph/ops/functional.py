@@ -140,7 +140,9 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *,
         edge_bias: ``[E]`` or ``[E, H]`` added to the scores before the softmax, in the
             graph's canonical edge order (``-inf`` masks an edge out).
         return_lse: also return the log-sum-exp of each query's scores.
-        backend: ``"auto"``, ``"torch"`` or ``"cupy"``.
+        backend: ``"auto"``, ``"torch"``, ``"cupy"`` or ``"tiles"`` (dense tiles where
+            ``graph.tile_plan()`` finds them, the other edges per edge; ``"auto"`` takes it
+            when the plan's modelled cost is lower).
 
     Returns:
         ``out [N_dst, H, D_v]`` (``[B, L, H, D_v]`` batched) in the dtype of ``q``, and with
@@ -156,7 +158,7 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *,
     scale = _check_scale(scale, q.size(-1))
     chosen = select_backend(backend, Inputs(
         device=q.device, dtype=q.dtype, head_dim=q.size(-1), value_dim=v.size(-1),
-        requires_grad=any(t.requires_grad for t in (q, k, v))))
+        requires_grad=any(t.requires_grad for t in (q, k, v)), graph=graph))
 
     batched = q.dim() == 4
     if batched:  # fold the batch into heads: head b * H + h; GQA grouping is preserved

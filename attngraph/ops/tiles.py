@@ -1,0 +1,607 @@
+"""Dense tiles where the graph is dense, edges where it is sparse.
+
+A *tile plan* cuts the ``[num_dst, num_src]`` mask into ``block_q x block_k`` tiles. A tile
+holding enough edges runs as dense math: two batched matmuls over contiguous query and key
+rows, with an exact in-tile mask, as FlexAttention and FlashAttention do. The edges left
+over (the *residual*) run on a per-edge backend. The two partial softmax states, each an
+output and a log-sum-exp per query, are merged exactly by log-sum-exp, so the result is the
+attention of the whole graph, forward and backward.
+
+Which tiles run dense is decided by cost: a tile costs about ``block_q * block_k`` cells of
+dense work whatever it holds, an edge on the per-edge path costs about ``EDGE_COST_CELLS``
+cells (measured by :func:`calibrate`), so a tile pays when it holds more than
+``block_q * block_k / EDGE_COST_CELLS`` edges: ``min_density = 1 / EDGE_COST_CELLS``.
+
+Inputs of :func:`attention` are node-major and GQA-grouped as for every backend
+(``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``, ``v [N_src, H_kv, D_v]``, ``bias`` ``None`` or
+``[E, nb]`` with ``H % nb == 0``); a query without edges gets output 0 and lse ``-inf``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from attngraph.graph import TokenGraph
+
+__all__ = ["TilePlan", "build_plan", "attention", "merge", "calibrate", "EDGE_COST_CELLS",
+           "DEFAULT_BLOCK", "MAX_TILE_ELEMENTS"]
+
+DEFAULT_BLOCK = 128
+
+# Measured by `calibrate()` on the reference machine (2 x86 cores, torch 2.13 CPU, H = 4,
+# D = 64, float32; `python -m benchmarks --preset tiles` prints it again): one edge on the
+# per-edge torch path costs as much as 50-110 cells of a 128 x 128 tile in the forward (more
+# where keys are scattered) and 70-125 in the backward, so a tile pays from about
+# 1 / EDGE_COST_CELLS density; a cell of a 64 x 64 tile costs 1.1-1.6 cells of a 128 x 128
+# one (CELL_COST).
+EDGE_COST_CELLS = 64.0
+CELL_COST = {64: 1.2, 128: 1.0}
+BLOCK_SIZES = tuple(CELL_COST)
+
+# Score elements (heads x query rows x keys) computed at once.
+MAX_TILE_ELEMENTS = 1 << 21
+
+# Most tiles one query block's row of scores spans at once (longer rows are cut in runs
+# whose results merge by log-sum-exp): 16 x 128 = 2048 keys.
+SEGMENT_TILES = 16
+
+
+class TilePlan:
+    """Which ``block_q x block_k`` tiles of a graph run dense, and which edges run per edge.
+
+    Attributes:
+        block_q, block_k: tile size over queries and keys.
+        num_q_blocks, num_k_blocks: ``ceil(num_dst / block_q)``, ``ceil(num_src / block_k)``.
+        min_density: a tile runs dense when it holds at least ``min_density * block_q *
+            block_k`` edges.
+        tile_q, tile_k: int64 ``[T]``, query block and key block of every dense tile, in
+            (query block, key block) order.
+        mask_index: int64 ``[T]``, the tile's in-tile mask in ``masks`` (0: a full tile).
+        masks: bool ``[1 + T_partial, block_q, block_k]``: ``masks[0]`` is all True, the
+            others are the partial tiles' exact masks (cells past ``num_dst`` / ``num_src``
+            are False).
+        tile_edge_count: int64 ``[T]``, edges on each tile.
+        residual: the :class:`TokenGraph` of the edges not on a dense tile (same nodes).
+        residual_edges: int64 ``[E_r]``, their ids in the planned graph's canonical order.
+        graph: the planned graph (the reordered one when ``order`` is set).
+        order, src_order: the token order the plan computes in (``None``: the graph's own):
+            planned query ``n`` is the graph's query ``order[n]``.
+        edge_perm: int64 ``[E]`` when reordered: planned edge ``e`` is the graph's canonical
+            edge ``edge_perm[e]``.
+        segments: the tiles as the forward and backward visit them: each query block's
+            tiles cut into runs of at most ``SEGMENT_TILES``, grouped by run length ``L``:
+            a list of ``(L, block [n], tiles [n, L], rank [n])`` (query block of each run,
+            its tiles, its place among its block's runs); one run's scores are one row of
+            ``L * block_k`` keys, softmaxed at once.
+        segments_per_block: int64 ``[num_q_blocks]``, runs per query block.
+    """
+
+    __slots__ = ("block_q", "block_k", "num_q_blocks", "num_k_blocks", "min_density",
+                 "tile_q", "tile_k", "mask_index", "masks", "tile_edge_count", "residual",
+                 "residual_edges", "graph", "order", "src_order", "edge_perm", "segments",
+                 "segments_per_block", "_tile_edges", "_run_masks")
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields.pop(name, None))
+        assert not fields, fields
+
+    # ------------------------------------------------------------------ summary
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_q.numel()
+
+    @property
+    def num_full(self) -> int:
+        return int((self.mask_index == 0).sum())
+
+    @property
+    def num_partial(self) -> int:
+        return self.num_tiles - self.num_full
+
+    @property
+    def num_edges(self) -> int:
+        return self.graph.num_edges
+
+    @property
+    def num_tile_edges(self) -> int:
+        return self.num_edges - self.residual.num_edges
+
+    @property
+    def num_residual_edges(self) -> int:
+        return self.residual.num_edges
+
+    @property
+    def tile_fraction(self) -> float:
+        """Fraction of the edges that run on dense tiles."""
+        return self.num_tile_edges / self.num_edges if self.num_edges else 0.0
+
+    @property
+    def tile_cells(self) -> int:
+        """Dense cells computed: ``num_tiles * block_q * block_k``."""
+        return self.num_tiles * self.block_q * self.block_k
+
+    def cost(self, edge_cost_cells: float = EDGE_COST_CELLS) -> float:
+        """Modelled work in units of a 128 x 128 tile's cell: tile cells (weighted by
+        ``CELL_COST`` of the block size) plus the residual edges' cost."""
+        per_cell = CELL_COST.get(max(self.block_q, self.block_k), 1.0)
+        return per_cell * self.tile_cells + edge_cost_cells * self.num_residual_edges
+
+    def summary(self) -> dict:
+        return dict(block_q=self.block_q, block_k=self.block_k, tiles=self.num_tiles,
+                    full=self.num_full, partial=self.num_partial,
+                    tile_edges=self.num_tile_edges, residual_edges=self.num_residual_edges,
+                    tile_fraction=round(self.tile_fraction, 4),
+                    reordered=self.order is not None)
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (f"TilePlan(block={s['block_q']}x{s['block_k']}, tiles={s['tiles']} "
+                f"({s['full']} full, {s['partial']} partial), tile_edges={s['tile_edges']}, "
+                f"residual_edges={s['residual_edges']}, "
+                f"tile_fraction={s['tile_fraction']:.3g}"
+                f"{', reordered' if s['reordered'] else ''})")
+
+    # ------------------------------------------------------------------ per-edge positions
+    def tile_edges(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """The edges on dense tiles grouped by tile: ``(ptr [T + 1], edges [E_t], cell
+        [E_t])``: tile t holds planned edges ``edges[ptr[t]:ptr[t+1]]``, at flat in-tile
+        cells ``cell`` (``row * block_k + col``). Built on first use (an edge bias needs it)."""
+        if self._tile_edges is None:
+            g = self.graph
+            tid = _tile_of_edges(self, g.src, g.dst)
+            on = tid >= 0
+            edges = on.nonzero().view(-1)
+            order = torch.sort(tid[edges], stable=True).indices
+            edges = edges[order]
+            cell = (g.dst[edges] % self.block_q) * self.block_k + g.src[edges] % self.block_k
+            ptr = torch.zeros(self.num_tiles + 1, dtype=torch.long, device=g.device)
+            ptr[1:] = torch.cumsum(self.tile_edge_count, 0)
+            self._tile_edges = (ptr, edges, cell)
+        return self._tile_edges
+
+
+def _tile_of_edges(plan: TilePlan, src: Tensor, dst: Tensor) -> Tensor:
+    """Dense tile of each edge, or -1 for a residual edge."""
+    nk = plan.num_k_blocks
+    key = (dst // plan.block_q) * nk + src // plan.block_k
+    tile_key = plan.tile_q * nk + plan.tile_k                        # sorted
+    pos = torch.searchsorted(tile_key, key).clamp_max(max(plan.num_tiles - 1, 0))
+    hit = tile_key[pos] == key if plan.num_tiles else torch.zeros_like(key, dtype=torch.bool)
+    return torch.where(hit, pos, -1)
+
+
+def build_plan(graph: TokenGraph, block_q: int = DEFAULT_BLOCK,
+               block_k: Optional[int] = None, *, min_density: Optional[float] = None,
+               order: Optional[Tensor] = None, src_order: Optional[Tensor] = None
+               ) -> TilePlan:
+    """Plan ``graph`` in tiles of ``block_q x block_k`` (see :class:`TilePlan`).
+
+    ``min_density`` defaults to ``1 / EDGE_COST_CELLS``; 0 puts every non-empty tile on the
+    dense path, a value above 1 none. With ``order`` (and ``src_order`` for bipartite
+    graphs) the plan is made for the graph renumbered in that token order.
+    """
+    block_k = block_q if block_k is None else block_k
+    if min_density is None:
+        min_density = 1.0 / EDGE_COST_CELLS
+    edge_perm = None
+    planned = graph
+    if order is not None:
+        planned, edge_perm = graph.permute(order, src_order, return_edge_perm=True)
+        if src_order is None and not graph.is_bipartite:
+            src_order = order
+    nq = -(-planned.num_dst // block_q)
+    nk = -(-planned.num_src // block_k)
+    src, dst = planned.src, planned.dst
+    key = (dst // block_q) * nk + src // block_k
+    uniq, counts = torch.unique(key, return_counts=True)
+    cells = block_q * block_k
+    take = counts >= max(min_density * cells, 1)
+    tiles, tile_count = uniq[take], counts[take]
+    full = tile_count == cells
+    mask_index = torch.zeros(tiles.numel(), dtype=torch.long, device=graph.device)
+    mask_index[~full] = torch.arange(1, int((~full).sum()) + 1, device=graph.device)
+    plan = TilePlan(block_q=block_q, block_k=block_k, num_q_blocks=nq, num_k_blocks=nk,
+                    min_density=float(min_density), tile_q=tiles // max(nk, 1),
+                    tile_k=tiles % max(nk, 1), mask_index=mask_index,
+                    tile_edge_count=tile_count, graph=planned, order=order,
+                    src_order=src_order, edge_perm=edge_perm)
+    tid = _tile_of_edges(plan, src, dst)
+    masks = torch.zeros(1 + int((~full).sum()), block_q, block_k, dtype=torch.bool,
+                        device=graph.device)
+    masks[0] = True
+    on = tid >= 0
+    part = on & (mask_index[tid.clamp_min(0)] > 0) if tiles.numel() else on
+    e = part.nonzero().view(-1)
+    cell = (dst[e] % block_q) * block_k + src[e] % block_k
+    masks.view(-1)[mask_index[tid[e]] * cells + cell] = True
+    res = (~on).nonzero().view(-1)
+    plan.masks = masks
+    plan.residual_edges = res
+    plan.residual = TokenGraph._from_canonical(src[res], dst[res], planned.num_src,
+                                               planned.num_dst)
+    plan.segments, plan.segments_per_block = _segments(plan.tile_q, nq, SEGMENT_TILES)
+    return plan
+
+
+def _segments(tile_q: Tensor, num_blocks: int, max_len: int):
+    """Cut each query block's tiles (consecutive in ``tile_q``) into balanced runs of at
+    most ``max_len`` tiles; group the runs by length."""
+    count = torch.bincount(tile_q, minlength=num_blocks)
+    first = torch.cumsum(count, 0) - count
+    nseg = -(-count // max_len)
+    block = torch.repeat_interleave(torch.arange(num_blocks, device=tile_q.device), nseg)
+    rank = torch.arange(block.numel(), device=tile_q.device) - torch.repeat_interleave(
+        torch.cumsum(nseg, 0) - nseg, nseg)
+    c, n = count[block], nseg[block]
+    length = c // n + (rank < c % n).long()
+    start = first[block] + rank * (c // n) + torch.minimum(rank, c % n)
+    groups = []
+    for L in torch.unique(length).tolist():
+        sel = length == L
+        tiles = start[sel].unsqueeze(1) + torch.arange(L, device=tile_q.device)
+        groups.append((int(L), block[sel], tiles, rank[sel]))
+    return groups, nseg
+
+
+# ---------------------------------------------------------------------------- execution
+# Layouts: query blocks ``[H_kv, nQ, G * bq, C]`` (the G query heads of a kv head stacked,
+# so one matmul per kv head serves them all), key blocks ``[H_kv, nK, bk, C]``.
+def _q_blocks(x: Tensor, plan: TilePlan, kv_heads: int, scale: float = 1.0) -> Tensor:
+    nq, bq = plan.num_q_blocks, plan.block_q
+    pad = nq * bq - x.size(0)
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+    G, C = x.size(1) // kv_heads, x.size(-1)
+    x = x.view(nq, bq, kv_heads, G, C).permute(2, 0, 3, 1, 4)
+    out = torch.empty(kv_heads, nq, G, bq, C, dtype=x.dtype, device=x.device)
+    if scale == 1.0:
+        out.copy_(x)
+    else:
+        torch.mul(x, scale, out=out)                       # the scale rides on the copy
+    return out.view(kv_heads, nq, G * bq, C)
+
+
+def _from_q_blocks(x: Tensor, plan: TilePlan, n: int) -> Tensor:
+    H_kv, nq, rows, C = x.shape
+    G = rows // plan.block_q
+    x = x.view(H_kv, nq, G, plan.block_q, C).permute(1, 3, 0, 2, 4)
+    return x.reshape(nq * plan.block_q, H_kv * G, C)[:n]
+
+
+def _k_blocks(x: Tensor, plan: TilePlan) -> Tensor:
+    nk, bk = plan.num_k_blocks, plan.block_k
+    pad = nk * bk - x.size(0)
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+    return x.view(nk, bk, x.size(1), x.size(2)).permute(2, 0, 1, 3).contiguous()
+
+
+def _from_k_blocks(x: Tensor, n: int) -> Tensor:
+    H_kv, nk, bk, C = x.shape
+    return x.permute(1, 2, 0, 3).reshape(nk * bk, H_kv, C)[:n]
+
+
+def _run_masks(plan: TilePlan) -> List[Optional[Tensor]]:
+    """Per run group, bool ``[n, bq, L * bk]``: True where a run's cell is *not* an edge
+    (None for a group of full tiles only). Built on first use, kept with the plan."""
+    if plan._run_masks is None:
+        plan._run_masks = []
+        for L, _, tiles, _ in plan.segments:
+            mi = plan.mask_index[tiles]
+            if not bool((mi > 0).any()):
+                plan._run_masks.append(None)
+                continue
+            n, bq, bk = tiles.size(0), plan.block_q, plan.block_k
+            off = ~plan.masks.index_select(0, mi.reshape(-1)).view(n, L, bq, bk)
+            plan._run_masks.append(off.transpose(1, 2).reshape(n, bq, L * bk))
+    return plan._run_masks
+
+
+def _chunks(plan: TilePlan, heads: int):
+    """``(blocks [n], tiles [n, L], rank [n], off [n, bq, L*bk] or None)`` pieces of the
+    plan's runs, each within ``MAX_TILE_ELEMENTS`` score elements."""
+    for (L, blocks, tiles, rank), off in zip(plan.segments, _run_masks(plan)):
+        per = max(1, MAX_TILE_ELEMENTS // (heads * plan.block_q * L * plan.block_k))
+        for i in range(0, blocks.numel(), per):
+            yield (blocks[i:i + per], tiles[i:i + per], rank[i:i + per],
+                   None if off is None else off[i:i + per])
+
+
+def _add_rows(dst: Tensor, index: Tensor, src: Tensor) -> None:
+    """``dst[:, index] += src`` along dim 1, one kv head at a time on 2-D views (torch's
+    CPU ``index_add_`` is far slower on a many-dimensional destination)."""
+    for h in range(dst.size(0)):
+        dst[h].view(dst.size(1), -1).index_add_(0, index, src[h].reshape(index.numel(), -1))
+
+
+class _Tiles:
+    """One call's blocked operands and the scores of any run of tiles."""
+
+    def __init__(self, plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                 bias: Optional[Tensor]):
+        self.plan = plan
+        self.H, self.H_kv = q.size(1), k.size(1)
+        self.qh = _q_blocks(q, plan, self.H_kv, scale)                 # [Hkv, nQ, G*bq, D]
+        self.kh = _k_blocks(k, plan)                                    # [Hkv, nK, bk, D]
+        self.vh = _k_blocks(v, plan)
+        self.bias = bias
+        if bias is not None:
+            self.edge_ptr, self.edges, self.cell = plan.tile_edges()
+
+    def gather(self, blocks: Tensor, tiles: Tensor):
+        """``(q [Hkv, n, G*bq, D], key block ids [n * L], k [Hkv, n, L*bk, D], v)``."""
+        n, L = tiles.shape
+        kidx = self.plan.tile_k[tiles].reshape(-1)
+        kg = self.kh.index_select(1, kidx).view(self.H_kv, n, -1, self.kh.size(-1))
+        vg = self.vh.index_select(1, kidx).view(self.H_kv, n, -1, self.vh.size(-1))
+        return self.qh.index_select(1, blocks), kidx, kg, vg
+
+    def _edge_cells(self, tiles: Tensor) -> Tuple[Tensor, Tensor]:
+        """The tile edges of a run chunk and their cells in ``[n, bq, L * bk]``."""
+        plan = self.plan
+        n, L = tiles.shape
+        flat_tiles = tiles.reshape(-1)
+        counts = plan.tile_edge_count[flat_tiles]
+        starts = torch.repeat_interleave(self.edge_ptr[flat_tiles], counts)
+        offsets = torch.arange(starts.numel(), device=starts.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts)
+        at = starts + offsets
+        slot = torch.repeat_interleave(torch.arange(n * L, device=starts.device), counts)
+        cell = self.cell[at]
+        row, col = cell // plan.block_k, cell % plan.block_k
+        j, l = slot // L, slot % L
+        flat = ((j * plan.block_q + row) * L + l) * plan.block_k + col
+        return self.edges[at], flat
+
+    def scores(self, qg: Tensor, kg: Tensor, tiles: Tensor, off: Optional[Tensor]) -> Tensor:
+        """Masked (and biased) scores ``[Hkv, n, G*bq, L*bk]`` of one run chunk (``off``:
+        its cells that are not edges)."""
+        plan, H, H_kv = self.plan, self.H, self.H_kv
+        bq, bk = plan.block_q, plan.block_k
+        n, L = tiles.shape
+        s = torch.matmul(qg, kg.transpose(-1, -2))
+        per_head = s.view(H_kv, n, -1, bq, L * bk)                     # [Hkv, n, G, bq, .]
+        if self.bias is None:
+            if off is not None:
+                per_head.masked_fill_(off.unsqueeze(1), float("-inf"))
+            return s
+        # the bias carries the mask: -inf off the edges, the edge's bias on them
+        edges, flat = self._edge_cells(tiles)
+        nb = self.bias.size(1)
+        dense = s.new_full((n * bq * L * bk, nb), float("-inf"))
+        dense[flat] = self.bias.index_select(0, edges)
+        # head h = kvh * G + g reads bias column h % nb (a bias broadcast over a batch)
+        dense = dense.view(n, bq, L * bk, nb).permute(3, 0, 1, 2).repeat(H // nb, 1, 1, 1)
+        per_head.add_(dense.view(H_kv, -1, n, bq, L * bk).transpose(1, 2))
+        return s
+
+    def bias_grad(self, ds: Tensor, tiles: Tensor, dbias: Tensor) -> None:
+        edges, flat = self._edge_cells(tiles)
+        H_kv, n = ds.size(0), ds.size(1)
+        bq = self.plan.block_q
+        per_cell = ds.view(H_kv, n, -1, bq, ds.size(-1)).permute(1, 3, 4, 0, 2)
+        g = per_cell.reshape(-1, self.H).index_select(0, flat)           # [E_c, H]
+        dbias[edges] = g.view(g.size(0), -1, dbias.size(1)).sum(1)
+
+
+def _merge_rows(out: Tensor, lse: Tensor, o: Tensor, l: Tensor) -> Tuple[Tensor, Tensor]:
+    """``merge((out, lse), (o, l))`` of two normalised partial attentions."""
+    new = torch.logaddexp(lse, l)
+    safe = torch.where(torch.isneginf(new), 0.0, new)
+    return (out * torch.exp(lse - safe).unsqueeze(-1) + o * torch.exp(l - safe).unsqueeze(-1),
+            new)
+
+
+def _forward(tiles: _Tiles, dv: int) -> Tuple[Tensor, Tensor]:
+    """Attention over the plan's tiles -> ``(out [Hkv, nQ, G*bq, D_v], lse [Hkv, nQ, G*bq])``."""
+    plan = tiles.plan
+    qh = tiles.qh
+    out = qh.new_zeros(qh.size(0), qh.size(1), qh.size(2), dv)
+    lse = qh.new_full(qh.shape[:3], float("-inf"))
+    for blocks, run, rank, off in _chunks(plan, tiles.H):
+        qg, kidx, kg, vg = tiles.gather(blocks, run)
+        s = tiles.scores(qg, kg, run, off)
+        p = torch.softmax(s, -1)
+        # p = exp(s - lse), so at the row's largest p: lse = s - log p
+        top, at = p.max(-1)
+        l = s.gather(-1, at.unsqueeze(-1)).squeeze(-1) - torch.log(top)
+        del s
+        empty = torch.isnan(top)        # a row with no edge on these tiles: softmax gives NaN
+        if bool(empty.any()):
+            p.masked_fill_(empty.unsqueeze(-1), 0.0)
+            l.masked_fill_(empty, float("-inf"))
+        o = torch.matmul(p, vg)
+        single = plan.segments_per_block[blocks] == 1
+        if bool(single.all()):
+            out.index_copy_(1, blocks, o)
+            lse.index_copy_(1, blocks, l)
+            continue
+        for r in torch.unique(rank).tolist():    # a long row in several runs: merge
+            sel = ((rank == r) | single) if r == 0 else (rank == r) & ~single
+            rows = blocks[sel]
+            if r == 0:
+                o_r, l_r = o[:, sel], l[:, sel]
+                mix = ~single[sel]
+                if bool(mix.any()):
+                    cur_o, cur_l = _merge_rows(out[:, rows[mix]], lse[:, rows[mix]],
+                                               o_r[:, mix], l_r[:, mix])
+                    o_r[:, mix], l_r[:, mix] = cur_o, cur_l
+            else:
+                o_r, l_r = _merge_rows(out[:, rows], lse[:, rows], o[:, sel], l[:, sel])
+            out[:, rows], lse[:, rows] = o_r, l_r
+    return out, lse
+
+
+def _backward(tiles: _Tiles, out: Tensor, lse: Tensor, dout: Tensor, dlse: Optional[Tensor],
+              scale: float, bias_grad: bool):
+    """Gradients over the plan's tiles; ``out``, ``lse``, ``dout``, ``dlse`` blocked."""
+    plan = tiles.plan
+    delta = (dout * out).sum(-1)                                       # [Hkv, nQ, G*bq]
+    if dlse is not None:
+        delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse)
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))           # p = 0 in empty rows
+    dqh, dkh, dvh = (torch.zeros_like(x) for x in (tiles.qh, tiles.kh, tiles.vh))
+    dbias = tiles.bias.new_zeros(tiles.bias.shape) if bias_grad else None
+    for blocks, run, rank, off in _chunks(plan, tiles.H):
+        qg, kidx, kg, vg = tiles.gather(blocks, run)
+        p = tiles.scores(qg, kg, run, off).sub_(lse.index_select(1, blocks).unsqueeze(-1)).exp_()
+        dog = dout.index_select(1, blocks)                             # [Hkv, n, G*bq, Dv]
+        _add_rows(dvh, kidx, torch.matmul(p.transpose(-1, -2), dog))
+        ds = torch.matmul(dog, vg.transpose(-1, -2))
+        ds.sub_(delta.index_select(1, blocks).unsqueeze(-1)).mul_(p)
+        del p
+        if dbias is not None:
+            tiles.bias_grad(ds, run, dbias)
+        _add_rows(dqh, blocks, torch.matmul(ds, kg))
+        _add_rows(dkh, kidx, torch.matmul(ds.transpose(-1, -2), qg))
+    return dqh * scale, dkh, dvh, dbias
+
+
+class _TileAttention(torch.autograd.Function):
+    """``(q, k, v, bias) -> (out, lse)`` over a plan's dense tiles (node-major in and out)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, plan, scale):
+        tiles = _Tiles(plan, q, k, v, scale, bias)
+        out_b, lse_b = _forward(tiles, v.size(-1))
+        ctx.plan, ctx.scale = plan, scale
+        ctx.save_for_backward(q, k, v, bias, out_b, lse_b)
+        n = q.size(0)
+        return (_from_q_blocks(out_b, plan, n),
+                _from_q_blocks(lse_b.unsqueeze(-1), plan, n).squeeze(-1))
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, bias, out_b, lse_b = ctx.saved_tensors
+        plan = ctx.plan
+        tiles = _Tiles(plan, q, k, v, ctx.scale, bias)
+        H_kv = k.size(1)
+        dout_b = _q_blocks(dout, plan, H_kv)
+        dlse_b = None if dlse is None else _q_blocks(dlse.unsqueeze(-1), plan, H_kv).squeeze(-1)
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dqh, dkh, dvh, dbias = _backward(tiles, out_b, lse_b, dout_b, dlse_b, ctx.scale,
+                                         bias_grad)
+        return (_from_q_blocks(dqh, plan, q.size(0)), _from_k_blocks(dkh, k.size(0)),
+                _from_k_blocks(dvh, k.size(0)), dbias, None, None)
+
+
+def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    """Exact merge of two partial attentions over disjoint edge sets of the same queries.
+
+    ``out [N, H, D_v]`` normalised, ``lse [N, H]``; a row empty in both stays 0 / ``-inf``.
+    Differentiable (no NaN gradients for empty rows).
+    """
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isneginf(m), 0.0, m).detach()
+    total = torch.exp(lse_a - m) + torch.exp(lse_b - m)
+    nonempty = total > 0
+    lse = torch.where(nonempty, torch.log(torch.where(nonempty, total, 1.0)) + m,
+                      float("-inf"))
+    safe = torch.where(nonempty, lse, 0.0)
+    out = (out_a * torch.exp(lse_a - safe).unsqueeze(-1)
+           + out_b * torch.exp(lse_b - safe).unsqueeze(-1))
+    return out.to(out_a.dtype), lse
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
+              bias: Optional[Tensor] = None, *, plan: Optional[TilePlan] = None,
+              residual_backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Graph attention on dense tiles plus per-edge residual -> ``(out, lse)``.
+
+    ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``, ``v [N_src, H_kv, D_v]`` (validated,
+    node-major); ``bias`` ``None`` or ``[E, nb]``. ``plan`` defaults to
+    ``graph.tile_plan()``; the residual edges run on ``residual_backend`` (any per-edge
+    backend: ``"auto"`` picks cupy on CUDA tensors when present, else torch). Computes in
+    float32 (float64 for float64 inputs); returns ``out`` in the input dtype and ``lse`` in
+    the compute dtype. Differentiable in q, k, v and bias.
+    """
+    from attngraph.ops.dispatch import Inputs, per_edge_backend
+
+    plan = graph.tile_plan() if plan is None else plan
+    dtype = q.dtype
+    cdt = _compute_dtype(dtype)
+    if plan.order is not None:       # compute in the plan's token order, map back after
+        q = q.index_select(0, plan.order)
+        src_order = plan.src_order
+        k, v = k.index_select(0, src_order), v.index_select(0, src_order)
+        if bias is not None:
+            bias = bias.index_select(0, plan.edge_perm)
+    q_c, k_c, v_c = (t.to(cdt) for t in (q, k, v))
+    bias_c = None if bias is None else bias.to(cdt)
+    parts = []
+    if plan.num_tiles:
+        parts.append(_TileAttention.apply(q_c.contiguous(), k_c.contiguous(), v_c.contiguous(),
+                                          bias_c, plan, float(scale)))
+    if plan.num_residual_edges or not parts:
+        res_bias = None if bias is None else bias.index_select(0, plan.residual_edges)
+        backend = per_edge_backend(residual_backend, Inputs(
+            device=q.device, dtype=dtype, head_dim=q.size(-1), value_dim=v.size(-1),
+            requires_grad=any(t.requires_grad for t in (q, k, v))))
+        out_r, lse_r = backend.run(q, k, v, plan.residual, scale, res_bias)
+        parts.append((out_r.to(cdt), lse_r.to(cdt)))
+    out, lse = parts[0] if len(parts) == 1 else merge(*parts[0], *parts[1])
+    if plan.order is not None:
+        inv = torch.empty_like(plan.order)
+        inv[plan.order] = torch.arange(plan.order.numel(), device=inv.device)
+        out, lse = out.index_select(0, inv), lse.index_select(0, inv)
+    return out.to(dtype), lse
+
+
+# ---------------------------------------------------------------------------- calibration
+def calibrate(*, device="cpu", dtype=torch.float32, heads: int = 4, dim: int = 64,
+              blocks: Tuple[int, ...] = (64, 128), backward: bool = False, n: int = 8192,
+              repeats: int = 5) -> dict:
+    """Measure, on this machine, what one dense tile cell and one per-edge edge cost.
+
+    Times :func:`attention` on graphs that are all full tiles (documents of four blocks,
+    so each query block runs four tiles) and the per-edge torch backend on a random graph;
+    returns ``{"edge_cost_cells": E, "cell_cost": {block: c}, "cell_s": {block: s},
+    "edge_s": s}``, with costs relative to one cell of the largest block.
+    ``EDGE_COST_CELLS`` and ``CELL_COST`` are these figures measured on the reference CPU.
+    """
+    import statistics
+
+    from attngraph import masks
+    from attngraph.ops import chunked
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, heads, dim, generator=gen).to(device=device, dtype=dtype)
+               for _ in range(3))
+    if backward:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    scale = 1.0 / math.sqrt(dim)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            out, lse = fn()
+            if backward:
+                out.sum().backward()
+            if q.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:])
+
+    cell_s = {}
+    for block in blocks:
+        doc = 4 * block
+        graph = masks.document([doc] * (n // doc) + ([n % doc] if n % doc else []))
+        plan = build_plan(graph.to(device), block, min_density=0.0)
+        cell_s[block] = timed(lambda: attention(q, k, v, plan.graph, scale,
+                                                plan=plan)) / plan.tile_cells
+    rnd = masks.random(n, 64, seed=0).to(device)
+    edge_s = timed(lambda: chunked.attention(q, k, v, rnd, scale)) / rnd.num_edges
+    ref = cell_s[max(blocks)]
+    return dict(edge_cost_cells=edge_s / ref, cell_cost={b: c / ref for b, c in cell_s.items()},
+                cell_s=cell_s, edge_s=edge_s)
