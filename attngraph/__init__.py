@@ -9,10 +9,12 @@ from attngraph import masks
 from attngraph.ops import graph_attention
 from attngraph import ops
 from attngraph import nn
+from attngraph.ordering import reorder
 
 __version__ = "0.1.0"
 
-__all__ = ["TokenGraph", "masks", "ops", "nn", "viz", "graph_attention", "__version__"]
+__all__ = ["TokenGraph", "masks", "ops", "nn", "viz", "graph_attention", "reorder",
+           "__version__"]
 
 
 def __getattr__(name):

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from attngraph.graph import TokenGraph
+from attngraph.masks._common import check_int
 
 __all__ = ["to_block_mask", "from_block_mask", "MASK_MOD_CHUNK_ELEMENTS"]
 
@@ -93,11 +94,7 @@ def to_block_mask(graph: TokenGraph, block_size: int = 128) -> BlockMask:
     if not isinstance(graph, TokenGraph):
         raise TypeError(f"graph must be an attngraph.TokenGraph, got {type(graph).__name__}; "
                         f"build one with TokenGraph(edge_index, ...) or TokenGraph.from_dense")
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"block_size must be a positive int, got {block_size!r} "
-                        f"({type(block_size).__name__})")
-    if block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size}")
+    block_size = check_int("block_size", block_size, minimum=1)
     plan = graph.tile_plan(block_size, min_density=0.0, order=None)
     nq, nk = plan.num_q_blocks, plan.num_k_blocks
     full = plan.mask_index == 0
@@ -113,12 +110,10 @@ def to_block_mask(graph: TokenGraph, block_size: int = 128) -> BlockMask:
 
 # ---------------------------------------------------------------------------- mask -> graph
 def _check_index(name: str, value, size: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < 0 or size > 1 and value >= size:
-        raise ValueError(f"{name}={value} is out of range for a BlockMask with {size} "
-                         f"{name} entr{'y' if size == 1 else 'ies'}; expected 0 <= {name} < "
-                         f"{size} (any {name} >= 0 when the BlockMask broadcasts it, size 1)")
+    value = check_int(name, value)
+    if size > 1 and value >= size:
+        raise ValueError(f"{name}={value} is out of range: the BlockMask's {name} dim has "
+                         f"size {size}, expected 0 <= {name} < {size}")
     return value
 
 
@@ -219,9 +214,9 @@ def from_block_mask(block_mask: BlockMask, *, batch: int = 0, head: int = 0) -> 
         bi, hi = min(batch, num_blocks.size(0) - 1), min(head, num_blocks.size(1) - 1)
         q_block, k_block = _listed_blocks(num_blocks[bi, hi], indices[bi, hi], nk)
         for c0 in range(0, q_block.numel(), chunk):
-            q = q_block[c0:c0 + chunk].view(-1, 1, 1) * bq + rows.view(1, -1, 1)   # [C, BQ, 1]
+            q = q_block[c0:c0 + chunk].view(-1, 1, 1) * bq + rows.view(1, -1, 1)  # [C, BQ, 1]
             kv = k_block[c0:c0 + chunk].view(-1, 1, 1) * bk + cols.view(1, 1, -1)  # [C, 1, BK]
-            keep = (q < num_dst) & (kv < num_src)                                   # [C, BQ, BK]
+            keep = (q < num_dst) & (kv < num_src)                          # [C, BQ, BK]
             if partial:
                 # evaluate on in-range indices only: a mask_mod may index tensors of length
                 # Q_LEN / KV_LEN, and FlexAttention never calls it past them

@@ -486,6 +486,30 @@ class TokenGraph:
                 self._cache[key] = plan
         return plan
 
+    def to_block_mask(self, block_size: int = 128):
+        """FlexAttention ``BlockMask`` of exactly this mask
+        (:func:`attngraph.flex.to_block_mask`).
+
+        Full ``block_size x block_size`` tiles become full blocks, other non-empty tiles
+        partial blocks with an exact ``mask_mod``; ``seq_lengths = (num_dst, num_src)``,
+        batch and head dims 1 (broadcast). Pass it as ``flex_attention(q, k, v,
+        block_mask=...)`` with ``q [B, H, num_dst, D]``, ``k/v [B, H_kv, num_src, D]``.
+        """
+        from attngraph.flex import to_block_mask
+
+        return to_block_mask(self, block_size)
+
+    @classmethod
+    def from_block_mask(cls, block_mask, *, batch: int = 0, head: int = 0) -> "TokenGraph":
+        """Graph of the mask a FlexAttention ``BlockMask`` stands for, for one ``batch`` and
+        ``head`` (:func:`attngraph.flex.from_block_mask`): full blocks give all their cells,
+        partial blocks the cells where ``mask_mod`` is True, evaluated in chunks of blocks
+        (never the dense ``[Q_LEN, KV_LEN]`` mask); ``num_dst, num_src = seq_lengths``.
+        """
+        from attngraph.flex import from_block_mask
+
+        return from_block_mask(block_mask, batch=batch, head=head)
+
     def equal(self, other: "TokenGraph") -> bool:
         """Same node counts and the same edges."""
         return (isinstance(other, TokenGraph)

@@ -110,7 +110,7 @@ def _bin_sizes(n: int, bins: int) -> np.ndarray:
 
 
 def plot_mask(graph: TokenGraph, *, ax: Optional[Axes] = None, resolution: int = 512,
-              title: Optional[str] = None, color_scale: str = "auto") -> Axes:
+              title: Optional[str] = None, color_scale: str = "auto", tiles=None) -> Axes:
     r"""Draw the mask of ``graph``: ``mask[i, j]`` (query i attends to key j) as an image.
 
     Rows are queries ``i`` (top to bottom), columns keys ``j`` (left to right), origin
@@ -131,11 +131,17 @@ def plot_mask(graph: TokenGraph, *, ax: Optional[Axes] = None, resolution: int =
         title: first title line (e.g. the mask's name); the stats line follows it.
         color_scale: ``"linear"``, ``"log"`` or ``"auto"`` (log when the non-empty bins'
             densities span more than a decade) — for binned images.
+        tiles: ``True`` (the graph's ``tile_plan()``) or a
+            :class:`~attngraph.ops.tiles.TilePlan` of it: draw which edges run on dense
+            tiles and which per edge, in two colours, with the tiles outlined (in the
+            plan's token order when it reorders).
 
     Returns:
         the matplotlib Axes.
     """
     _check_graph(graph)
+    if tiles is not None and tiles is not False:
+        return _plot_tiles(graph, tiles, ax=ax, resolution=resolution, title=title)
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"resolution must be a positive int, got {resolution!r}")
     if color_scale not in ("auto", "linear", "log"):
@@ -216,6 +222,64 @@ def _as_edge_weights(weights, num_edges: int) -> np.ndarray:
     if not np.all(np.isfinite(w)) or (w < 0).any():
         raise ValueError("weights must be finite and non-negative (attention probabilities)")
     return w.astype(np.float64)
+
+
+_TILE_COLOR, _RESIDUAL_COLOR = "#3182bd", "#e6550d"
+
+
+def _plot_tiles(graph: TokenGraph, plan, *, ax: Optional[Axes], resolution: int,
+                title: Optional[str]) -> Axes:
+    """The mask with tile edges and residual edges in two colours (see :func:`plot_mask`)."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    from attngraph.ops.tiles import TilePlan
+
+    if plan is True:
+        plan = graph.tile_plan()
+    if not isinstance(plan, TilePlan):
+        raise TypeError(f"tiles must be True or a TilePlan of the graph, got "
+                        f"{type(plan).__name__}")
+    if plan.num_edges != graph.num_edges or (plan.graph.num_src, plan.graph.num_dst) != (
+            graph.num_src, graph.num_dst):
+        raise ValueError("tiles must be a TilePlan of this graph (graph.tile_plan(...))")
+    g = plan.graph
+    nd, ns = g.num_dst, g.num_src
+    if ax is None:
+        ax = _new_axes((5.2, 4.8))
+    rows, cols = min(nd, resolution), min(ns, resolution)
+    on_tiles = _bin_counts(g, rows, cols) - _bin_counts(plan.residual, rows, cols)
+    residual = _bin_counts(plan.residual, rows, cols)
+    img = np.ones((rows, cols, 3))
+    img[on_tiles > 0] = mcolors.to_rgb(_TILE_COLOR)
+    img[residual > 0] = mcolors.to_rgb(_RESIDUAL_COLOR)   # residual edges drawn on top
+    ratio = max(nd, 1) / max(ns, 1)
+    ax.imshow(img, interpolation="antialiased", interpolation_stage="rgba",
+              aspect="equal" if 0.25 <= ratio <= 4 else "auto", extent=(0, ns, nd, 0))
+    if 0 < plan.num_tiles <= 4096:
+        tq, tk = plan.tile_q.tolist(), plan.tile_k.tolist()
+        boxes = [Rectangle((kb * plan.block_k, qb * plan.block_q), plan.block_k, plan.block_q)
+                 for qb, kb in zip(tq, tk)]
+        ax.add_collection(PatchCollection(boxes, facecolor=_TILE_COLOR, alpha=0.12,
+                                          edgecolor=_TILE_COLOR, linewidth=0.4))
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color=_TILE_COLOR, label=f"on {plan.num_tiles} dense tiles "
+                             f"({plan.tile_fraction:.1%})"),
+                       Patch(color=_RESIDUAL_COLOR,
+                             label=f"per edge ({plan.num_residual_edges:,})")],
+              loc="lower left", fontsize=7, framealpha=0.85)
+    for spine in ax.spines.values():
+        spine.set(color="#b0b0b0", linewidth=0.6)
+    ax.xaxis.tick_top()
+    ax.xaxis.set_label_position("top")
+    order = ", reordered" if plan.order is not None else ""
+    ax.set_xlabel("key j" + (" (plan order)" if order else ""))
+    ax.set_ylabel("query i" + (" (plan order)" if order else ""))
+    extra = f"\ntiles {plan.block_q} x {plan.block_k}{order}"
+    if rows < nd or cols < ns:
+        extra += f"; {rows} x {cols} bins"
+    _title(ax, graph, title, extra)
+    return ax
 
 
 def _arc(x0: float, x1: float, above: bool, height: float, points: int = 32) -> np.ndarray:

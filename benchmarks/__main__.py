@@ -158,6 +158,7 @@ def run_sweep(argv: List[str]) -> int:
     meta.update(threads=args.threads or torch.get_num_threads(),
                 omp_env={k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_"))},
                 name=name, preset=args.preset, about=preset.get("about"),
+                base_peer=preset.get("base_peer", "attngraph"),
                 repeats=common["repeats"], warmup=common["warmup"],
                 max_seconds=common["max_seconds"], budget=budget,
                 check_rows=common["check_rows"], isolate=isolate,

@@ -7,6 +7,9 @@ values, in its own native layout: node-major ``[N, H, D]`` for attngraph and the
 =================  =========================================================================
 ``attngraph``      ``attngraph.graph_attention(..., backend="torch")`` (chunked, fused autograd)
 ``attngraph-cupy`` ``attngraph.graph_attention(..., backend="cupy")`` (the CUDA kernels)
+``attngraph-       ``attngraph.graph_attention(..., backend="tiles")``: dense tiles where
+tiles``            ``graph.tile_plan()`` finds them, the other edges per edge (the plan is
+                   built in setup and its time reported)
 ``attngraph-       the ``attngraph`` peer under ``torch.compile(..., fullgraph=True)``
 compiled``         (compiled in the warm-up)
 ``pyg``            what ``torch_geometric.nn.TransformerConv`` computes per head: gather
@@ -118,6 +121,14 @@ class AttnGraphPeer(Peer):
         return f"attngraph has no backend {self.backend!r}"
 
     def estimate(self, ctx, mode):
+        if self.backend == "tiles":
+            from attngraph.ops.tiles import MAX_TILE_ELEMENTS
+
+            tok32 = ctx.n * ctx.heads * ctx.dim * 4
+            # blocked q, k, v and out; ~4 score-sized temporaries per run chunk; the plan's
+            # in-tile masks (at most a byte per edge) and index arrays
+            fwd = 5 * tok32 + 16 * MAX_TILE_ELEMENTS + 17 * ctx.num_edges
+            return fwd if mode == "fwd" else 2 * fwd + 6 * tok32
         if self.backend != "torch":
             return 2 * ctx.token_bytes + 4 * ctx.n * ctx.heads
         from attngraph.ops.chunked import MAX_CHUNK_ELEMENTS
@@ -130,6 +141,15 @@ class AttnGraphPeer(Peer):
         if mode == "fwd":
             return fwd
         return fwd + 5 * tok32 + 3 * ctx.token_bytes + 8 * ctx.num_edges + 3 * chunk
+
+    def setup(self, ctx):
+        info = super().setup(ctx)
+        if self.backend == "tiles":
+            t = time.perf_counter()
+            plan = ctx.graph.tile_plan()
+            info["tile_plan_s"] = round(time.perf_counter() - t, 4)
+            info["tile_plan"] = plan.summary()
+        return info
 
     def forward(self, q, k, v):
         import attngraph
@@ -333,6 +353,7 @@ class FlexPeer(Peer):
 PEERS: Dict[str, Callable[[], Peer]] = {
     "attngraph": lambda: AttnGraphPeer("torch"),
     "attngraph-cupy": lambda: AttnGraphPeer("cupy"),
+    "attngraph-tiles": lambda: AttnGraphPeer("tiles"),
     "attngraph-compiled": lambda: CompiledAttnGraphPeer("torch"),
     "pyg": PyGPeer,
     "sdpa": lambda: SDPAPeer(None),

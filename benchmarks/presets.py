@@ -50,6 +50,16 @@ PRESETS = {
         repeats=5, max_seconds=30.0, quick_n=[1 * K],
         about="torch.compile(graph_attention, fullgraph=True) vs eager on the torch backend, "
               "H = 4, D = 64, float32"),
+    # Dense tiles vs per edge vs FlexAttention: structured, random, hashed and mixed masks.
+    "tiles": dict(
+        groups=[dict(masks=["sliding_window(128)", "longformer(128,g16)", "bigbird(64)",
+                            "random(32)", "hash(64)", "window_random(128,16)"],
+                     n=[4 * K, 8 * K, 16 * K, 32 * K])],
+        heads=[4], dim=[64], dtype=["float32"],
+        peers=["attngraph-tiles", "attngraph", "flex", "sdpa"], base_peer="attngraph-tiles",
+        repeats=3, max_seconds=20.0, quick_n=[1 * K],
+        about="dense tiles + per-edge residual (attngraph-tiles) vs the per-edge path "
+              "(attngraph), compiled FlexAttention and dense SDPA, H = 4, D = 64, float32"),
     # Issue 14: context parallel attention, P processes on this machine (gloo): halo bytes
     # sent per rank vs ring attention's, and the time per forward + backward step.
     "distributed": dict(

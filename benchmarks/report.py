@@ -94,19 +94,19 @@ def extrapolate(records: List[Dict], peer: str, mode: str, key: Tuple
             len(pts))
 
 
-def ratios(records: List[Dict]) -> List[Dict]:
-    """attngraph ÷ peer for time and peak memory, per configuration, peer and mode.
+def ratios(records: List[Dict], base_peer: str = BASE) -> List[Dict]:
+    """``base_peer`` ÷ peer for time and peak memory, per configuration, peer and mode.
 
     Where a peer was over the budget and at least two of its points were measured, the
     ratio uses its extrapolated value (``extrapolated=True``)."""
     out = []
     for key, by_n in _index(records).items():
         for n, by_peer in by_n.items():
-            base = by_peer.get(BASE)
+            base = by_peer.get(base_peer)
             if base is None:
                 continue
             for peer, r in by_peer.items():
-                if peer == BASE:
+                if peer == base_peer:
                     continue
                 row = {"mask": key[0], "heads": key[1], "dim": key[2], "dtype": key[3],
                        "n": n, "num_edges": _edges(by_peer), "peer": peer}
@@ -211,10 +211,11 @@ def markdown(data: Dict, *, title: Optional[str] = None) -> str:
             lines.append(f"- {peer} ({where}): {st} — {reason}")
         if notes:
             lines.append("")
-    rat = ratios(records)
+    base = meta.get("base_peer", BASE)
+    rat = ratios(records, base)
     if rat:
-        lines += ["## attngraph ÷ peer", "",
-                  "Time and peak memory of attngraph divided by the peer's (below 1: attngraph "
+        lines += [f"## {base} ÷ peer", "",
+                  f"Time and peak memory of {base} divided by the peer's (below 1: {base} "
                   "is faster / needs less). `~` marks a ratio whose peer value is extrapolated "
                   "linearly in E from the peer's measured points of the same mask (only the "
                   "PyG way, whose memory and time are affine in E) because the run itself was "
@@ -298,7 +299,8 @@ def plots(data: Dict, stem: Path) -> List[Path]:
             written.append(path)
         plt.close(fig)
 
-    rat = ratios(records)
+    base = data["meta"].get("base_peer", BASE)
+    rat = ratios(records, base)
     dens = {}
     for r in records:
         if r.get("num_edges"):
@@ -308,7 +310,7 @@ def plots(data: Dict, stem: Path) -> List[Path]:
     markers = "osD^v<>"
     for col, mode in enumerate(MODES):
         ax = axes[0][col]
-        for i, peer in enumerate(p for p in peers if p != BASE):
+        for i, peer in enumerate(p for p in peers if p != base):
             pts = [(dens.get((row["mask"], row["n"])), 1.0 / row[mode]["time"])
                    for row in rat if row["peer"] == peer and row.get(mode)
                    and not row[mode]["extrapolated"] and row[mode].get("time")]

@@ -11,6 +11,11 @@ A mask spec is written ``name(arg, ...)`` or ``name:arg:...`` on the command lin
 ``bigbird(b)``              ``attngraph.masks.bigbird(n, b)`` (3 window blocks, 1 global
                             block, 1 random block, seed 0)
 ``causal`` / ``full``       ``attngraph.masks.causal(n)`` / ``full(n)``
+``hash(b)``                 ``attngraph.masks.hash_buckets(buckets)``, causal, with each
+                            token's bucket drawn uniformly from ``b`` (seed 0), as an
+                            LSH of random queries gives
+``window_random(w,r)``      ``sliding_window(n, w) | random(n, r, seed=0)``: a window
+                            with random long-range edges (the mixed mask)
 ==========================  ==========================================================
 """
 from __future__ import annotations
@@ -52,7 +57,7 @@ def human_bytes(b: Optional[float]) -> str:
 
 
 _ARITY = {"sliding_window": 1, "random": 1, "longformer": 2, "bigbird": 1, "causal": 0,
-          "full": 0}
+          "full": 0, "hash": 1, "window_random": 2}
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,16 @@ class MaskSpec:
             return masks.causal(n)
         if self.kind == "full":
             return masks.full(n)
+        if self.kind == "hash":
+            return masks.hash_buckets(self.buckets(n))
+        if self.kind == "window_random":
+            return masks.sliding_window(n, self.args[0]) | masks.random(n, self.args[1], seed=0)
         raise AssertionError(self.kind)
+
+    def buckets(self, n: int):
+        """The bucket of every token of a ``hash(b)`` mask."""
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, self.args[0], (n,), generator=gen)
 
     def global_indices(self, n: int) -> range:
         return range(min(self.args[1], n)) if self.kind == "longformer" else range(0)
@@ -116,6 +130,12 @@ class MaskSpec:
             return min(n * n, nb * b * b * 5 + 2 * n * b)
         if self.kind == "causal":
             return n * (n + 1) // 2
+        if self.kind == "hash":
+            b = self.args[0]
+            return n * (n // b + 1) // 2 + n
+        if self.kind == "window_random":
+            w = min(self.args[0], n)
+            return n * (2 * w + 1) - w * (w + 1) + n * min(self.args[1], n)
         return n * n
 
     # ------------------------------------------------------------------ FlexAttention
@@ -136,6 +156,10 @@ class MaskSpec:
             return (lambda b, h, q, kv: kv <= q), "formula kv<=q"
         if self.kind == "full":
             return (lambda b, h, q, kv: q >= 0), "formula True"
+        if self.kind == "hash":
+            bucket = self.buckets(n).to(device)
+            return ((lambda b, h, q, kv: (bucket[q] == bucket[kv]) & (kv <= q)),
+                    "formula bucket[q]==bucket[kv] & kv<=q")
         if self.kind == "longformer":
             w = self.args[0]
             is_global = torch.zeros(n, dtype=torch.bool, device=device)

@@ -237,7 +237,7 @@ def test_memory_bounded_chunks_and_saved_tensors(monkeypatch):
     passes = []
     real = chunked._chunks
     monkeypatch.setattr(chunked, "_chunks", lambda *a: passes.append(real(*a)) or passes[-1])
-    out = ag.graph_attention(q, k, v, g)
+    out = ag.graph_attention(q, k, v, g, backend="torch")
     # the graph's own index tensors (ptr, src, dst) are saved too, as references
     saved = sum(t.numel() for t in out.grad_fn.saved_tensors
                 if t is not None and t.is_floating_point())

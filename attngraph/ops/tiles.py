@@ -270,7 +270,7 @@ def _from_q_blocks(x: Tensor, plan: TilePlan, n: int) -> Tensor:
     H_kv, nq, rows, C = x.shape
     G = rows // plan.block_q
     x = x.view(H_kv, nq, G, plan.block_q, C).permute(1, 3, 0, 2, 4)
-    return x.reshape(nq * plan.block_q, H_kv * G, C)[:n]
+    return x.reshape(nq * plan.block_q, H_kv * G, C)[:n].contiguous()
 
 
 def _k_blocks(x: Tensor, plan: TilePlan) -> Tensor:
@@ -283,7 +283,7 @@ def _k_blocks(x: Tensor, plan: TilePlan) -> Tensor:
 
 def _from_k_blocks(x: Tensor, n: int) -> Tensor:
     H_kv, nk, bk, C = x.shape
-    return x.permute(1, 2, 0, 3).reshape(nk * bk, H_kv, C)[:n]
+    return x.permute(1, 2, 0, 3).reshape(nk * bk, H_kv, C)[:n].contiguous()
 
 
 def _run_masks(plan: TilePlan) -> List[Optional[Tensor]]:
