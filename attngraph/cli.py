@@ -281,6 +281,11 @@ def _build_parser(masks: Dict[str, _Mask]
     show.add_argument("--sort-by-bucket", action="store_true",
                       help="hash_buckets: number tokens by (bucket, position) so buckets "
                       "become blocks")
+    show.add_argument("--tiles", nargs="?", type=_positive_int, const=0, default=None,
+                      metavar="BLOCK",
+                      help="colour the edges that run on dense tiles and those that run "
+                      "per edge (graph.tile_plan(); BLOCK: the tile size, default: chosen "
+                      "by cost)")
     show.add_argument("--dpi", type=_positive_int, default=120,
                       help="PNG resolution (default 120)")
     flags: Dict[str, _Option] = {"seed": _SEED}
@@ -307,7 +312,8 @@ def _build_parser(masks: Dict[str, _Mask]
 
 
 # ---------------------------------------------------------------------------- show
-_SHOW_OWN = ("command", "mask", "out", "style", "resolution", "sort_by_bucket", "dpi")
+_SHOW_OWN = ("command", "mask", "out", "style", "resolution", "sort_by_bucket", "tiles",
+             "dpi")
 
 
 def _mask_kwargs(m: _Mask, args: argparse.Namespace, error: Callable[[str], None]):
@@ -352,16 +358,10 @@ def _mask_kwargs(m: _Mask, args: argparse.Namespace, error: Callable[[str], None
 
 
 def _sort_by_bucket(graph, buckets):
-    """Renumber tokens by (bucket, position): token t gets id ``rank[t]``."""
+    """Renumber tokens by (bucket, position)."""
     import torch
 
-    from attngraph.graph import TokenGraph
-
-    order = torch.sort(buckets, stable=True).indices
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel())
-    ei = torch.stack([rank[graph.src], rank[graph.dst]])
-    return TokenGraph(ei, num_src=graph.num_src, num_dst=graph.num_dst)
+    return graph.permute(torch.sort(buckets, stable=True).indices)
 
 
 def _show(args: argparse.Namespace, masks: Dict[str, _Mask],
@@ -398,7 +398,11 @@ def _show(args: argparse.Namespace, masks: Dict[str, _Mask],
     else:
         fig = Figure(figsize=(5.6, 5.0), layout="constrained")
         FigureCanvasAgg(fig)
-        viz.plot_mask(graph, ax=fig.add_subplot(), resolution=args.resolution, title=title)
+        tiles = None
+        if args.tiles is not None:
+            tiles = graph.tile_plan(args.tiles or None, order=None)
+        viz.plot_mask(graph, ax=fig.add_subplot(), resolution=args.resolution, title=title,
+                      tiles=tiles)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     fig.savefig(args.out, dpi=args.dpi)

@@ -61,6 +61,14 @@ def test_show_arcs_and_sorted_buckets(tmp_path):
     assert_png_drawn(sorted_png)
 
 
+@pytest.mark.parametrize("tiles", [[], ["64"]], ids=["cost-chosen", "block-64"])
+def test_show_tiles(tiles, tmp_path, capsys):
+    png = tmp_path / "tiles.png"
+    assert cli.main(["show", "longformer", "--n", "1024", "--window", "32",
+                     "--global-indices", "0,500", "--tiles", *tiles, "--out", str(png)]) == 0
+    assert_png_drawn(png)
+
+
 def test_sort_by_bucket_permutes_into_blocks():
     import torch
 

@@ -85,3 +85,26 @@ def test_runs_on_the_current_stream():
     ref = ag.graph_attention(q, q, q, g, backend="torch")
     assert torch.allclose(out, ref, atol=1e-4)
     assert math.isfinite(out.sum().item())
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("graph", ["window", "longformer", "bigbird"])
+def test_tiles_on_gpu(graph, dtype):
+    """Dense tiles by cuBLAS, the residual edges by the fused kernels, merged by lse."""
+    dev = torch.device("cuda")
+    g = (GRAPHS[graph]() | masks.random(4096, 4, seed=1)).to(dev)
+    plan = g.tile_plan()
+    assert plan.num_tiles and plan.num_residual_edges
+    gen = torch.Generator(dev).manual_seed(0)
+    q = torch.randn(4096, 8, 64, generator=gen, device=dev, dtype=torch.float64)
+    k, v = (torch.randn(4096, 2, 64, generator=gen, device=dev, dtype=torch.float64)
+            for _ in range(2))
+    bias = torch.randn(g.num_edges, 8, generator=gen, device=dev, dtype=torch.float64)
+    golden = _run("torch", g, q, k, v, bias)
+    low = [t.to(dtype) for t in (q, k, v, bias)]
+    ref, got = _run("cupy", g, *low), _run("tiles", g, *low)
+    for i, (a, r, gold) in enumerate(zip(got, ref, golden)):
+        if i == 1:
+            a, r, gold = a[torch.isfinite(gold)], r[torch.isfinite(gold)], gold[torch.isfinite(gold)]
+        scale = max(1.0, gold.abs().max().item())
+        assert _err(a, gold) <= 2 * _err(r, gold) + FLOOR[dtype] * scale, i

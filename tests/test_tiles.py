@@ -1,6 +1,7 @@
 """Dense tiles plus per-edge residual (ops/tiles.py) against the per-edge path, exactly."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import attngraph as ag
 from attngraph.ops import chunked, tiles
@@ -342,3 +343,33 @@ def test_plot_mask_draws_tiles_and_residual_edges():
         ag.viz.plot_mask(g, tiles="yes")
     with pytest.raises(ValueError, match="of this graph"):
         ag.viz.plot_mask(g, tiles=ag.masks.causal(5).tile_plan(4))
+
+
+# ------------------------------------------------------------------ random plans, memory
+@settings(max_examples=30, deadline=None)
+@given(n_dst=st.integers(1, 40), n_src=st.integers(1, 40), p=st.floats(0.0, 1.0),
+       block_q=st.integers(1, 12), block_k=st.integers(1, 12),
+       min_density=st.floats(0.0, 1.2), heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+       bias=st.booleans(), seed=st.integers(0, 10_000))
+def test_property_random_plans(n_dst, n_src, p, block_q, block_k, min_density, heads, bias,
+                               seed):
+    mask, g = random_graph(n_dst, n_src, p=p, seed=seed)
+    plan = g.tile_plan(block_q, block_k=block_k, min_density=min_density)
+    check_equal(g, plan, H=heads[0], H_kv=heads[1], D=3, D_v=2,
+                bias_heads=heads[0] if bias else None)
+
+
+def test_saved_tensors_are_per_token_not_per_edge():
+    """Autograd keeps q, k, v and the blocked out / lse: nothing per edge or per cell."""
+    n, H, D, block = 256, 2, 8, 64
+    g = ag.masks.sliding_window(n, 40)
+    q, k, v = qkv(n, n, H, H, D)
+    plan = g.tile_plan(block, min_density=0.0)
+    assert plan.num_residual_edges == 0
+    out, lse = tiles.attention(q, k, v, g, 0.3, plan=plan)
+    node = out.grad_fn
+    while type(node).__name__ != "_TileAttentionBackward":
+        node = node.next_functions[0][0]
+    saved = sum(t.numel() for t in node.saved_tensors if t is not None)
+    assert saved == 4 * n * H * D + n * H
+    assert saved < g.num_edges * H           # less than one score per edge and head

@@ -199,6 +199,11 @@ _TILES_MIN_SAVING = 0.9
 def _tiles_auto_refuse(x: Inputs) -> Optional[str]:
     from attngraph.ops.tiles import EDGE_COST_CELLS
 
+    if x.device.type != "cpu":
+        # the break-even is measured on CPU only; on a GPU the fused kernels stay the
+        # default (deterministic backward) until the tile path is measured against them
+        return (f"auto takes dense tiles on CPU only (the cost model is measured there); "
+                f"ask for backend='tiles' on {x.device.type}")
     g = x.graph
     if g is None or g.num_edges == 0:
         return "no graph to plan"
