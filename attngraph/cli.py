@@ -190,6 +190,10 @@ def _summary(fn: Callable) -> str:
     return (para if end < 0 else para[:end + 1]).replace("``", "")
 
 
+# helpers of attngraph.masks that combine graphs or hash inputs rather than build a mask
+_NOT_MASKS = ("batch", "stack", "lsh_buckets")
+
+
 def _masks() -> Dict[str, _Mask]:
     """Every generator of attngraph.masks the command line can build, by name."""
     from attngraph import masks
@@ -197,7 +201,7 @@ def _masks() -> Dict[str, _Mask]:
     out = {}
     for name in getattr(masks, "__all__", []):
         fn = getattr(masks, name, None)
-        if not inspect.isfunction(fn) or name.startswith("_"):
+        if not inspect.isfunction(fn) or name.startswith("_") or name in _NOT_MASKS:
             continue
         m = _describe(fn)
         if m is not None:

@@ -430,8 +430,35 @@ class TokenGraph:
                 raise ValueError("a bipartite graph needs an order for queries and one for "
                                  "keys: graph.order = (query_perm, key_perm)")
             self._cache["order"] = (q_perm, k_perm)
-        for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == "tile_plan"]:
+        for key in [k for k in self._cache
+                    if isinstance(k, tuple) and k[0] in ("tile_plan", "best_block")]:
             del self._cache[key]
+        self._cache.pop("permuted", None)
+
+    def _best_block(self, min_density, order, src_order) -> int:
+        from attngraph.ops.tiles import (BLOCK_SIZES, EDGE_COST_CELLS, _planned_graph,
+                                         plan_cost, tile_counts)
+
+        own = self._cache.get("order", (None, None))
+        if isinstance(order, str):
+            order, src_order = own
+        key = ("best_block", min_density, order is not None)
+        cacheable = (order is None and src_order is None
+                     or order is own[0] and src_order is own[1])
+        if cacheable and key in self._cache:
+            return self._cache[key][0]
+        planned = self
+        if order is not None:
+            if src_order is None and not self.is_bipartite:
+                src_order = order
+            planned = _planned_graph(self, order, src_order)
+        density = 1.0 / EDGE_COST_CELLS if min_density is None else min_density
+        counts = {b: tile_counts(planned, b, b) for b in BLOCK_SIZES}
+        best = min(BLOCK_SIZES, key=lambda b: plan_cost(counts[b][1], planned.num_edges, b,
+                                                        b, density))
+        if cacheable:      # the counts serve the plan built next (then are dropped)
+            self._cache[key] = (best, counts[best])
+        return best
 
     def tile_plan(self, block_size: Optional[int] = None, *, block_k: Optional[int] = None,
                   min_density: Optional[float] = None, order="auto", src_order=None):
@@ -453,9 +480,10 @@ class TokenGraph:
         if block_size is None:
             if block_k is not None:
                 raise ValueError("give block_size with block_k")
-            plans = [self.tile_plan(b, min_density=min_density, order=order,
-                                    src_order=src_order) for b in BLOCK_SIZES]
-            return min(plans, key=lambda p: p.cost())
+            # the block size of least modelled cost, from tile counts alone (O(E) each);
+            # only the chosen plan is built
+            return self.tile_plan(self._best_block(min_density, order, src_order),
+                                  min_density=min_density, order=order, src_order=src_order)
         bq = check_int("block_size", block_size, minimum=1)
         bk = bq if block_k is None else check_int("block_k", block_k, minimum=1)
         if min_density is not None:
@@ -480,8 +508,13 @@ class TokenGraph:
         key = ("tile_plan", bq, bk, min_density, order is not None)
         plan = self._cache.get(key) if cacheable else None
         if plan is None:
+            best = self._cache.get(("best_block", min_density, order is not None))
+            counts = None
+            if cacheable and best is not None and best[0] == bq == bk and best[1] is not None:
+                counts = best[1]
+                self._cache[("best_block", min_density, order is not None)] = (best[0], None)
             plan = build_plan(self, bq, bk, min_density=min_density, order=order,
-                              src_order=src_order)
+                              src_order=src_order, counts=counts)
             if cacheable:
                 self._cache[key] = plan
         return plan

@@ -13,7 +13,7 @@ import matplotlib.image as mpimg  # noqa: E402
 import attngraph as ag  # noqa: E402
 from attngraph import cli  # noqa: E402
 
-MASK_NAMES = [name for name in ag.masks.__all__ if name != "batch"]
+MASK_NAMES = [name for name in ag.masks.__all__ if name not in cli._NOT_MASKS]
 
 # Arguments that make each generator small; masks not listed here take their CLI defaults.
 SHOW_ARGS = {

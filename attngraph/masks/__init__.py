@@ -9,10 +9,11 @@ One module per family: ``windows`` (full, causal, sliding / dilated windows, str
 from attngraph.graph import batch
 from attngraph.masks.blocks import block_sparse, dilated_block, fixed
 from attngraph.masks.documents import document
-from attngraph.masks.dynamic import hash_buckets, qk_drop
+from attngraph.masks.dynamic import hash_buckets, lsh_buckets, qk_drop
 from attngraph.masks.global_tokens import global_tokens, longformer
 from attngraph.masks.random import bigbird, random
 from attngraph.masks.windows import causal, dilated_window, full, sliding_window, strided
+from attngraph.stacked import stack
 
 __all__ = [
     "batch",
@@ -31,4 +32,6 @@ __all__ = [
     "document",
     "hash_buckets",
     "qk_drop",
+    "lsh_buckets",
+    "stack",
 ]

@@ -161,7 +161,7 @@ def fixed(n: int, block: int, *, num_local_blocks: int = 4, num_global_blocks: i
     return expand_blocks(layout, block, causal=causal)
 
 
-def dilated_block(n: int, block: int, dilation: int, *, offset: int = 0) -> TokenGraph:
+def dilated_block(n: int, block: int, dilation: int, *, offset=0):
     """LongNet dilated attention for one segment length and dilation (the 2D dilated mask).
 
     Tokens are split into blocks of ``block`` (the last one may be shorter). Query i
@@ -175,7 +175,9 @@ def dilated_block(n: int, block: int, dilation: int, *, offset: int = 0) -> Toke
         n: number of tokens N.
         block: segment length (LongNet's ``w``), >= 1.
         dilation: gap between selected positions (LongNet's ``r - 1``), >= 0.
-        offset: shift of the selected positions, >= 0.
+        offset: shift of the selected positions, >= 0; a sequence (or 1-D tensor) of one
+            offset per head gives one graph per head (LongNet's shifted heads) as a
+            :class:`~attngraph.stacked.StackedGraph` of shape ``(1, H)``.
 
     Returns:
         TokenGraph over N nodes, about ``N block / (dilation + 1)^2`` edges.
@@ -190,6 +192,15 @@ def dilated_block(n: int, block: int, dilation: int, *, offset: int = 0) -> Toke
                 [0, 0, 0, 0, 0, 0],
                 [0, 0, 0, 1, 0, 1]], dtype=torch.int32)
     """
+    if isinstance(offset, (list, tuple, range)) or (isinstance(offset, Tensor)
+                                                     and offset.dim() == 1):
+        from attngraph.stacked import stack
+
+        offsets = offset.tolist() if isinstance(offset, Tensor) else list(offset)
+        if not offsets:
+            raise ValueError("offset per head needs at least one offset")
+        return stack([dilated_block(n, block, dilation, offset=o) for o in offsets],
+                     shape=(1, len(offsets)))
     n = check_nodes("n", n)
     block = check_int("block", block, minimum=1)
     dilation = check_int("dilation", dilation)

@@ -55,8 +55,9 @@ class SparseSelfAttention(nn.Module):
 
     Shapes:
         - **x:** ``[B, L, E]`` or ``[L, E]``.
-        - **graph:** a :class:`TokenGraph` over the ``L`` tokens (``num_src = num_dst = L``),
-          shared by every sequence of the batch.
+        - **graph:** a :class:`TokenGraph` over the ``L`` tokens (``num_src = num_dst = L``)
+          shared by every sequence of the batch, or a
+          :class:`~attngraph.stacked.StackedGraph` of one graph per head and/or sequence.
         - **output:** same shape as ``x``. A token without incoming edges attends to
           nothing: its attention output is 0, so it gets ``out_proj``'s bias.
     """
@@ -169,6 +170,11 @@ class SparseSelfAttention(nn.Module):
                                 graph: TokenGraph) -> Tensor:
         """Unfused stages with dropout on the ``[E, B * H]`` attention weights."""
         B, L, H, D = q.shape
+        from attngraph.stacked import StackedGraph
+
+        if isinstance(graph, StackedGraph):         # the stages fold the stack themselves
+            p = edge_softmax(edge_scores(q, k, graph), graph)
+            return aggregate(F.dropout(p, p=self.dropout, training=True), v, graph)
         # Fold the batch into heads, batch-major: head b * H + h reads kv head
         # b * H_kv + h // G, which is GQA grouping of the folded heads.
         q, k, v = (t.transpose(0, 1).reshape(L, B * t.size(2), D) for t in (q, k, v))
@@ -191,12 +197,17 @@ class SparseSelfAttention(nn.Module):
         if x.dtype != dtype:
             raise TypeError(f"x is {x.dtype} but the layer's parameters are {dtype}; cast x "
                             f"(x.to({dtype})) or the layer (layer.to({x.dtype}))")
-        if not isinstance(graph, TokenGraph):
-            raise TypeError(f"graph must be an attngraph.TokenGraph, got "
-                            f"{type(graph).__name__}; build one with attngraph.masks or "
-                            f"TokenGraph(edge_index, num_nodes=L)")
+        from attngraph.stacked import StackedGraph
+
+        if not isinstance(graph, (TokenGraph, StackedGraph)):
+            raise TypeError(f"graph must be an attngraph.TokenGraph (or a StackedGraph of one "
+                            f"per head / sequence), got {type(graph).__name__}; build one "
+                            f"with attngraph.masks or TokenGraph(edge_index, num_nodes=L)")
         L = x.size(-2)
         if sharded:     # x holds this rank's tokens: distributed.graph_attention checks them
+            if isinstance(graph, StackedGraph):
+                raise ValueError("a StackedGraph cannot be sharded over a process_group yet; "
+                                 "pass one TokenGraph")
             return
         if graph.num_src != L or graph.num_dst != L:
             raise ValueError(f"graph must be over the {L} tokens of x (num_src = num_dst = "

@@ -152,7 +152,15 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *,
     Differentiable with respect to ``q``, ``k``, ``v`` and ``edge_bias``, through ``out``
     and ``lse`` (a loss may use the log-sum-exp, as merging partial attentions does);
     computes in float32 (float64 for float64 inputs) whatever the input dtype.
+
+    ``graph`` may be a :class:`~attngraph.stacked.StackedGraph`: one graph per sequence,
+    per head or per (sequence, head), with ``q [B, L, H, D]`` (or ``[L, H, D]``) and
+    ``edge_bias [E]`` in the stack's edge order; the whole stack runs as one backend call.
     """
+    from attngraph.stacked import StackedGraph
+
+    if isinstance(graph, StackedGraph):
+        return _stacked_attention(q, k, v, graph, scale, edge_bias, return_lse, backend)
     _check_qkv(q, k, v, graph)
     bias = _check_bias(edge_bias, graph, q)
     scale = _check_scale(scale, q.size(-1))
@@ -172,6 +180,58 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *,
     return (out, lse) if return_lse else out
 
 
+def _check_stacked(q: Tensor, k: Tensor, v: Tensor, stacked) -> Tuple[int, int, int]:
+    """Shapes of q/k/v against a stack; returns ``(B, H, H_kv)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"with a StackedGraph, {name} must be a [B, L, H, D] tensor, got "
+                             f"{list(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    B, L, H = q.shape[:3]
+    H_kv = k.size(2)
+    B_g, H_g = stacked.shape
+    if B_g not in (1, B):
+        raise ValueError(f"the stack has {B_g} graphs per head for a batch of {B} sequences "
+                         f"(expected 1 or {B})")
+    if H_g not in (1, H):
+        raise ValueError(f"the stack has {H_g} graphs per sequence for {H} heads (expected 1 "
+                         f"or {H})")
+    if L != stacked.num_dst or k.size(1) != stacked.num_src or v.size(1) != stacked.num_src:
+        raise ValueError(f"q has {L} tokens and k/v {k.size(1)}/{v.size(1)}, but the stacked "
+                         f"graphs have num_dst={stacked.num_dst}, num_src={stacked.num_src}")
+    if H_kv == 0 or H % H_kv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({H_kv})")
+    return B, H, H_kv
+
+
+def _fold_qkv(q, k, v, stacked):
+    from attngraph.stacked import fold
+
+    unbatched = q.dim() == 3
+    if unbatched:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    B, H, H_kv = _check_stacked(q, k, v, stacked)
+    kv_shape = (stacked.shape[0], H_kv if stacked.shape[1] > 1 else 1)
+    return (fold(q, stacked.shape), fold(k, kv_shape), fold(v, kv_shape),
+            stacked.kv_graph(H, H_kv), B, H, unbatched)
+
+
+def _stacked_attention(q, k, v, stacked, scale, edge_bias, return_lse, backend):
+    from attngraph.stacked import unfold
+
+    qn, kn, vn, graph, B, H, unbatched = _fold_qkv(q, k, v, stacked)
+    if edge_bias is not None and (not isinstance(edge_bias, Tensor) or edge_bias.dim() != 1):
+        raise ValueError(f"with a StackedGraph, edge_bias must be [E] = [{stacked.num_edges}] "
+                         f"(the stack's edge order), got "
+                         f"{list(edge_bias.shape) if isinstance(edge_bias, Tensor) else edge_bias}")
+    out, lse = graph_attention(qn, kn, vn, graph, scale=scale, edge_bias=edge_bias,
+                               return_lse=True, backend=backend)
+    out = unfold(out, stacked.shape, B, H)
+    lse = unfold(lse.unsqueeze(-1), stacked.shape, B, H).squeeze(-1)
+    if unbatched:
+        out, lse = out.squeeze(0), lse.squeeze(0)
+    return (out, lse) if return_lse else out
+
+
 def _stages(backend: str, x: Tensor, head_dim: int = 0, value_dim: int = 0,
             grad: bool = False):
     """The stage implementations of the backend chosen for ``x``."""
@@ -185,8 +245,16 @@ def edge_scores(q: Tensor, k: Tensor, graph: TokenGraph, scale: Optional[float] 
 
     ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``; edges in the graph's canonical order; the
     result has q's dtype. ``backend`` as for :func:`graph_attention` (``"cupy"``: the
-    ``row_dot`` kernel, differentiable through ``row_gather`` / ``col_gather``).
+    ``row_dot`` kernel, differentiable through ``row_gather`` / ``col_gather``). With a
+    :class:`~attngraph.stacked.StackedGraph`, ``q [B, L, H, D]`` and ``k [B, S, H_kv, D]``
+    give ``[E, R]`` over the stack's edges (R: the heads the stack shares, ``(B / B_g) *
+    (H / H_g)``).
     """
+    from attngraph.stacked import StackedGraph
+
+    if isinstance(graph, StackedGraph):
+        qn, kn, _, g, *_ = _fold_qkv(q, k, k, graph)
+        return edge_scores(qn, kn, g, scale, backend=backend)
     _check_qkv(q, k, k, graph)
     if q.dim() != 3:
         raise ValueError(f"the stage functions take node-major [N, H, D] inputs, got "
@@ -199,8 +267,13 @@ def edge_softmax(scores: Tensor, graph: TokenGraph, *, backend: str = "auto") ->
     """Stage 2: softmax of ``scores [E, H]`` (or ``[E]``) over each query's edges.
 
     Each query's weights sum to 1 (queries without edges have none); a query whose scores
-    are all ``-inf`` gets weights 0.
+    are all ``-inf`` gets weights 0. A :class:`~attngraph.stacked.StackedGraph` takes the
+    stack's ``[E, R]`` scores.
     """
+    from attngraph.stacked import StackedGraph
+
+    if isinstance(graph, StackedGraph):
+        graph = graph.graph
     _check_graph(graph)
     if not isinstance(scores, Tensor) or scores.dtype not in _FLOATS:
         raise TypeError(f"scores must be a float tensor, got "
@@ -220,8 +293,25 @@ def aggregate(p: Tensor, v: Tensor, graph: TokenGraph, *, backend: str = "auto")
     """Stage 3: ``out[i, h] = sum_e p[e, h] v[src_e, h // G]`` -> ``[N_dst, H, D_v]``.
 
     ``p [E, H]`` edge weights (v's dtype), ``v [N_src, H_kv, D_v]``. Queries without edges
-    get 0.
+    get 0. A :class:`~attngraph.stacked.StackedGraph` takes the stack's ``p [E, R]`` and
+    ``v [B, S, H_kv, D_v]`` and gives ``[B, L, H, D_v]``.
     """
+    from attngraph.stacked import StackedGraph, fold, unfold
+
+    if isinstance(graph, StackedGraph):
+        if not isinstance(v, Tensor) or v.dim() != 4 or not isinstance(p, Tensor) or \
+                p.dim() != 2:
+            raise ValueError("with a StackedGraph, aggregate takes p [E, R] and v "
+                             "[B, S, H_kv, D_v]")
+        B, H_kv = v.size(0), v.size(2)
+        B_g, H_g = graph.shape
+        if B_g not in (1, B) or p.size(1) * B_g % B:
+            raise ValueError(f"p [E, {p.size(1)}] and v's batch {B} do not fit a stack of "
+                             f"shape {graph.shape}")
+        H = p.size(1) * H_g * B_g // B
+        vn = fold(v, (B_g, H_kv if H_g > 1 else 1))
+        out = aggregate(p, vn, graph.kv_graph(H, H_kv), backend=backend)
+        return unfold(out, graph.shape, B, H)
     _check_graph(graph)
     _check_tensor("v", v, (3,))
     if v.size(-1) == 0:

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from attngraph.graph import TokenGraph
 
-__all__ = ["TilePlan", "build_plan", "attention", "merge", "calibrate", "EDGE_COST_CELLS",
+__all__ = ["TilePlan", "build_plan", "tile_counts", "plan_cost", "attention", "merge",
+           "calibrate", "EDGE_COST_CELLS",
            "DEFAULT_BLOCK", "MAX_TILE_ELEMENTS"]
 
 DEFAULT_BLOCK = 128
@@ -70,8 +71,9 @@ class TilePlan:
         graph: the planned graph (the reordered one when ``order`` is set).
         order, src_order: the token order the plan computes in (``None``: the graph's own):
             planned query ``n`` is the graph's query ``order[n]``.
+        source: the graph the plan was made for (``graph`` itself unless reordered).
         edge_perm: int64 ``[E]`` when reordered: planned edge ``e`` is the graph's canonical
-            edge ``edge_perm[e]``.
+            edge ``edge_perm[e]`` (computed on first use: an edge bias needs it).
         segments: the tiles as the forward and backward visit them: each query block's
             tiles cut into runs of at most ``SEGMENT_TILES``, grouped by run length ``L``:
             a list of ``(L, block [n], tiles [n, L], rank [n])`` (query block of each run,
@@ -82,8 +84,8 @@ class TilePlan:
 
     __slots__ = ("block_q", "block_k", "num_q_blocks", "num_k_blocks", "min_density",
                  "tile_q", "tile_k", "mask_index", "masks", "tile_edge_count", "residual",
-                 "residual_edges", "graph", "order", "src_order", "edge_perm", "segments",
-                 "segments_per_block", "_tile_edges", "_run_masks")
+                 "residual_edges", "graph", "order", "src_order", "source", "_edge_perm",
+                 "segments", "segments_per_block", "_tile_edges", "_run_masks")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -146,6 +148,15 @@ class TilePlan:
                 f"tile_fraction={s['tile_fraction']:.3g}"
                 f"{', reordered' if s['reordered'] else ''})")
 
+    @property
+    def edge_perm(self) -> Optional[Tensor]:
+        if self.order is None:
+            return None
+        if self._edge_perm is None:
+            self._edge_perm = self.source.permute(self.order, self.src_order,
+                                                  return_edge_perm=True)[1]
+        return self._edge_perm
+
     # ------------------------------------------------------------------ per-edge positions
     def tile_edges(self) -> Tuple[Tensor, Tensor, Tensor]:
         """The edges on dense tiles grouped by tile: ``(ptr [T + 1], edges [E_t], cell
@@ -158,47 +169,96 @@ class TilePlan:
             edges = on.nonzero().view(-1)
             order = torch.sort(tid[edges], stable=True).indices
             edges = edges[order]
-            cell = (g.dst[edges] % self.block_q) * self.block_k + g.src[edges] % self.block_k
+            cell = (_mod(g.dst[edges], self.block_q) * self.block_k
+                    + _mod(g.src[edges], self.block_k))
             ptr = torch.zeros(self.num_tiles + 1, dtype=torch.long, device=g.device)
             ptr[1:] = torch.cumsum(self.tile_edge_count, 0)
             self._tile_edges = (ptr, edges, cell)
         return self._tile_edges
 
 
+def _div(x: Tensor, b: int) -> Tensor:
+    """``x // b`` for non-negative int64 ``x``: a shift when ``b`` is a power of two (int64
+    division is several times slower on CPU)."""
+    return x >> (b.bit_length() - 1) if b & (b - 1) == 0 else x // b
+
+
+def _mod(x: Tensor, b: int) -> Tensor:
+    return x & (b - 1) if b & (b - 1) == 0 else x % b
+
+
 def _tile_of_edges(plan: TilePlan, src: Tensor, dst: Tensor) -> Tensor:
     """Dense tile of each edge, or -1 for a residual edge."""
     nk = plan.num_k_blocks
-    key = (dst // plan.block_q) * nk + src // plan.block_k
+    key = _div(dst, plan.block_q) * nk + _div(src, plan.block_k)
     tile_key = plan.tile_q * nk + plan.tile_k                        # sorted
+    if plan.num_q_blocks * nk <= _DENSE_TABLE_LIMIT:
+        table = torch.full((plan.num_q_blocks * nk,), -1, dtype=torch.long, device=key.device)
+        table[tile_key] = torch.arange(plan.num_tiles, device=key.device)
+        return table[key]
     pos = torch.searchsorted(tile_key, key).clamp_max(max(plan.num_tiles - 1, 0))
     hit = tile_key[pos] == key if plan.num_tiles else torch.zeros_like(key, dtype=torch.bool)
     return torch.where(hit, pos, -1)
 
 
+# Tile grids of up to this many tiles are counted with a dense table (O(E), no sort).
+_DENSE_TABLE_LIMIT = 1 << 24
+
+
+def tile_counts(graph: TokenGraph, block_q: int, block_k: int) -> Tuple[Tensor, Tensor]:
+    """``(tile key [T'], edges [T'])`` of the non-empty tiles, keys ``q_block * nK + k_block``
+    ascending: a bincount over the tile grid when it is small enough, else a sort."""
+    nq, nk = -(-graph.num_dst // block_q), -(-graph.num_src // block_k)
+    key = _div(graph.dst, block_q) * nk + _div(graph.src, block_k)
+    if nq * nk <= _DENSE_TABLE_LIMIT:
+        counts = torch.bincount(key, minlength=nq * nk)
+        nonempty = counts.nonzero().view(-1)
+        return nonempty, counts[nonempty]
+    return torch.unique(key, return_counts=True)
+
+
+def _planned_graph(graph: TokenGraph, order: Tensor, src_order: Optional[Tensor]):
+    """The graph renumbered in ``order``: precomputed by a generator that knows it (hash
+    buckets build it without a sort), else :meth:`TokenGraph.permute`."""
+    cached = graph._cache.get("permuted")
+    if cached is not None and cached[0] is order and cached[1] is src_order:
+        return cached[2]
+    return graph.permute(order, src_order)
+
+
+def plan_cost(counts: Tensor, num_edges: int, block_q: int, block_k: int,
+              min_density: float, edge_cost_cells: float = EDGE_COST_CELLS) -> float:
+    """Modelled cost (see :meth:`TilePlan.cost`) of the plan that ``tile_counts`` gives."""
+    cells = block_q * block_k
+    take = counts >= max(min_density * cells, 1)
+    tiles, on_tiles = int(take.sum()), int(counts[take].sum())
+    per_cell = CELL_COST.get(max(block_q, block_k), 1.0)
+    return per_cell * tiles * cells + edge_cost_cells * (num_edges - on_tiles)
+
+
 def build_plan(graph: TokenGraph, block_q: int = DEFAULT_BLOCK,
                block_k: Optional[int] = None, *, min_density: Optional[float] = None,
-               order: Optional[Tensor] = None, src_order: Optional[Tensor] = None
-               ) -> TilePlan:
-    """Plan ``graph`` in tiles of ``block_q x block_k`` (see :class:`TilePlan`).
+               order: Optional[Tensor] = None, src_order: Optional[Tensor] = None,
+               counts: Optional[Tuple[Tensor, Tensor]] = None) -> TilePlan:
+    """Plan ``graph`` in tiles of ``block_q x block_k`` (see :class:`TilePlan`), in O(E).
 
     ``min_density`` defaults to ``1 / EDGE_COST_CELLS``; 0 puts every non-empty tile on the
     dense path, a value above 1 none. With ``order`` (and ``src_order`` for bipartite
-    graphs) the plan is made for the graph renumbered in that token order.
+    graphs) the plan is made for the graph renumbered in that token order. ``counts``:
+    :func:`tile_counts` of the planned graph, when already known.
     """
     block_k = block_q if block_k is None else block_k
     if min_density is None:
         min_density = 1.0 / EDGE_COST_CELLS
-    edge_perm = None
     planned = graph
     if order is not None:
-        planned, edge_perm = graph.permute(order, src_order, return_edge_perm=True)
         if src_order is None and not graph.is_bipartite:
             src_order = order
+        planned = _planned_graph(graph, order, src_order)
     nq = -(-planned.num_dst // block_q)
     nk = -(-planned.num_src // block_k)
     src, dst = planned.src, planned.dst
-    key = (dst // block_q) * nk + src // block_k
-    uniq, counts = torch.unique(key, return_counts=True)
+    uniq, counts = tile_counts(planned, block_q, block_k) if counts is None else counts
     cells = block_q * block_k
     take = counts >= max(min_density * cells, 1)
     tiles, tile_count = uniq[take], counts[take]
@@ -209,7 +269,7 @@ def build_plan(graph: TokenGraph, block_q: int = DEFAULT_BLOCK,
                     min_density=float(min_density), tile_q=tiles // max(nk, 1),
                     tile_k=tiles % max(nk, 1), mask_index=mask_index,
                     tile_edge_count=tile_count, graph=planned, order=order,
-                    src_order=src_order, edge_perm=edge_perm)
+                    src_order=src_order, source=graph)
     tid = _tile_of_edges(plan, src, dst)
     masks = torch.zeros(1 + int((~full).sum()), block_q, block_k, dtype=torch.bool,
                         device=graph.device)
@@ -217,7 +277,7 @@ def build_plan(graph: TokenGraph, block_q: int = DEFAULT_BLOCK,
     on = tid >= 0
     part = on & (mask_index[tid.clamp_min(0)] > 0) if tiles.numel() else on
     e = part.nonzero().view(-1)
-    cell = (dst[e] % block_q) * block_k + src[e] % block_k
+    cell = _mod(dst[e], block_q) * block_k + _mod(src[e], block_k)
     masks.view(-1)[mask_index[tid[e]] * cells + cell] = True
     res = (~on).nonzero().view(-1)
     plan.masks = masks
