@@ -435,7 +435,10 @@ class TokenGraph:
             del self._cache[key]
         self._cache.pop("permuted", None)
 
-    def _best_block(self, min_density, order, src_order) -> int:
+    def _best_block(self, min_density=None, order="auto", src_order=None
+                    ) -> Tuple[int, float]:
+        """``(block size, modelled cost)`` of the cheapest plan, from tile counts alone
+        (O(E) per size): what ``tile_plan()`` would build, without building it."""
         from attngraph.ops.tiles import (BLOCK_SIZES, EDGE_COST_CELLS, _planned_graph,
                                          plan_cost, tile_counts)
 
@@ -446,7 +449,7 @@ class TokenGraph:
         cacheable = (order is None and src_order is None
                      or order is own[0] and src_order is own[1])
         if cacheable and key in self._cache:
-            return self._cache[key][0]
+            return self._cache[key][:2]
         planned = self
         if order is not None:
             if src_order is None and not self.is_bipartite:
@@ -454,11 +457,12 @@ class TokenGraph:
             planned = _planned_graph(self, order, src_order)
         density = 1.0 / EDGE_COST_CELLS if min_density is None else min_density
         counts = {b: tile_counts(planned, b, b) for b in BLOCK_SIZES}
-        best = min(BLOCK_SIZES, key=lambda b: plan_cost(counts[b][1], planned.num_edges, b,
-                                                        b, density))
+        costs = {b: plan_cost(counts[b][1], planned.num_edges, b, b, density)
+                 for b in BLOCK_SIZES}
+        best = min(BLOCK_SIZES, key=costs.get)
         if cacheable:      # the counts serve the plan built next (then are dropped)
-            self._cache[key] = (best, counts[best])
-        return best
+            self._cache[key] = (best, costs[best], counts[best])
+        return best, costs[best]
 
     def tile_plan(self, block_size: Optional[int] = None, *, block_k: Optional[int] = None,
                   min_density: Optional[float] = None, order="auto", src_order=None):
@@ -482,7 +486,7 @@ class TokenGraph:
                 raise ValueError("give block_size with block_k")
             # the block size of least modelled cost, from tile counts alone (O(E) each);
             # only the chosen plan is built
-            return self.tile_plan(self._best_block(min_density, order, src_order),
+            return self.tile_plan(self._best_block(min_density, order, src_order)[0],
                                   min_density=min_density, order=order, src_order=src_order)
         bq = check_int("block_size", block_size, minimum=1)
         bk = bq if block_k is None else check_int("block_k", block_k, minimum=1)
@@ -508,11 +512,12 @@ class TokenGraph:
         key = ("tile_plan", bq, bk, min_density, order is not None)
         plan = self._cache.get(key) if cacheable else None
         if plan is None:
-            best = self._cache.get(("best_block", min_density, order is not None))
+            best_key = ("best_block", min_density, order is not None)
+            best = self._cache.get(best_key)
             counts = None
-            if cacheable and best is not None and best[0] == bq == bk and best[1] is not None:
-                counts = best[1]
-                self._cache[("best_block", min_density, order is not None)] = (best[0], None)
+            if cacheable and best is not None and best[0] == bq == bk and best[2] is not None:
+                counts = best[2]
+                self._cache[best_key] = best[:2] + (None,)
             plan = build_plan(self, bq, bk, min_density=min_density, order=order,
                               src_order=src_order, counts=counts)
             if cacheable:

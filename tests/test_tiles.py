@@ -236,7 +236,10 @@ def test_auto_takes_tiles_where_the_plan_pays():
     from attngraph.ops.dispatch import explain, select_backend
 
     assert select_backend("auto", _inputs(ag.masks.sliding_window(1024, 64))).name == "tiles"
-    assert select_backend("auto", _inputs(ag.masks.random(1024, 8, seed=0))).name == "torch"
+    rnd = ag.masks.random(1024, 8, seed=0)
+    assert select_backend("auto", _inputs(rnd)).name == "torch"
+    # decided from tile counts: no plan was built for the graph it does not pay on
+    assert not any(isinstance(k, tuple) and k[0] == "tile_plan" for k in rnd._cache)
     assert "dense tiles" in explain("auto", _inputs(ag.masks.bigbird(512, 64)))
 
 

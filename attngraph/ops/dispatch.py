@@ -207,13 +207,12 @@ def _tiles_auto_refuse(x: Inputs) -> Optional[str]:
     g = x.graph
     if g is None or g.num_edges == 0:
         return "no graph to plan"
-    plan = g.tile_plan()
-    if plan.num_tiles == 0:
-        return "no tile of the graph is dense enough to pay (tile_plan() has no tiles)"
+    # from tile counts only: a graph where tiles do not pay is never planned
+    block, cost = g._best_block()
     per_edge = EDGE_COST_CELLS * g.num_edges
-    if plan.cost() > _TILES_MIN_SAVING * per_edge:
-        return (f"the tile plan saves too little: modelled cost {plan.cost():.3g} vs "
-                f"{per_edge:.3g} cells per edge")
+    if cost > _TILES_MIN_SAVING * per_edge:
+        return (f"the tile plan saves too little: modelled cost {cost:.3g} vs {per_edge:.3g} "
+                f"per edge (tile_plan() puts few or no edges on dense tiles)")
     return None
 
 
