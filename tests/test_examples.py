@@ -45,3 +45,16 @@ def test_long_sequence_learns_only_through_the_global_token():
     assert end < 0.25 * start and end < 0.5, out
     _, control_end = losses["sliding window only"]
     assert control_end > 0.85 * chance, out                        # cannot see the value
+
+
+def test_scfa_lm_trains_every_variant(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "scfa_lm.py"), "--quick", "--out",
+                           str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=EXAMPLES.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "scfa_lm.md").read_text()
+    rows = re.findall(r"^\| 128 \| (\w[\w.]*) \| (\S+) \|", table, re.M)
+    assert [r[0] for r in rows] == ["dense", "hash4", "drop0.3"], table
+    assert all(0 < float(bpb) < 9 for _, bpb in rows), table      # 8 bits: a uniform guess
+    assert (tmp_path / "scfa_lm.png").stat().st_size > 1000

@@ -12,6 +12,19 @@ dense work whatever it holds, an edge on the per-edge path costs about ``EDGE_CO
 cells (measured by :func:`calibrate`), so a tile pays when it holds more than
 ``block_q * block_k / EDGE_COST_CELLS`` edges: ``min_density = 1 / EDGE_COST_CELLS``.
 
+How the dense part runs: each query block's tiles form one row of ``L * block_k`` keys (a
+*run*), so one ``bmm`` per kv head scores a chunk of runs, one ``softmax`` normalises whole
+rows and one ``bmm`` aggregates values; keys and values of runs whose key blocks are
+consecutive and step evenly (windows) are strided views, not copies. The backward recomputes
+``p = exp(s - lse)`` run by run, as FlashAttention does, and accumulates ``dK``/``dV`` by key
+block. On CUDA tensors the same code runs on cuBLAS (``backend="tiles"``) and the residual
+edges on the fused per-edge kernels; the GPU design this stands in for is DESIGN §4's tile
+kernel: one CTA per (query block, kv head) walking its runs with tensor-core MMAs and an
+online softmax, the plan's tile lists as its schedule (the layout FlexAttention's Triton
+kernel reads from a BlockMask, which :meth:`TokenGraph.to_block_mask` produces), the lse
+written for the merge. ``backend="auto"`` keeps the fused kernels on CUDA until the two are
+measured against each other on a GPU.
+
 Inputs of :func:`attention` are node-major and GQA-grouped as for every backend
 (``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``, ``v [N_src, H_kv, D_v]``, ``bias`` ``None`` or
 ``[E, nb]`` with ``H % nb == 0``); a query without edges gets output 0 and lse ``-inf``.
@@ -28,13 +41,13 @@ from torch import Tensor
 from attngraph.graph import TokenGraph
 
 __all__ = ["TilePlan", "build_plan", "tile_counts", "plan_cost", "attention", "merge",
-           "calibrate", "EDGE_COST_CELLS",
-           "DEFAULT_BLOCK", "MAX_TILE_ELEMENTS"]
+           "calibrate", "EDGE_COST_CELLS", "CELL_COST", "BLOCK_SIZES", "DEFAULT_BLOCK",
+           "MAX_TILE_ELEMENTS"]
 
 DEFAULT_BLOCK = 128
 
 # Measured by `calibrate()` on the reference machine (2 x86 cores, torch 2.13 CPU, H = 4,
-# D = 64, float32; `python -m benchmarks --preset tiles` prints it again): one edge on the
+# D = 64, float32; `python -m attngraph.ops.tiles` measures it again): one edge on the
 # per-edge torch path costs as much as 50-110 cells of a 128 x 128 tile in the forward (more
 # where keys are scattered) and 70-125 in the backward, so a tile pays from about
 # 1 / EDGE_COST_CELLS density; a cell of a 64 x 64 tile costs 1.1-1.6 cells of a 128 x 128
@@ -711,3 +724,11 @@ def calibrate(*, device="cpu", dtype=torch.float32, heads: int = 4, dim: int = 6
     ref = cell_s[max(blocks)]
     return dict(edge_cost_cells=edge_s / ref, cell_cost={b: c / ref for b, c in cell_s.items()},
                 cell_s=cell_s, edge_s=edge_s)
+
+
+if __name__ == "__main__":      # python -m attngraph.ops.tiles: the cost constants, measured
+    import json
+
+    for backward in (False, True):
+        print(("forward + backward: " if backward else "forward: ")
+              + json.dumps(calibrate(backward=backward, repeats=3), default=float))
