@@ -40,8 +40,14 @@ def _err(a, b):
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("graph", list(GRAPHS), ids=list(GRAPHS))
 def test_fused_kernels_on_gpu(graph, dtype):
+    _check_within_twice_reference_error(GRAPHS[graph](), dtype, "cupy", "torch")
+
+
+def _check_within_twice_reference_error(graph, dtype, backend, reference):
+    """``backend``'s outputs and gradients err at most twice ``reference``'s (same dtype)
+    from the float64 torch result, plus a floor."""
     dev = torch.device("cuda")
-    g = GRAPHS[graph]().to(dev)
+    g = graph.to(dev)
     gen = torch.Generator(dev).manual_seed(0)
     q = torch.randn(4096, 8, 64, generator=gen, device=dev, dtype=torch.float64)
     k, v = (torch.randn(4096, 2, 64, generator=gen, device=dev, dtype=torch.float64)
@@ -49,7 +55,7 @@ def test_fused_kernels_on_gpu(graph, dtype):
     bias = torch.randn(g.num_edges, 8, generator=gen, device=dev, dtype=torch.float64)
     golden = _run("torch", g, q, k, v, bias)
     low = [t.to(dtype) for t in (q, k, v, bias)]
-    ref, got = _run("torch", g, *low), _run("cupy", g, *low)
+    ref, got = _run(reference, g, *low), _run(backend, g, *low)
     for i, (a, r, gold) in enumerate(zip(got, ref, golden)):
         if i == 1:
             a, r, gold = a[torch.isfinite(gold)], r[torch.isfinite(gold)], gold[torch.isfinite(gold)]
@@ -91,20 +97,7 @@ def test_runs_on_the_current_stream():
 @pytest.mark.parametrize("graph", ["window", "longformer", "bigbird"])
 def test_tiles_on_gpu(graph, dtype):
     """Dense tiles by cuBLAS, the residual edges by the fused kernels, merged by lse."""
-    dev = torch.device("cuda")
-    g = (GRAPHS[graph]() | masks.random(4096, 4, seed=1)).to(dev)
+    g = GRAPHS[graph]() | masks.random(4096, 4, seed=1)
     plan = g.tile_plan()
     assert plan.num_tiles and plan.num_residual_edges
-    gen = torch.Generator(dev).manual_seed(0)
-    q = torch.randn(4096, 8, 64, generator=gen, device=dev, dtype=torch.float64)
-    k, v = (torch.randn(4096, 2, 64, generator=gen, device=dev, dtype=torch.float64)
-            for _ in range(2))
-    bias = torch.randn(g.num_edges, 8, generator=gen, device=dev, dtype=torch.float64)
-    golden = _run("torch", g, q, k, v, bias)
-    low = [t.to(dtype) for t in (q, k, v, bias)]
-    ref, got = _run("cupy", g, *low), _run("tiles", g, *low)
-    for i, (a, r, gold) in enumerate(zip(got, ref, golden)):
-        if i == 1:
-            a, r, gold = a[torch.isfinite(gold)], r[torch.isfinite(gold)], gold[torch.isfinite(gold)]
-        scale = max(1.0, gold.abs().max().item())
-        assert _err(a, gold) <= 2 * _err(r, gold) + FLOOR[dtype] * scale, i
+    _check_within_twice_reference_error(g, dtype, "tiles", "cupy")
