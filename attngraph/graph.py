@@ -435,89 +435,82 @@ class TokenGraph:
             del self._cache[key]
         self._cache.pop("permuted", None)
 
-    def _best_block(self, min_density=None, order="auto", src_order=None
-                    ) -> Tuple[int, float]:
-        """``(block size, modelled cost)`` of the cheapest plan, from tile counts alone
-        (O(E) per size): what ``tile_plan()`` would build, without building it."""
-        from attngraph.ops.tiles import (BLOCK_SIZES, EDGE_COST_CELLS, _planned_graph,
-                                         plan_cost, tile_counts)
-
-        own = self._cache.get("order", (None, None))
-        if isinstance(order, str):
-            order, src_order = own
-        key = ("best_block", min_density, order is not None)
-        cacheable = (order is None and src_order is None
-                     or order is own[0] and src_order is own[1])
-        if cacheable and key in self._cache:
-            return self._cache[key][:2]
-        planned = self
-        if order is not None:
-            if src_order is None and not self.is_bipartite:
-                src_order = order
-            planned = _planned_graph(self, order, src_order)
-        density = 1.0 / EDGE_COST_CELLS if min_density is None else min_density
-        counts = {b: tile_counts(planned, b, b) for b in BLOCK_SIZES}
-        costs = {b: plan_cost(counts[b][1], planned.num_edges, b, b, density)
-                 for b in BLOCK_SIZES}
-        best = min(BLOCK_SIZES, key=costs.get)
-        if cacheable:      # the counts serve the plan built next (then are dropped)
-            self._cache[key] = (best, costs[best], counts[best])
-        return best, costs[best]
-
-    def tile_plan(self, block_size: Optional[int] = None, *, block_k: Optional[int] = None,
-                  min_density: Optional[float] = None, order="auto", src_order=None):
-        """Which ``block_size x block_k`` tiles run as dense math and which edges run per
-        edge (:class:`attngraph.ops.tiles.TilePlan`: counts, ``tile_fraction``, masks).
-
-        Computed once per graph and arguments, and cached. ``block_size=None`` plans with
-        each size of ``attngraph.ops.tiles.BLOCK_SIZES`` (64, 128) and keeps the plan of
-        least modelled cost (``TilePlan.cost``). ``min_density``: a tile runs
-        dense when it holds at least this fraction of its cells as edges (default: the
-        measured break-even ``1 / attngraph.ops.tiles.EDGE_COST_CELLS``; 0: every non-empty
-        tile; above 1: none). ``order``: ``"auto"`` (the graph's :attr:`order`), ``None``
-        (the graph's own numbering) or a permutation of the queries (``src_order``: of the
-        keys, default ``order`` for self-attention).
-        """
-        from attngraph.masks._common import check_int
-        from attngraph.ops.tiles import BLOCK_SIZES, build_plan
-
-        if block_size is None:
-            if block_k is not None:
-                raise ValueError("give block_size with block_k")
-            # the block size of least modelled cost, from tile counts alone (O(E) each);
-            # only the chosen plan is built
-            return self.tile_plan(self._best_block(min_density, order, src_order)[0],
-                                  min_density=min_density, order=order, src_order=src_order)
-        bq = check_int("block_size", block_size, minimum=1)
-        bk = bq if block_k is None else check_int("block_k", block_k, minimum=1)
-        if min_density is not None:
-            if isinstance(min_density, bool) or not isinstance(min_density, (int, float)) \
-                    or not min_density >= 0:
-                raise ValueError(f"min_density must be a number >= 0, got {min_density!r}")
-            min_density = float(min_density)
+    def _plan_order(self, order, src_order):
+        """``(order, src_order, cacheable)`` of a tile plan: ``"auto"`` is the graph's own
+        :attr:`order`; ``src_order`` defaults to ``order`` for self-attention. Plans in the
+        graph's numbering or its ``order`` are cached; others are not (a tensor's id can
+        be reused once it is freed)."""
         own = self._cache.get("order", (None, None))
         if isinstance(order, str):
             if order != "auto":
                 raise ValueError(f"order must be 'auto', None or a permutation tensor, got "
                                  f"{order!r}")
             order, src_order = own
-        if order is not None:
-            order = _check_perm("order", order, self.num_dst, self.device)
-        if src_order is not None:
-            src_order = _check_perm("src_order", src_order, self.num_src, self.device)
-        # plans in the graph's own order or its `order` are cached; other orders are not
-        # (a tensor's id can be reused once it is freed)
+        else:
+            if order is not None:
+                order = _check_perm("order", order, self.num_dst, self.device)
+            if src_order is not None:
+                src_order = _check_perm("src_order", src_order, self.num_src, self.device)
+        if order is not None and src_order is None and not self.is_bipartite:
+            src_order = order
+        own_src = own[0] if own[1] is None else own[1]
         cacheable = (order is None and src_order is None
-                     or order is own[0] and src_order is own[1])
+                     or order is own[0] and src_order is own_src)
+        return order, src_order, cacheable
+
+    def _best_block(self, min_density=None, order="auto", src_order=None):
+        """``(block size, modelled cost, its tile counts or None)`` of the cheapest plan,
+        from tile counts alone (O(E) per size): what ``tile_plan()`` builds, unbuilt."""
+        from attngraph.ops.tiles import (BLOCK_SIZES, EDGE_COST_CELLS, _planned_graph,
+                                         plan_cost, tile_counts)
+
+        order, src_order, cacheable = self._plan_order(order, src_order)
+        key = ("best_block", min_density, order is not None)
+        if cacheable and key in self._cache:
+            return self._cache[key] + (None,)
+        planned = self if order is None else _planned_graph(self, order, src_order)
+        density = 1.0 / EDGE_COST_CELLS if min_density is None else min_density
+        counts = {b: tile_counts(planned, b, b) for b in BLOCK_SIZES}
+        costs = {b: plan_cost(counts[b][1], planned.num_edges, b, b, density)
+                 for b in BLOCK_SIZES}
+        best = min(BLOCK_SIZES, key=costs.get)
+        if cacheable:
+            self._cache[key] = (best, costs[best])
+        return best, costs[best], counts[best]
+
+    def tile_plan(self, block_size: Optional[int] = None, *, block_k: Optional[int] = None,
+                  min_density: Optional[float] = None, order="auto", src_order=None):
+        """Which ``block_size x block_k`` tiles run as dense math and which edges run per
+        edge (:class:`attngraph.ops.tiles.TilePlan`: counts, ``tile_fraction``, masks).
+
+        Computed once per graph and arguments, and cached. ``block_size=None`` takes the
+        size of ``attngraph.ops.tiles.BLOCK_SIZES`` (64, 128) whose plan has the least
+        modelled cost (``TilePlan.cost``, from tile counts: only that plan is built).
+        ``min_density``: a tile runs dense when it holds at least this fraction of its cells
+        as edges (default: the measured break-even ``1 / attngraph.ops.tiles.
+        EDGE_COST_CELLS``; 0: every non-empty tile; above 1: none). ``order``: ``"auto"``
+        (the graph's :attr:`order`), ``None`` (the graph's own numbering) or a permutation of
+        the queries (``src_order``: of the keys, default ``order`` for self-attention).
+        """
+        from attngraph.masks._common import check_int
+        from attngraph.ops.tiles import build_plan
+
+        if min_density is not None:
+            if isinstance(min_density, bool) or not isinstance(min_density, (int, float)) \
+                    or not min_density >= 0:
+                raise ValueError(f"min_density must be a number >= 0, got {min_density!r}")
+            min_density = float(min_density)
+        order, src_order, cacheable = self._plan_order(order, src_order)
+        counts = None
+        if block_size is None:
+            if block_k is not None:
+                raise ValueError("give block_size with block_k")
+            block_size, _, counts = self._best_block(min_density, order, src_order)
+        bq = check_int("block_size", block_size, minimum=1)
+        bk = bq if block_k is None else check_int("block_k", block_k, minimum=1)
         key = ("tile_plan", bq, bk, min_density, order is not None)
         plan = self._cache.get(key) if cacheable else None
         if plan is None:
-            best_key = ("best_block", min_density, order is not None)
-            best = self._cache.get(best_key)
-            counts = None
-            if cacheable and best is not None and best[0] == bq == bk and best[2] is not None:
-                counts = best[2]
-                self._cache[best_key] = best[:2] + (None,)
             plan = build_plan(self, bq, bk, min_density=min_density, order=order,
                               src_order=src_order, counts=counts)
             if cacheable:

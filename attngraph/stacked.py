@@ -127,12 +127,10 @@ def stack(graphs: Sequence[TokenGraph], shape: Optional[Tuple[int, int]] = None
         >>> s[0, 1].equal(sliding_window(4, 1))
         True
     """
+    from attngraph.graph import batch
+
     graphs = list(graphs)
-    if not graphs:
-        raise ValueError("stack needs at least one TokenGraph")
-    for g in graphs:
-        if not isinstance(g, TokenGraph):
-            raise TypeError(f"stack takes TokenGraphs, got {type(g).__name__}")
+    merged = batch(graphs)              # checks the graphs: TokenGraphs, one device
     shape = (1, len(graphs)) if shape is None else tuple(shape)
     if len(shape) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1
                               for x in shape):
@@ -142,9 +140,7 @@ def stack(graphs: Sequence[TokenGraph], shape: Optional[Tuple[int, int]] = None
     ns, nd = graphs[0].num_src, graphs[0].num_dst
     if any((g.num_src, g.num_dst) != (ns, nd) for g in graphs):
         raise ValueError("stacked graphs must all have the same num_src and num_dst")
-    from attngraph.graph import batch
-
-    return StackedGraph(batch(graphs), shape, ns, nd)
+    return StackedGraph(merged, shape, ns, nd)
 
 
 # ---------------------------------------------------------------------------- folding

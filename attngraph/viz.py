@@ -231,7 +231,7 @@ def _plot_tiles(graph: TokenGraph, plan, *, ax: Optional[Axes], resolution: int,
                 title: Optional[str]) -> Axes:
     """The mask with tile edges and residual edges in two colours (see :func:`plot_mask`)."""
     from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Patch, Rectangle
 
     from attngraph.ops.tiles import TilePlan
 
@@ -248,8 +248,8 @@ def _plot_tiles(graph: TokenGraph, plan, *, ax: Optional[Axes], resolution: int,
     if ax is None:
         ax = _new_axes((5.2, 4.8))
     rows, cols = min(nd, resolution), min(ns, resolution)
-    on_tiles = _bin_counts(g, rows, cols) - _bin_counts(plan.residual, rows, cols)
     residual = _bin_counts(plan.residual, rows, cols)
+    on_tiles = _bin_counts(g, rows, cols) - residual
     img = np.ones((rows, cols, 3))
     img[on_tiles > 0] = mcolors.to_rgb(_TILE_COLOR)
     img[residual > 0] = mcolors.to_rgb(_RESIDUAL_COLOR)   # residual edges drawn on top
@@ -262,7 +262,6 @@ def _plot_tiles(graph: TokenGraph, plan, *, ax: Optional[Axes], resolution: int,
                  for qb, kb in zip(tq, tk)]
         ax.add_collection(PatchCollection(boxes, facecolor=_TILE_COLOR, alpha=0.12,
                                           edgecolor=_TILE_COLOR, linewidth=0.4))
-    from matplotlib.patches import Patch
     ax.legend(handles=[Patch(color=_TILE_COLOR, label=f"on {plan.num_tiles} dense tiles "
                              f"({plan.tile_fraction:.1%})"),
                        Patch(color=_RESIDUAL_COLOR,

@@ -18,13 +18,11 @@ def _qkv(B, L, S, H, H_kv, D=8, seed=0):
 
 def _per_slice(q, k, v, stacked, bias=None):
     """Reference: a Python loop over (sequence, head), one graph_attention each."""
-    B, L, H, _ = q.shape
+    B, _, H, _ = q.shape
     H_kv = k.size(2)
     G = H // H_kv
     B_g, H_g = stacked.shape
     ptr = stacked.slice_ptr()
-    out = torch.zeros(B, L, H, v.size(-1), dtype=q.dtype)
-    lse = torch.zeros(B, L, H, dtype=q.dtype)
     outs, lses = {}, {}
     for b in range(B):
         for h in range(H):

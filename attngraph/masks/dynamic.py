@@ -118,12 +118,11 @@ def _hash(q: Tensor, k: Tensor, causal: bool, strict: bool, shared: bool) -> Tok
     graph = from_runs(S * nk, S * nq, [Take(order, lo, hi - lo)], device=q.device)
     # Renumbered by (bucket, position) the mask is block diagonal: dense tiles compute there.
     # Key order[m] becomes key m, so a query's keys are the range lo..hi: the renumbered
-    # graph is written directly, without the sort a general permute needs.
+    # graph is written directly when the tiles first need it, without the sort of permute.
     q_order = order if shared else torch.sort(q_rank, stable=True).indices
     graph.order = q_order if shared else (q_order, order)
-    permuted = from_runs(S * nk, S * nq, [Range(lo[q_order], (hi - lo)[q_order])],
-                         device=q.device)
-    graph._cache["permuted"] = (q_order, order, permuted)
+    graph._cache["permuted"] = (q_order, order, lambda: from_runs(
+        S * nk, S * nq, [Range(lo[q_order], (hi - lo)[q_order])], device=q.device))
     return graph
 
 

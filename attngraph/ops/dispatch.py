@@ -208,7 +208,7 @@ def _tiles_auto_refuse(x: Inputs) -> Optional[str]:
     if g is None or g.num_edges == 0:
         return "no graph to plan"
     # from tile counts only: a graph where tiles do not pay is never planned
-    block, cost = g._best_block()
+    block, cost, _ = g._best_block()
     per_edge = EDGE_COST_CELLS * g.num_edges
     if cost > _TILES_MIN_SAVING * per_edge:
         return (f"the tile plan saves too little: modelled cost {cost:.3g} vs {per_edge:.3g} "

@@ -46,12 +46,14 @@ __all__ = ["TilePlan", "build_plan", "tile_counts", "plan_cost", "attention", "m
 
 DEFAULT_BLOCK = 128
 
-# Measured by `calibrate()` on the reference machine (2 x86 cores, torch 2.13 CPU, H = 4,
-# D = 64, float32; `python -m attngraph.ops.tiles` measures it again): one edge on the
-# per-edge torch path costs as much as 50-110 cells of a 128 x 128 tile in the forward (more
-# where keys are scattered) and 70-125 in the backward, so a tile pays from about
-# 1 / EDGE_COST_CELLS density; a cell of a 64 x 64 tile costs 1.1-1.6 cells of a 128 x 128
-# one (CELL_COST).
+# From `calibrate()` on the reference machine (2 x86 cores, torch 2.13 CPU, H = 4, D = 64,
+# float32; `python -m attngraph.ops.tiles` measures it again). One edge on the per-edge torch
+# path cost 112-118 cells of a 128 x 128 tile in the forward and 125-139 in forward +
+# backward on random(64) at N = 8k (two runs); 42 in the forward where keys are local
+# (random(128) at N = 4k, an earlier calibration). A cell of a 64 x 64 tile cost 1.09-1.46
+# cells of a 128 x 128 one in the forward, 1.41-1.58 in forward + backward. The defaults sit
+# at the low end, so tiles are taken only where they pay in every case measured: from
+# 1 / EDGE_COST_CELLS = 1.6 % density.
 EDGE_COST_CELLS = 64.0
 CELL_COST = {64: 1.2, 128: 1.0}
 BLOCK_SIZES = tuple(CELL_COST)
@@ -231,10 +233,12 @@ def tile_counts(graph: TokenGraph, block_q: int, block_k: int) -> Tuple[Tensor, 
 
 
 def _planned_graph(graph: TokenGraph, order: Tensor, src_order: Optional[Tensor]):
-    """The graph renumbered in ``order``: precomputed by a generator that knows it (hash
-    buckets build it without a sort), else :meth:`TokenGraph.permute`."""
+    """The graph renumbered in ``order``: from a builder a generator left (hash buckets
+    write it without a sort), else :meth:`TokenGraph.permute`."""
     cached = graph._cache.get("permuted")
     if cached is not None and cached[0] is order and cached[1] is src_order:
+        if callable(cached[2]):                     # built on first use
+            graph._cache["permuted"] = cached = cached[:2] + (cached[2](),)
         return cached[2]
     return graph.permute(order, src_order)
 
@@ -508,14 +512,6 @@ class _Tiles:
         dbias[edges] = g.view(g.size(0), -1, dbias.size(1)).sum(1)
 
 
-def _merge_rows(out: Tensor, lse: Tensor, o: Tensor, l: Tensor) -> Tuple[Tensor, Tensor]:
-    """``merge((out, lse), (o, l))`` of two normalised partial attentions."""
-    new = torch.logaddexp(lse, l)
-    safe = torch.where(torch.isneginf(new), 0.0, new)
-    return (out * torch.exp(lse - safe).unsqueeze(-1) + o * torch.exp(l - safe).unsqueeze(-1),
-            new)
-
-
 def _forward(tiles: _Tiles, dv: int) -> Tuple[Tensor, Tensor]:
     """Attention over the plan's tiles -> ``(out [Hkv, nQ, G*bq, D_v], lse [Hkv, nQ, G*bq])``."""
     plan = tiles.plan
@@ -535,24 +531,17 @@ def _forward(tiles: _Tiles, dv: int) -> Tuple[Tensor, Tensor]:
             p.masked_fill_(empty.unsqueeze(-1), 0.0)
             l.masked_fill_(empty, float("-inf"))
         o = _bmm(p, vg)
-        single = plan.segments_per_block[blocks] == 1
-        if bool(single.all()):
+        if bool((plan.segments_per_block[blocks] == 1).all()):
             out.index_copy_(1, blocks, o)
             lse.index_copy_(1, blocks, l)
             continue
-        for r in torch.unique(rank).tolist():    # a long row in several runs: merge
-            sel = ((rank == r) | single) if r == 0 else (rank == r) & ~single
+        # a long row in several runs: merge them (out starts at 0 / -inf, which merges
+        # into a run's result unchanged); a block has at most one run of each rank
+        for r in torch.unique(rank).tolist():
+            sel = rank == r
             rows = blocks[sel]
-            if r == 0:
-                o_r, l_r = o[:, sel], l[:, sel]
-                mix = ~single[sel]
-                if bool(mix.any()):
-                    cur_o, cur_l = _merge_rows(out[:, rows[mix]], lse[:, rows[mix]],
-                                               o_r[:, mix], l_r[:, mix])
-                    o_r[:, mix], l_r[:, mix] = cur_o, cur_l
-            else:
-                o_r, l_r = _merge_rows(out[:, rows], lse[:, rows], o[:, sel], l[:, sel])
-            out[:, rows], lse[:, rows] = o_r, l_r
+            out[:, rows], lse[:, rows] = merge(out[:, rows], lse[:, rows], o[:, sel],
+                                               l[:, sel])
     return out, lse
 
 
@@ -668,10 +657,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
         out_r, lse_r = backend.run(q, k, v, plan.residual, scale, res_bias)
         parts.append((out_r.to(cdt), lse_r.to(cdt)))
     out, lse = parts[0] if len(parts) == 1 else merge(*parts[0], *parts[1])
-    if plan.order is not None:
-        inv = torch.empty_like(plan.order)
-        inv[plan.order] = torch.arange(plan.order.numel(), device=inv.device)
-        out, lse = out.index_select(0, inv), lse.index_select(0, inv)
+    if plan.order is not None:       # planned query n is query order[n]
+        out = out.new_empty(out.shape).index_copy(0, plan.order, out)
+        lse = lse.new_empty(lse.shape).index_copy(0, plan.order, lse)
     return out.to(dtype), lse
 
 
