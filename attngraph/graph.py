@@ -292,6 +292,33 @@ class TokenGraph:
         cells = self.num_src * self.num_dst
         return self.num_edges / cells if cells else 0.0
 
+    @property
+    def is_implicit(self) -> bool:
+        """Whether the edges are a rule (:class:`attngraph.implicit.ImplicitGraph`) rather
+        than stored."""
+        return False
+
+    def materialize(self) -> "TokenGraph":
+        """The graph with its edges stored: itself (an implicit graph builds them)."""
+        return self
+
+    def rows(self, r0: int, r1: int) -> Tuple[Tensor, Tensor]:
+        """Edges of query rows ``[r0, r1)``: ``(ptr [r1 - r0 + 1], src [E_c])``, row
+        ``r0 + i`` holding keys ``src[ptr[i]:ptr[i+1]]``."""
+        ptr = self.ptr[r0:r1 + 1]
+        return ptr - ptr[0], self.src[int(ptr[0]):int(ptr[-1])]
+
+    def edge_chunks(self, max_edges: int = 1 << 22):
+        """``(r0, r1, e0, ptr, src)`` for consecutive row chunks of about ``max_edges``
+        edges (as :meth:`attngraph.implicit.ImplicitGraph.edge_chunks`)."""
+        from attngraph.ops.chunked import row_chunks
+
+        ptr_host = self.ptr.cpu()
+        for r0, r1 in row_chunks(ptr_host, max_edges):
+            e0 = int(ptr_host[r0])
+            yield (r0, r1, e0, self.ptr[r0:r1 + 1] - e0,
+                   self.src[e0:int(ptr_host[r1])])
+
     def in_degree(self) -> Tensor:
         """Keys per query, int64 ``[num_dst]``."""
         return self.ptr.diff()

@@ -163,6 +163,19 @@ def from_runs(num_src: int, num_dst: int, runs: Sequence[Run], *, device=None) -
     return wrap(out, num_src, num_dst)
 
 
+def rule_graph(num_src: int, num_dst: int, runs, *, implicit: bool, name: str,
+               state: Optional[dict] = None) -> TokenGraph:
+    """The graph of a rule ``runs(rows, state) -> [Run, ...]``: kept as the rule
+    (:class:`attngraph.implicit.ImplicitGraph`) with ``implicit``, else built at once by
+    :func:`from_runs` over every row."""
+    state = {} if state is None else state
+    if implicit:
+        from attngraph.implicit import ImplicitGraph
+
+        return ImplicitGraph(runs, num_src, num_dst, name=name, state=state)
+    return from_runs(num_src, num_dst, runs(torch.arange(num_dst, dtype=torch.long), state))
+
+
 def _fill_rows(out: Tensor, ptr: Tensor, deg: Tensor, runs: Sequence[Run], r0: int,
                r1: int) -> None:
     e0, e1 = int(ptr[r0]), int(ptr[r1])

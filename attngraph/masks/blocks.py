@@ -7,22 +7,41 @@ ids per block row).
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from attngraph.graph import TokenGraph
 from attngraph.masks._common import (Range, Take, check_bool, check_int, check_nodes, from_runs,
-                                     keep_edges)
+                                     keep_edges, rule_graph)
 
 __all__ = ["block_sparse", "fixed", "dilated_block"]
 
 
-def expand_blocks(layout: TokenGraph, block: int, *, causal: bool = False) -> TokenGraph:
+def _expand_runs(i, state, *, block, causal):
+    """Runs of token rows ``i`` (consecutive) of a block layout: one slice of a table of the
+    key ids of the block rows these tokens lie in."""
+    ptr, cols = state["ptr"], state["cols"]
+    if not i.numel():
+        return [Take(i, i, i)]
+    token_block = torch.div(i, block, rounding_mode="floor")
+    b0, b1 = int(token_block[0]), int(token_block[-1]) + 1
+    e0, e1 = int(ptr[b0]), int(ptr[b1])
+    table = (cols[e0:e1].view(-1, 1) * block + torch.arange(block, device=i.device)).view(-1)
+    count = (ptr[1:] - ptr[:-1])[token_block] * block
+    if causal:
+        count = count - state["has_diag"][token_block] * (block - 1 - i % block)
+    return [Take(table, (ptr[token_block] - e0) * block, count)]
+
+
+def expand_blocks(layout: TokenGraph, block: int, *, causal: bool = False,
+                  implicit: bool = False) -> TokenGraph:
     """Token graph of a block graph: block edge ``c -> r`` becomes every ``j -> i`` with
     ``i`` in block r and ``j`` in block c (``N = num_blocks * block``).
 
     With ``causal``, block edges above the diagonal (c > r) are dropped and diagonal blocks
-    keep only ``j <= i``.
+    keep only ``j <= i``. With ``implicit`` only the block layout is stored.
     """
     nb = layout.num_dst
     check_nodes("block", block)
@@ -31,14 +50,13 @@ def expand_blocks(layout: TokenGraph, block: int, *, causal: bool = False) -> To
         layout = keep_edges(layout, layout.src <= layout.dst)
     # Key ids of every block column, block row after block row. Token row i reads its block
     # row's slice; with causal only up to i inside the diagonal block, which comes last.
-    table = (layout.src.view(-1, 1) * block + torch.arange(block)).view(-1)
-    token_block = torch.div(torch.arange(n), block, rounding_mode="floor")
-    count = layout.in_degree()[token_block] * block
+    has_diag = torch.zeros(nb, dtype=torch.long)
     if causal:
-        has_diag = torch.zeros(nb, dtype=torch.long)
         has_diag[layout.dst[layout.src == layout.dst]] = 1
-        count -= has_diag[token_block] * (block - 1 - torch.arange(n) % block)
-    return from_runs(n, n, [Take(table, (layout.ptr * block)[token_block], count)])
+    state = {"ptr": layout.ptr, "cols": layout.src, "has_diag": has_diag}
+    return rule_graph(n, n, partial(_expand_runs, block=block, causal=causal),
+                      implicit=implicit, state=state,
+                      name=f"blocks({nb} x {block}, {layout.num_edges} block edges)")
 
 
 def block_sparse(layout: Tensor, block: int) -> TokenGraph:
@@ -107,7 +125,7 @@ def _fixed_layout(nb: int, num_local: int, num_global: int, causal: bool) -> Tok
 
 
 def fixed(n: int, block: int, *, num_local_blocks: int = 4, num_global_blocks: int = 1,
-          causal: bool = False) -> TokenGraph:
+          causal: bool = False, implicit: bool = False) -> TokenGraph:
     """Sparse Transformer "fixed" pattern, with DeepSpeed ``FixedSparsityConfig`` semantics.
 
     Blocks of ``block`` tokens are grouped into non-overlapping windows of
@@ -131,6 +149,8 @@ def fixed(n: int, block: int, *, num_local_blocks: int = 4, num_global_blocks: i
         num_local_blocks: blocks per local window.
         num_global_blocks: global blocks per window; must divide ``num_local_blocks``.
         causal: unidirectional (``j <= i``).
+        implicit: keep the mask as its rule (:class:`attngraph.implicit.ImplicitGraph`):
+            only the block layout is stored.
 
     Returns:
         TokenGraph over N nodes.
@@ -157,11 +177,24 @@ def fixed(n: int, block: int, *, num_local_blocks: int = 4, num_global_blocks: i
     if n % block:
         raise ValueError(f"fixed needs n divisible by block, got n={n}, block={block}; "
                          f"pad the sequence to {-(-n // block) * block} tokens")
+    implicit = check_bool("implicit", implicit)
     layout = _fixed_layout(n // block, num_local_blocks, num_global_blocks, causal)
-    return expand_blocks(layout, block, causal=causal)
+    return expand_blocks(layout, block, causal=causal, implicit=implicit)
 
 
-def dilated_block(n: int, block: int, dilation: int, *, offset=0):
+def _dilated_block_runs(i, state, *, n, block, step, residue):
+    first = torch.div(i, block, rounding_mode="floor") * block
+    if residue >= block:                    # no position of any block is on the lattice
+        return [Range(first, torch.zeros_like(i))]
+    step = min(step, block)                 # same lattice inside a block, safe int64 math
+    size = torch.clamp(n - first, max=block)          # length of i's block
+    on = torch.remainder(i - first, step) == residue
+    count = torch.div(torch.clamp(size - residue, min=0) + step - 1, step,
+                      rounding_mode="floor")
+    return [Range(first + residue, torch.where(on, count, 0), step)]
+
+
+def dilated_block(n: int, block: int, dilation: int, *, offset=0, implicit: bool = False):
     """LongNet dilated attention for one segment length and dilation (the 2D dilated mask).
 
     Tokens are split into blocks of ``block`` (the last one may be shorter). Query i
@@ -178,6 +211,8 @@ def dilated_block(n: int, block: int, dilation: int, *, offset=0):
         offset: shift of the selected positions, >= 0; a sequence (or 1-D tensor) of one
             offset per head gives one graph per head (LongNet's shifted heads) as a
             :class:`~attngraph.stacked.StackedGraph` of shape ``(1, H)``.
+        implicit: keep the mask as its rule (:class:`attngraph.implicit.ImplicitGraph`):
+            no edge list is stored.
 
     Returns:
         TokenGraph over N nodes, about ``N block / (dilation + 1)^2`` edges.
@@ -199,21 +234,19 @@ def dilated_block(n: int, block: int, dilation: int, *, offset=0):
         offsets = offset.tolist() if isinstance(offset, Tensor) else list(offset)
         if not offsets:
             raise ValueError("offset per head needs at least one offset")
+        if implicit:
+            raise ValueError("a per-head offset stacks explicit graphs: give one offset "
+                             "per implicit graph")
         return stack([dilated_block(n, block, dilation, offset=o) for o in offsets],
                      shape=(1, len(offsets)))
     n = check_nodes("n", n)
     block = check_int("block", block, minimum=1)
     dilation = check_int("dilation", dilation)
     offset = check_int("offset", offset)
+    implicit = check_bool("implicit", implicit)
     step = dilation + 1
     residue = offset % step                 # the positions p with p % step == residue
-    i = torch.arange(n)
-    first = torch.div(i, block, rounding_mode="floor") * block
-    if residue >= block:                    # no position of any block is on the lattice
-        return from_runs(n, n, [Range(first, torch.zeros_like(i))])
-    step = min(step, block)                 # same lattice inside a block, safe int64 math
-    size = torch.clamp(n - first, max=block)          # length of i's block
-    on = torch.remainder(i - first, step) == residue
-    count = torch.div(torch.clamp(size - residue, min=0) + step - 1, step,
-                      rounding_mode="floor")
-    return from_runs(n, n, [Range(first + residue, torch.where(on, count, 0), step)])
+    return rule_graph(n, n, partial(_dilated_block_runs, n=n, block=block, step=step,
+                                    residue=residue), implicit=implicit,
+                      name=f"dilated_block(block={block}, dilation={dilation}, "
+                           f"offset={offset})")

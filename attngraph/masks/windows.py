@@ -6,24 +6,29 @@ memory, never an ``N x N`` tensor.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from attngraph.graph import TokenGraph
-from attngraph.masks._common import Range, check_bool, check_int, check_nodes, from_runs
+from attngraph.masks._common import Range, check_bool, check_int, check_nodes, rule_graph
 
 __all__ = ["full", "causal", "sliding_window", "dilated_window", "strided"]
 
 
-def _positions(n: int) -> torch.Tensor:
-    return torch.arange(n, dtype=torch.long)
+def _full_runs(i, state, *, n, causal):
+    count = i + 1 if causal else torch.full_like(i, n)
+    return [Range(torch.zeros_like(i), count)]
 
 
-def full(n: int, *, causal: bool = False) -> TokenGraph:
+def full(n: int, *, causal: bool = False, implicit: bool = False) -> TokenGraph:
     """Every query attends to every key (with ``causal``, key j only when ``j <= i``).
 
     Args:
         n: number of tokens N.
         causal: keep only ``j <= i``.
+        implicit: keep the mask as its rule (:class:`attngraph.implicit.ImplicitGraph`):
+            no edge list is stored.
 
     Returns:
         TokenGraph over N nodes, ``E = N^2`` (``N (N + 1) / 2`` when causal).
@@ -37,15 +42,15 @@ def full(n: int, *, causal: bool = False) -> TokenGraph:
     """
     n = check_nodes("n", n)
     causal = check_bool("causal", causal)
-    i = _positions(n)
-    count = i + 1 if causal else torch.full_like(i, n)
-    return from_runs(n, n, [Range(torch.zeros_like(i), count)])
+    implicit = check_bool("implicit", implicit)
+    return rule_graph(n, n, partial(_full_runs, n=n, causal=causal), implicit=implicit,
+                      name=f"full(causal={causal})")
 
 
-def causal(n: int) -> TokenGraph:
+def causal(n: int, *, implicit: bool = False) -> TokenGraph:
     """Causal (lower-triangular) mask: query i attends to keys ``j <= i``.
 
-    Same as ``full(n, causal=True)``.
+    Same as ``full(n, causal=True)`` (``implicit``: keep the rule, store no edges).
 
     Example::
 
@@ -54,16 +59,19 @@ def causal(n: int) -> TokenGraph:
                 [1, 1, 0],
                 [1, 1, 1]], dtype=torch.int32)
     """
-    return full(n, causal=True)
+    return full(n, causal=True, implicit=implicit)
 
 
-def sliding_window(n: int, window: int, *, causal: bool = False) -> TokenGraph:
+def sliding_window(n: int, window: int, *, causal: bool = False,
+                   implicit: bool = False) -> TokenGraph:
     """Local attention: query i attends to keys with ``|i - j| <= window``.
 
     Args:
         n: number of tokens N.
         window: keys on each side (0: only the diagonal; ``>= N - 1``: full).
         causal: keep only ``j <= i`` (the ``window`` keys before i and i itself).
+        implicit: keep the mask as its rule (:class:`attngraph.implicit.ImplicitGraph`):
+            no edge list is stored.
 
     Returns:
         TokenGraph over N nodes, ``E <= N (2 window + 1)``.
@@ -77,10 +85,18 @@ def sliding_window(n: int, window: int, *, causal: bool = False) -> TokenGraph:
                 [0, 0, 1, 1, 1],
                 [0, 0, 0, 1, 1]], dtype=torch.int32)
     """
-    return dilated_window(n, window, 0, causal=causal)
+    return dilated_window(n, window, 0, causal=causal, implicit=implicit)
 
 
-def dilated_window(n: int, window: int, dilation: int, *, causal: bool = False) -> TokenGraph:
+def _dilated_runs(i, state, *, n, window, step, causal):
+    left = torch.clamp(torch.div(i, step, rounding_mode="floor"), max=window)
+    right = (torch.zeros_like(i) if causal
+             else torch.clamp(torch.div(n - 1 - i, step, rounding_mode="floor"), max=window))
+    return [Range(i - left * step, left + 1 + right, step)]
+
+
+def dilated_window(n: int, window: int, dilation: int, *, causal: bool = False,
+                   implicit: bool = False) -> TokenGraph:
     """Dilated local attention: keys ``j = i + m (dilation + 1)`` with ``|m| <= window``.
 
     Args:
@@ -88,6 +104,8 @@ def dilated_window(n: int, window: int, dilation: int, *, causal: bool = False) 
         window: steps on each side (0: only the diagonal).
         dilation: gap between attended keys (0: plain sliding window).
         causal: keep only ``j <= i`` (``m <= 0``).
+        implicit: keep the mask as its rule (:class:`attngraph.implicit.ImplicitGraph`):
+            no edge list is stored.
 
     Returns:
         TokenGraph over N nodes, ``E <= N (2 window + 1)``.
@@ -105,17 +123,31 @@ def dilated_window(n: int, window: int, dilation: int, *, causal: bool = False) 
     window = check_int("window", window)
     dilation = check_int("dilation", dilation)
     causal = check_bool("causal", causal)
+    implicit = check_bool("implicit", implicit)
     # Steps and windows past the sequence change nothing; clamping keeps int64 math safe.
     step = min(dilation + 1, max(n, 1))
     window = min(window, n)
-    i = _positions(n)
-    left = torch.clamp(torch.div(i, step, rounding_mode="floor"), max=window)
-    right = (torch.zeros_like(i) if causal
-             else torch.clamp(torch.div(n - 1 - i, step, rounding_mode="floor"), max=window))
-    return from_runs(n, n, [Range(i - left * step, left + 1 + right, step)])
+    return rule_graph(n, n, partial(_dilated_runs, n=n, window=window, step=step,
+                                    causal=causal), implicit=implicit,
+                      name=f"dilated_window(window={window}, dilation={dilation}, "
+                           f"causal={causal})")
 
 
-def strided(n: int, stride: int, *, causal: bool = True) -> TokenGraph:
+def _strided_runs(i, state, *, n, stride, causal):
+    # Row i, in key order: multiples i - m*stride (m >= 1), the window, multiples i + m*stride.
+    before = Range(torch.remainder(i, stride), torch.div(i, stride, rounding_mode="floor"),
+                   stride)
+    lo = torch.clamp(i - stride + 1, min=0)
+    hi = i if causal else torch.clamp(i + stride - 1, max=n - 1)
+    runs = [before, Range(lo, hi - lo + 1)]
+    if not causal:
+        runs.append(Range(i + stride, torch.div(n - 1 - i, stride, rounding_mode="floor"),
+                          stride))
+    return runs
+
+
+def strided(n: int, stride: int, *, causal: bool = True,
+            implicit: bool = False) -> TokenGraph:
     """Sparse Transformer "strided" pattern (Child et al., 2019).
 
     Query i attends to key j when ``|i - j| < stride`` (the previous ``stride - 1`` tokens,
@@ -126,6 +158,8 @@ def strided(n: int, stride: int, *, causal: bool = True) -> TokenGraph:
         n: number of tokens N.
         stride: the stride ``l`` (>= 1), usually about ``sqrt(N)``.
         causal: keep only ``j <= i`` (default, as in the paper).
+        implicit: keep the mask as its rule (:class:`attngraph.implicit.ImplicitGraph`):
+            no edge list is stored.
 
     Returns:
         TokenGraph over N nodes, about ``N (stride + N / stride)`` edges (half when causal).
@@ -143,15 +177,7 @@ def strided(n: int, stride: int, *, causal: bool = True) -> TokenGraph:
     n = check_nodes("n", n)
     stride = check_int("stride", stride, minimum=1)
     causal = check_bool("causal", causal)
+    implicit = check_bool("implicit", implicit)
     stride = min(stride, max(n, 1))
-    i = _positions(n)
-    # Row i, in key order: multiples i - m*stride (m >= 1), the window, multiples i + m*stride.
-    before = Range(torch.remainder(i, stride), torch.div(i, stride, rounding_mode="floor"),
-                   stride)
-    lo = torch.clamp(i - stride + 1, min=0)
-    hi = i if causal else torch.clamp(i + stride - 1, max=n - 1)
-    runs = [before, Range(lo, hi - lo + 1)]
-    if not causal:
-        runs.append(Range(i + stride, torch.div(n - 1 - i, stride, rounding_mode="floor"),
-                          stride))
-    return from_runs(n, n, runs)
+    return rule_graph(n, n, partial(_strided_runs, n=n, stride=stride, causal=causal),
+                      implicit=implicit, name=f"strided(stride={stride}, causal={causal})")

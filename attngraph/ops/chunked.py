@@ -59,10 +59,24 @@ class _Chunk:
         self.src = graph.src[self.e0:self.e1]
 
 
+def _generated_chunks(graph, max_edges: int):
+    """Row chunks of an implicit graph, their edges generated one chunk at a time."""
+    for r0, r1, e0, ptr, src in graph.edge_chunks(max_edges):
+        c = _Chunk.__new__(_Chunk)
+        c.r0, c.r1, c.e0, c.e1 = r0, r1, e0, e0 + src.numel()
+        c.ptr, c.src = ptr, src
+        c.dst = torch.repeat_interleave(torch.arange(r1 - r0, device=src.device), ptr.diff(),
+                                        output_size=src.numel())
+        yield c
+
+
 def _chunks(graph: TokenGraph, heads: int, dim: int, max_elements: int) -> List[_Chunk]:
     """The graph's row chunks for this chunk size, planned once per graph and size (the
-    plan copies ``ptr`` to the host, a device sync on a GPU)."""
+    plan copies ``ptr`` to the host, a device sync on a GPU); an implicit graph's are
+    generated on the fly, never kept."""
     max_edges = max(1, max_elements // max(1, heads * dim))
+    if graph.is_implicit:
+        return _generated_chunks(graph, max_edges)
     key = ("row_chunks", max_edges)
     chunks = graph._cache.get(key)
     if chunks is None:
@@ -230,6 +244,26 @@ def _backward_formula(ctx, dout, dlse):
 _attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
+class _Generated(torch.autograd.Function):
+    """The same passes over an implicit graph, whose chunks exist one at a time (eager
+    only: an implicit graph has no edge tensors to hand to the custom op)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, graph, scale, max_elements):
+        out, lse = _forward(q, k, v, graph, scale, bias, max_elements)
+        ctx.graph, ctx.scale, ctx.max_elements = graph, scale, max_elements
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = _backward(q, k, v, out, lse, dout.contiguous(), ctx.graph,
+                                      ctx.scale, bias, ctx.max_elements, bias_grad, dlse)
+        return dq, dk, dv, dbias, None, None, None
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
               bias: Optional[Tensor] = None, *, max_chunk_elements: Optional[int] = None
               ) -> Tuple[Tensor, Tensor]:
@@ -247,6 +281,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
     q, k, v = (t.to(cdt).contiguous() for t in (q, k, v))
     if bias is not None:
         bias = bias.to(cdt).contiguous()
+    if graph.is_implicit:
+        out, lse = _Generated.apply(q, k, v, bias, graph, float(scale), int(max_chunk_elements))
+        return out.to(dtype), lse
     # traced by torch.compile, graph_attention skipped the data-dependent bias check: the op
     # makes it when it runs
     out, lse = _attention_op(q, k, v, bias, graph.ptr, graph.src, graph.dst, graph.num_src,

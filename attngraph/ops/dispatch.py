@@ -106,9 +106,16 @@ def explain(name: str, inputs: Inputs) -> str:
     return f"{b.name}: {how}" if how else b.name
 
 
+def _implicit(x: Inputs) -> bool:
+    return x.graph is not None and x.graph.is_implicit
+
+
 def _torch_refuse(x: Inputs) -> Optional[str]:
     if x.dtype not in _TORCH_DTYPES:
         return f"takes float16/bfloat16/float32/float64, got {x.dtype}"
+    if _implicit(x) and torch.compiler.is_compiling():
+        return ("an implicit graph has no edge tensors for torch.compile to trace: run it "
+                "eagerly, or trace graph.materialize()")
     return None
 
 
@@ -145,6 +152,9 @@ def _cupy_refuse(x: Inputs) -> Optional[str]:
         return "cupy is not installed (pip install 'attngraph[cuda12]' or '[cuda13]')"
     if x.dtype not in _KERNEL_DTYPES:
         return f"takes float16/bfloat16/float32, got {x.dtype}"
+    if _implicit(x):
+        return ("the fused kernels read a CSR: an implicit graph runs on key ranges "
+                "(backend='tiles'), or materialize() it")
     if max(x.head_dim, x.value_dim) > _MAX_KERNEL_HEAD_DIM:
         return (f"takes head dims up to {_MAX_KERNEL_HEAD_DIM}, got "
                 f"{max(x.head_dim, x.value_dim)}")
@@ -199,6 +209,8 @@ _TILES_MIN_SAVING = 0.9
 def _tiles_auto_refuse(x: Inputs) -> Optional[str]:
     from attngraph.ops.tiles import EDGE_COST_CELLS
 
+    if _implicit(x):
+        return None             # key ranges from the rule: no edge list, no plan to build
     if x.device.type != "cpu":
         # the break-even is measured on CPU only; on a GPU the fused kernels stay the
         # default (deterministic backward) until the tile path is measured against them
@@ -217,6 +229,9 @@ def _tiles_auto_refuse(x: Inputs) -> Optional[str]:
 
 
 def _tiles_describe(x: Inputs) -> str:
+    if _implicit(x):
+        return ("key ranges read from the implicit graph's rule (ops/ranges.py): dense "
+                "blocks where ranges are dense, generated edges elsewhere")
     plan = x.graph.tile_plan() if x.graph is not None else None
     how = "dense tiles (ops/tiles.py) + per-edge residual, merged by log-sum-exp"
     return f"{how}: {plan}" if plan is not None else how
@@ -224,6 +239,13 @@ def _tiles_describe(x: Inputs) -> str:
 
 def _tiles_run(q, k, v, graph, scale, bias):
     from attngraph.ops import tiles
+
+    if graph.is_implicit:
+        from attngraph.ops import chunked, ranges
+
+        if bias is not None:    # a bias follows the canonical edge order: per-edge chunks
+            return chunked.attention(q, k, v, graph, scale, bias)
+        return ranges.attention(q, k, v, graph, scale)
 
     return tiles.attention(q, k, v, graph, scale, bias)
 

@@ -1,0 +1,282 @@
+"""Implicit token graphs: a mask kept as its rule, never as an edge list.
+
+A structured mask gives every query row a few *runs* of keys (see
+:mod:`attngraph.masks._common`): a window is one arithmetic run per row, Longformer adds
+slices of the sorted global ids. An :class:`ImplicitGraph` stores the function that computes
+those runs for any range of rows, plus the few integers and small tensors it needs (global
+ids, document lengths). Degrees and edge counts come from the runs in bounded row chunks;
+edges exist only one chunk at a time, when something asks for them.
+
+Operators take implicit graphs as they are: ``graph_attention`` computes on contiguous key
+ranges read straight from the rule (:mod:`attngraph.ops.ranges`), the torch backend builds
+each row chunk's edges on the fly, pictures bin chunk by chunk. What needs the whole edge
+list (``graph.src``, ``graph.edge_index``, ``&``, ``-``, ``transpose``, ``permute``, tile
+plans, stage functions, which return per-edge tensors anyway) materialises it once and
+caches it; :meth:`ImplicitGraph.materialize` does so explicitly.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from attngraph.graph import TokenGraph
+
+__all__ = ["ImplicitGraph", "ROW_CHUNK"]
+
+# Rows whose runs are computed at once when counting (degrees only: a few int64 per row).
+ROW_CHUNK = 1 << 18
+# Edges generated at once by `edge_chunks` (chunks of whole rows; one longer row stays whole).
+EDGE_CHUNK = 1 << 22
+
+RunsFn = Callable[[Tensor], list]
+
+
+class ImplicitGraph(TokenGraph):
+    r"""A :class:`~attngraph.TokenGraph` whose edges are a rule.
+
+    Made by the structured generators with ``implicit=True`` (``full``, ``causal``,
+    ``sliding_window``, ``dilated_window``, ``dilated_block``, ``global_tokens``,
+    ``longformer``, ``strided``, ``fixed``, ``document``) and by ``|`` of two implicit
+    graphs. Same edges, same canonical order, same answers as the explicit graph; memory
+    holds the rule only.
+
+    Args:
+        runs: ``runs(rows) -> [Range | Take, ...]``: the key runs of query rows ``rows``
+            (an int64 tensor of consecutive row ids), each run's per-row tensors aligned
+            with ``rows``; inside a row the runs' keys are strictly increasing across their
+            concatenation (as :func:`attngraph.masks._common.from_runs` requires).
+        num_src, num_dst: key and query counts.
+        name: the rule in words, for ``repr``.
+        state: the rule's tensors by name (moved by :meth:`to`; ``runs`` reads them from
+            the mapping it is given as ``state``).
+    """
+
+    __slots__ = ("_runs", "_state", "_name", "_explicit", "_num_edges")
+
+    def __init__(self, runs: Callable, num_src: int, num_dst: int, *, name: str = "rule",
+                 state: Optional[Dict[str, Tensor]] = None, device=None):
+        self._runs = runs
+        self._state = dict(state or {})
+        self._name = name
+        self._explicit = None
+        self._num_edges = None
+        self._ei = None
+        self._arrays = None
+        self._cache = {}
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self._meta = (int(num_src), int(num_dst), None, device)
+
+    # ------------------------------------------------------------------ the rule
+    @property
+    def is_implicit(self) -> bool:
+        return True
+
+    def runs(self, r0: int, r1: int) -> list:
+        """The key runs of query rows ``[r0, r1)`` (:class:`~attngraph.masks._common.Range`
+        / ``Take``), computed from the rule."""
+        rows = torch.arange(r0, r1, dtype=torch.long, device=self.device)
+        return self._runs(rows, self._state)
+
+    def degrees(self, r0: int = 0, r1: Optional[int] = None) -> Tensor:
+        """Keys per query of rows ``[r0, r1)``, int64."""
+        r1 = self.num_dst if r1 is None else r1
+        parts = []
+        for a in range(r0, r1, ROW_CHUNK):
+            b = min(a + ROW_CHUNK, r1)
+            deg = torch.zeros(b - a, dtype=torch.long, device=self.device)
+            for run in self.runs(a, b):
+                deg += run.count
+            parts.append(deg)
+        if not parts:
+            return torch.zeros(0, dtype=torch.long, device=self.device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def rows(self, r0: int, r1: int) -> Tuple[Tensor, Tensor]:
+        """Edges of query rows ``[r0, r1)``: ``(ptr [r1 - r0 + 1], src [E_c])`` int64, row
+        ``r0 + i`` holding keys ``src[ptr[i]:ptr[i+1]]`` in canonical order."""
+        from attngraph.masks._common import from_runs
+
+        local = from_runs(self.num_src, r1 - r0, self.runs(r0, r1), device=self.device)
+        return local.ptr, local.src
+
+    def edge_chunks(self, max_edges: int = EDGE_CHUNK
+                    ) -> Iterator[Tuple[int, int, int, Tensor, Tensor]]:
+        """``(r0, r1, e0, ptr, src)`` for consecutive row chunks of about ``max_edges``
+        edges: rows ``[r0, r1)`` hold canonical edges ``e0 ...`` (``rows(r0, r1)``)."""
+        e0 = 0
+        for a in range(0, self.num_dst, ROW_CHUNK):
+            b = min(a + ROW_CHUNK, self.num_dst)
+            deg = self.degrees(a, b)
+            ptr = torch.zeros(deg.numel() + 1, dtype=torch.long, device=self.device)
+            torch.cumsum(deg, 0, out=ptr[1:])
+            ptr_host = ptr.cpu()
+            r = 0
+            while r < b - a:
+                limit = int(ptr_host[r]) + max_edges
+                s = int(torch.searchsorted(ptr_host, limit, right=True)) - 1
+                s = min(max(s, r + 1), b - a)
+                p, src = self.rows(a + r, a + s)
+                yield a + r, a + s, e0, p, src
+                e0 += src.numel()
+                r = s
+
+    # ------------------------------------------------------------------ counts
+    @property
+    def num_edges(self) -> int:
+        if self._num_edges is None:
+            total = 0
+            for a in range(0, self.num_dst, ROW_CHUNK):
+                total += int(self.degrees(a, min(a + ROW_CHUNK, self.num_dst)).sum())
+            self._num_edges = total
+        return self._num_edges
+
+    def in_degree(self) -> Tensor:
+        return self.degrees()
+
+    def out_degree(self) -> Tensor:
+        out = torch.zeros(self.num_src, dtype=torch.long, device=self.device)
+        for *_, src in self.edge_chunks():
+            out += torch.bincount(src, minlength=self.num_src)
+        return out
+
+    # ------------------------------------------------------------------ edges on demand
+    def materialize(self) -> TokenGraph:
+        """The explicit :class:`TokenGraph` with the same edges (built once, cached)."""
+        if self._explicit is None:
+            from attngraph.masks._common import from_runs
+
+            self._explicit = from_runs(self.num_src, self.num_dst,
+                                       self.runs(0, self.num_dst), device=self.device)
+        return self._explicit
+
+    @property
+    def edge_index(self):
+        """Materialises the edge list (see :meth:`materialize`)."""
+        return self.materialize().edge_index
+
+    @property
+    def src(self) -> Tensor:
+        """Materialises the edge list (see :meth:`materialize`)."""
+        return self.materialize().src
+
+    @property
+    def dst(self) -> Tensor:
+        """Materialises the edge list (see :meth:`materialize`)."""
+        return self.materialize().dst
+
+    @property
+    def ptr(self) -> Tensor:
+        """Materialises the edge list (see :meth:`materialize`)."""
+        return self.materialize().ptr
+
+    def csc(self):
+        return self.materialize().csc()
+
+    def tile_plan(self, *args, **kwargs):
+        """Tile plan of the materialised graph (``graph_attention`` needs none: it reads
+        key ranges from the rule)."""
+        return self.materialize().tile_plan(*args, **kwargs)
+
+    def _best_block(self, *args, **kwargs):
+        return self.materialize()._best_block(*args, **kwargs)
+
+    # ------------------------------------------------------------------ conversions
+    def to(self, device) -> "ImplicitGraph":
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        state = {k: v.to(device) for k, v in self._state.items()}
+        return ImplicitGraph(self._runs, self.num_src, self.num_dst, name=self._name,
+                             state=state, device=device)
+
+    def to_dense(self) -> Tensor:
+        mask = torch.zeros(self.num_dst, self.num_src, dtype=torch.bool, device=self.device)
+        for r0, r1, _, ptr, src in self.edge_chunks():
+            row = torch.repeat_interleave(torch.arange(r0, r1, device=self.device), ptr.diff())
+            mask[row, src] = True
+        return mask
+
+    def equal(self, other: TokenGraph) -> bool:
+        """Same node counts and edges, compared chunk by chunk (never both lists whole)."""
+        if not isinstance(other, TokenGraph) or (self.num_src, self.num_dst) != (
+                other.num_src, other.num_dst):
+            return False
+        if self.num_edges != other.num_edges:
+            return False
+        implicit = getattr(other, "is_implicit", False)
+        for r0, r1, e0, ptr, src in self.edge_chunks():
+            if implicit:
+                p2, s2 = other.rows(r0, r1)
+            else:
+                p2 = other.ptr[r0:r1 + 1] - other.ptr[r0]
+                s2 = other.src[int(other.ptr[r0]):int(other.ptr[r1])]
+            if not (torch.equal(ptr, p2.to(ptr.device)) and torch.equal(src, s2.to(src.device))):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ algebra
+    def __or__(self, other: TokenGraph) -> TokenGraph:
+        """Union; stays implicit when ``other`` is implicit too (overlapping edges count
+        once), else materialises."""
+        self._check_same_nodes(other, "|")
+        if not getattr(other, "is_implicit", False):
+            return self.materialize() | other
+        parts = _union_parts(self) + _union_parts(other)
+        return ImplicitGraph(_union_runs, self.num_src, self.num_dst,
+                             name=" | ".join(g._name for g in parts),
+                             state={"graphs": parts}, device=self.device)
+
+    def __and__(self, other):
+        """Intersection: materialises both graphs."""
+        return self.materialize() & _explicit(other)
+
+    def __sub__(self, other):
+        """Difference: materialises both graphs."""
+        return self.materialize() - _explicit(other)
+
+    def transpose(self):
+        """Materialises, then transposes."""
+        return self.materialize().transpose()
+
+    def permute(self, *args, **kwargs):
+        """Materialises, then renumbers (see :meth:`TokenGraph.permute`)."""
+        return self.materialize().permute(*args, **kwargs)
+
+    # ------------------------------------------------------------------ display
+    def __repr__(self) -> str:
+        nodes = (f"num_nodes={self.num_src}" if not self.is_bipartite
+                 else f"num_src={self.num_src}, num_dst={self.num_dst}")
+        dev = "" if self.device.type == "cpu" else f", device={self.device}"
+        return (f"TokenGraph({nodes}, num_edges={self.num_edges}, density={self.density:.3g}, "
+                f"implicit: {self._name}{dev})")
+
+
+def _explicit(g: TokenGraph) -> TokenGraph:
+    return g.materialize() if getattr(g, "is_implicit", False) else g
+
+
+def _union_parts(g: ImplicitGraph) -> List[ImplicitGraph]:
+    return list(g._state["graphs"]) if g._runs is _union_runs else [g]
+
+
+def _union_runs(rows: Tensor, state) -> list:
+    """One ``Take`` run per row: the sorted union of the parts' keys of these rows."""
+    from attngraph.masks._common import Take
+
+    if not rows.numel():
+        return [Take(rows, rows, rows)]
+    r0, r1 = int(rows[0]), int(rows[-1]) + 1
+    graphs = state["graphs"]
+    n_src = max(graphs[0].num_src, 1)
+    keys = []
+    for g in graphs:
+        ptr, src = g.rows(r0, r1)
+        local = torch.repeat_interleave(torch.arange(r1 - r0, device=rows.device), ptr.diff())
+        keys.append(local * n_src + src)
+    key = torch.unique(torch.cat(keys), sorted=True)
+    row = torch.div(key, n_src, rounding_mode="floor")
+    count = torch.bincount(row, minlength=r1 - r0)
+    lo = torch.cumsum(count, 0) - count
+    return [Take(key - row * n_src, lo, count)]

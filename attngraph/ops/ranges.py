@@ -1,0 +1,501 @@
+"""Attention on an implicit graph, read straight from its rule: no edge list, ever.
+
+An :class:`~attngraph.implicit.ImplicitGraph` gives each query row a few runs of keys
+(:mod:`attngraph.masks._common`): ``Range`` runs (``start + step * k``) and ``Take`` runs
+(slices of a small sorted table: global ids, a document's keys). In *position space* each
+run of a row is an interval ``[u0, u0 + count)``: the key itself for a step-1 range, the
+lattice index for a dilated one (rows grouped by residue), the table index for a take.
+
+Rows are processed in chunks. Inside a chunk, each run's active rows are cut into blocks of
+``BLOCK`` rows; a block's keys are the union of its rows' intervals, one contiguous span of
+positions. Where the span is dense enough (``rows * span <= EDGE_COST_CELLS * edges``, the
+tile path's measured break-even) the block runs as dense math: its K/V rows gathered once,
+one ``bmm`` for the scores, an exact mask from the intervals, one ``bmm`` for the values;
+spans longer than a piece's budget are cut into key pieces. Other blocks run per edge,
+their edges generated for that block only. Every piece returns a partial ``(out, lse)`` per
+row; runs of a row are disjoint, so the partials merge exactly by log-sum-exp. The backward
+recomputes the same pieces, ``p = exp(s - lse)`` as FlashAttention does.
+
+Memory: q, k, v, out and lse, plus one piece of work (``MAX_ELEMENTS`` scores) and one row
+chunk of float32 accumulators; for the backward also dq, float32 dk and dv.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["attention", "pieces", "BLOCK", "MAX_ELEMENTS"]
+
+# Query rows per dense block.
+BLOCK = 128
+# Score elements (block rows x keys x heads) of one piece.
+MAX_ELEMENTS = 1 << 20
+# Most rows per chunk (a chunk holds float32 accumulators for its rows).
+MAX_CHUNK_ROWS = 1 << 16
+
+
+class Dense(NamedTuple):
+    """``rows [nb, bq]`` (global query ids, -1: padding) x ``keys [nb, W]`` (global key
+    ids) with ``mask`` (True: an edge) ``[nb, bq, W]``, ``[1, bq, W]`` when every block
+    has the same pattern, or None when every cell is an edge. ``row0``: the first row when
+    block b's rows are ``row0 + b * bq + r`` (none padded); ``key0``: ``(first, step)``
+    when block b's keys are ``first + b * step + w``: such operands are read in place."""
+    rows: Tensor
+    keys: Tensor
+    mask: Optional[Tensor]
+    row0: Optional[int] = None
+    key0: Optional[Tuple[int, int]] = None
+
+
+class Sparse(NamedTuple):
+    """Edges of ``rows [R]`` (global query ids): row ``r`` holds keys
+    ``src[ptr[r]:ptr[r+1]]``."""
+    rows: Tensor
+    ptr: Tensor
+    src: Tensor
+
+
+def _edge_cost() -> float:
+    from attngraph.ops.tiles import EDGE_COST_CELLS
+
+    return EDGE_COST_CELLS
+
+
+def _positions(run, num_src: int):
+    """``(u0, count, group, key_of)`` of a run in position space; ``key_of(u, g)`` maps
+    positions (and the group of their block) to key ids."""
+    from attngraph.masks._common import Range
+
+    count = run.count.to(torch.long)
+    if isinstance(run, Range):
+        step = int(run.step)
+        if step == 1:
+            return run.start, count, None, lambda u, g: u
+        group = torch.remainder(run.start, step)
+        u0 = torch.div(run.start, step, rounding_mode="floor")
+        return u0, count, group, lambda u, g: g + step * u
+    table = run.table
+    return run.lo, count, None, lambda u, g: table[u]
+
+
+def pieces(graph, r0: int, r1: int, heads: int, dim: int,
+           max_elements: Optional[int] = None) -> Iterator:
+    """The :class:`Dense` and :class:`Sparse` pieces of query rows ``[r0, r1)``: together
+    they hold every edge of these rows exactly once."""
+    max_elements = MAX_ELEMENTS if max_elements is None else max_elements
+    bq = BLOCK
+    cost = _edge_cost()
+    device = graph.device
+    lane = torch.arange(bq, device=device)
+    for run in graph.runs(r0, r1):
+        u0, cnt, group, key_of = _positions(run, graph.num_src)
+        active = (cnt > 0).nonzero().view(-1)
+        n_a = active.numel()
+        if not n_a:
+            continue
+        if group is not None:
+            active = active[torch.sort(group[active], stable=True).indices]
+            g = group[active]
+            starts = torch.ones(n_a, dtype=torch.bool, device=device)
+            starts[1:] = g[1:] != g[:-1]
+            first_of_group = torch.cummax(torch.where(starts, torch.arange(
+                n_a, device=device), 0), 0).values
+            new_block = torch.remainder(torch.arange(n_a, device=device) - first_of_group,
+                                        bq) == 0
+            block_first = new_block.nonzero().view(-1)
+        else:
+            block_first = torch.arange(0, n_a, bq, device=device)
+        nb = block_first.numel()
+        block_len = torch.diff(block_first, append=block_first.new_tensor([n_a]))
+        slot = block_first.unsqueeze(1) + lane                          # [nb, bq]
+        valid = lane < block_len.unsqueeze(1)
+        local = active[slot.clamp_max(n_a - 1)]
+        lo_m = u0[local]
+        cnt_m = torch.where(valid, cnt[local], 0)
+        hi_m = lo_m + cnt_m
+        big = torch.iinfo(torch.long).max
+        lo_b = torch.where(valid, lo_m, big).amin(1)
+        hi_b = torch.where(valid, hi_m, -1).amax(1)
+        edges_b = cnt_m.sum(1)
+        width = hi_b - lo_b
+        dense = block_len * width <= cost * edges_b
+        rows_m = torch.where(valid, local + r0, -1)
+        g_b = group[local[:, 0]] if group is not None else lo_b
+        # dense blocks: consecutive blocks of similar width batched, cut into key pieces
+        ids = dense.nonzero().view(-1)
+        if ids.numel():
+            yield from _dense_batches(ids, width, lo_b, hi_b, lo_m, hi_m, rows_m, valid,
+                                      g_b, key_of, group is None and not _is_take(run),
+                                      graph.num_src, heads, max_elements)
+        # sparse blocks: their rows' edges, generated here, in chunks of edges
+        ids = (~dense).nonzero().view(-1)
+        if ids.numel():
+            rows = rows_m[ids][valid[ids]]
+            lo_r = lo_m[ids][valid[ids]]
+            cnt_r = cnt_m[ids][valid[ids]]
+            g_r = (group[rows - r0] if group is not None else None)
+            yield from _sparse(rows, lo_r, cnt_r, g_r, key_of,
+                               max(1, max_elements // max(1, heads * dim)))
+
+
+def _is_take(run) -> bool:
+    from attngraph.masks._common import Take
+
+    return isinstance(run, Take)
+
+
+def _dense_batches(ids, width, lo_b, hi_b, lo_m, hi_m, rows_m, valid, g_b, key_of,
+                   contiguous: bool, num_src: int, heads: int, max_elements: int):
+    bq = rows_m.size(1)
+    device = ids.device
+    w_list = width[ids].tolist()
+    w_piece = max(1, max_elements // (heads * bq))
+    i = 0
+    while i < len(w_list):
+        j, W = i + 1, w_list[i]
+        while j < len(w_list) and 0.8 * W <= w_list[j] <= 1.25 * W and \
+                (j - i + 1) * min(max(W, w_list[j]), w_piece) * bq * heads <= max_elements:
+            W = max(W, w_list[j])
+            j += 1
+        batch = ids[i:j]
+        i = j
+        nb = batch.numel()
+        lo, hi = lo_b.index_select(0, batch), hi_b.index_select(0, batch)
+        rows = rows_m.index_select(0, batch)
+        blo, bhi = lo_m.index_select(0, batch), hi_m.index_select(0, batch)
+        gb = g_b.index_select(0, batch).unsqueeze(1)
+        row0 = None
+        r0 = int(rows[0, 0])
+        if int(rows[-1, -1]) - r0 == nb * bq - 1 and bool((rows.view(-1).diff() == 1).all()):
+            row0 = r0
+        for o in range(0, W, w_piece):
+            wc = min(w_piece, W - o)
+            if contiguous:      # keys are positions: slide the span inside [0, num_src)
+                start = torch.clamp(torch.minimum(lo + o, hi - wc), min=0) \
+                    if wc < num_src else torch.zeros_like(lo)
+                wc = min(wc, num_src)
+                keys = start.unsqueeze(1) + torch.arange(wc, device=device)
+                steps = start.diff()
+                key0 = None
+                if nb == 1 or int(steps.min()) == int(steps.max()) >= 0:
+                    key0 = (int(start[0]), int(steps[0]) if nb > 1 else 0)
+            else:
+                start = lo + o
+                pos = start.unsqueeze(1) + torch.arange(wc, device=device)
+                keys = key_of(torch.minimum(pos, hi.unsqueeze(1) - 1), gb)
+                key0 = None
+            # this piece's own positions [lo + o, lo + o + wc) within the row's interval
+            own_lo, own_hi = (lo + o).unsqueeze(1), torch.minimum(lo + o + wc, hi).unsqueeze(1)
+            rel_lo = torch.maximum(blo, own_lo) - start.unsqueeze(1)         # [nb, bq]
+            rel_hi = torch.minimum(bhi, own_hi) - start.unsqueeze(1)
+            same = nb == 1 or (bool((rel_lo == rel_lo[:1]).all())
+                               and bool((rel_hi == rel_hi[:1]).all()))
+            if same:
+                rel_lo, rel_hi = rel_lo[:1], rel_hi[:1]
+            if bool((rel_lo <= 0).all()) and bool((rel_hi >= wc).all()):
+                mask = None
+            else:
+                w = torch.arange(wc, device=device)
+                mask = (w >= rel_lo.unsqueeze(-1)) & (w < rel_hi.unsqueeze(-1))
+            yield Dense(rows, keys, mask, row0, key0)
+
+
+def _sparse(rows, lo, cnt, group, key_of, max_edges):
+    ptr = torch.zeros(rows.numel() + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(cnt, 0, out=ptr[1:])
+    ptr_host = ptr.cpu()
+    a = 0
+    while a < rows.numel():
+        b = int(torch.searchsorted(ptr_host, int(ptr_host[a]) + max_edges, right=True)) - 1
+        b = min(max(b, a + 1), rows.numel())
+        e0, e1 = int(ptr_host[a]), int(ptr_host[b])
+        c = cnt[a:b]
+        row = torch.repeat_interleave(torch.arange(b - a, device=rows.device), c,
+                                      output_size=e1 - e0)
+        k = torch.arange(e1 - e0, device=rows.device) - (ptr[a:b] - e0)[row]
+        u = lo[a:b][row] + k
+        src = key_of(u, group[a:b][row] if group is not None else None)
+        yield Sparse(rows[a:b], ptr[a:b + 1] - e0, src)
+        a = b
+
+
+def _row_chunks(graph, heads: int):
+    """Row chunks of about ``16 * MAX_ELEMENTS`` scores (whole blocks)."""
+    n = graph.num_dst
+    mean = graph.num_edges / max(n, 1)
+    rows = int(16 * MAX_ELEMENTS / max(1.0, heads * mean * 1.25))
+    rows = max(BLOCK, min(MAX_CHUNK_ROWS, rows // BLOCK * BLOCK))
+    for r0 in range(0, n, rows):
+        yield r0, min(r0 + rows, n)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------- dense pieces
+# Operands are per-head ``[nb, L, C]`` matrices: views of the inputs themselves where a
+# piece's rows (keys) are evenly stepping contiguous ranges and the input is already in the
+# compute dtype, else views of one gathered copy.
+class _Operand:
+    __slots__ = ("base", "first", "step", "length")
+
+    def __init__(self, x: Tensor, index: Optional[Tensor], span, nb: int, length: int,
+                 cdt: torch.dtype):
+        if span is not None and x.dtype == cdt and x.is_contiguous():
+            self.base, (self.first, self.step) = x, span
+        else:
+            self.base = x.index_select(0, index.reshape(-1)).to(cdt)
+            self.first, self.step = 0, length
+        self.length = length
+
+    def head(self, h: int, nb: int) -> Tensor:
+        x = self.base
+        Hx, C = x.size(1), x.size(2)
+        return x.as_strided((nb, self.length, C), (self.step * Hx * C, Hx * C, 1),
+                            x.storage_offset() + (self.first * Hx + h) * C)
+
+
+def _operands(piece: Dense, q, k, v, cdt):
+    nb, bq = piece.rows.shape
+    W = piece.keys.size(1)
+    rows = piece.rows.clamp_min(0)
+    rspan = None if piece.row0 is None else (piece.row0, bq)
+    return (_Operand(q, rows, rspan, nb, bq, cdt), _Operand(k, piece.keys, piece.key0, nb, W, cdt),
+            _Operand(v, piece.keys, piece.key0, nb, W, cdt))
+
+
+def _dense_scores(piece: Dense, qo, ko, H, G, scale):
+    """Masked scores ``[H, nb, bq, W]``."""
+    nb, bq = piece.rows.shape
+    W = piece.keys.size(1)
+    s = torch.empty(H, nb, bq, W, dtype=ko.base.dtype, device=piece.rows.device)
+    for h in range(H):
+        torch.baddbmm(s[h], qo.head(h, nb), ko.head(h // G, nb).transpose(1, 2), beta=0,
+                      alpha=scale, out=s[h])
+    if piece.mask is not None:
+        s.masked_fill_(~piece.mask, float("-inf"))
+    return s
+
+
+def _heads_to_rows(x: Tensor) -> Tensor:
+    """``[H, nb, bq, C]`` -> ``[nb * bq, H, C]``."""
+    H, nb, bq, C = x.shape
+    return x.permute(1, 2, 0, 3).reshape(nb * bq, H, C)
+
+
+def _dense_forward(piece: Dense, q, k, v, scale, cdt):
+    nb, bq = piece.rows.shape
+    H, H_kv = q.size(1), k.size(1)
+    G = H // H_kv
+    qo, ko, vo = _operands(piece, q, k, v, cdt)
+    s = _dense_scores(piece, qo, ko, H, G, scale)
+    m = s.amax(-1)
+    p = torch.softmax(s, -1)
+    del s
+    lse = m - torch.log(p.amax(-1))          # p = exp(s - lse): at the largest score
+    empty = torch.isneginf(m)                # no edge in this piece: softmax gave NaN
+    if bool(empty.any()):
+        p.masked_fill_(empty.unsqueeze(-1), 0.0)
+        lse.masked_fill_(empty, float("-inf"))
+    o = p.new_empty(H, nb, bq, v.size(-1))
+    for h in range(H):
+        torch.bmm(p[h], vo.head(h // G, nb), out=o[h])
+    return _heads_to_rows(o), lse.permute(1, 2, 0).reshape(nb * bq, H)
+
+
+def _dense_backward(piece: Dense, q, k, v, scale, cdt, lse_rows, delta_rows, do_rows,
+                    dk, dv):
+    """Gradients of one dense piece: returns dq of its rows ``[nb * bq, H, D]``, adds dk,
+    dv in place. ``lse_rows``, ``delta_rows [nb * bq, H]``, ``do_rows [nb * bq, H, Dv]``."""
+    nb, bq = piece.rows.shape
+    W = piece.keys.size(1)
+    H, H_kv = q.size(1), k.size(1)
+    G, D, Dv = H // H_kv, q.size(-1), v.size(-1)
+    qo, ko, vo = _operands(piece, q, k, v, cdt)
+    p = _dense_scores(piece, qo, ko, H, G, scale)
+    p.sub_(lse_rows.t().reshape(H, nb, bq, 1)).exp_()
+    do_h = do_rows.view(nb, bq, H, Dv).permute(2, 0, 1, 3)            # [H, nb, bq, Dv]
+    dq = p.new_empty(H, nb, bq, D)
+    dk_b = p.new_zeros(nb, W, H_kv, D)
+    dv_b = p.new_zeros(nb, W, H_kv, Dv)
+    delta = delta_rows.t().reshape(H, nb, bq, 1)
+    for h in range(H):
+        kv_h = h // G
+        dv_b[:, :, kv_h] += torch.bmm(p[h].transpose(1, 2), do_h[h])
+        ds = torch.bmm(do_h[h], vo.head(kv_h, nb).transpose(1, 2))
+        ds.sub_(delta[h]).mul_(p[h])
+        torch.bmm(ds, ko.head(kv_h, nb), out=dq[h])
+        dk_b[:, :, kv_h] += torch.bmm(ds.transpose(1, 2), qo.head(h, nb))
+    kidx = piece.keys.reshape(-1)
+    _add_rows(dk, kidx, dk_b.mul_(scale))
+    _add_rows(dv, kidx, dv_b)
+    return _heads_to_rows(dq).mul_(scale)
+
+
+# ---------------------------------------------------------------------------- sparse pieces
+def _sparse_gather(piece: Sparse, q, k, v, scale, cdt):
+    deg = piece.ptr.diff()
+    dst = torch.repeat_interleave(torch.arange(piece.rows.numel(), device=q.device), deg,
+                                  output_size=piece.src.numel())
+    H, H_kv = q.size(1), k.size(1)
+    qe = q.index_select(0, piece.rows.index_select(0, dst)).to(cdt).view(
+        -1, H_kv, H // H_kv, q.size(-1))
+    ke = k.index_select(0, piece.src).to(cdt)
+    return dst, qe, ke
+
+
+def _sparse_forward(piece: Sparse, q, k, v, scale, cdt):
+    from attngraph.ops.segment import segment_max, segment_sum
+
+    H, H_kv = q.size(1), k.size(1)
+    dst, qe, ke = _sparse_gather(piece, q, k, v, scale, cdt)
+    s = torch.matmul(qe, ke.unsqueeze(-1)).view(-1, H) * scale
+    m = segment_max(s, piece.ptr, dst)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m.index_select(0, dst))
+    total = segment_sum(p, piece.ptr, dst)
+    ve = v.index_select(0, piece.src).to(cdt).unsqueeze(2)            # [E, Hkv, 1, Dv]
+    acc = segment_sum((p.view(-1, H_kv, H // H_kv, 1) * ve).view(-1, H, v.size(-1)),
+                      piece.ptr, dst)
+    o = acc / total.clamp_min(torch.finfo(cdt).tiny).unsqueeze(-1)
+    return o, torch.log(total) + m
+
+
+# ---------------------------------------------------------------------------- passes
+def _merge_into(acc_o, acc_l, seen, rows, o, lse):
+    """Merge partial results of ``rows`` (distinct) into the chunk's accumulators; rows
+    seen for the first time take them as they are."""
+    from attngraph.ops.tiles import merge
+
+    if not bool(seen.index_select(0, rows).any()):
+        acc_o.index_copy_(0, rows, o)
+        acc_l.index_copy_(0, rows, lse)
+    else:
+        acc_o[rows], acc_l[rows] = merge(acc_o[rows], acc_l[rows], o, lse)
+    seen.index_fill_(0, rows, True)
+
+
+def _forward(q, k, v, graph, scale):
+    cdt = _compute_dtype(q.dtype)
+    N, H, Dv = q.size(0), q.size(1), v.size(-1)
+    out = q.new_empty(N, H, Dv)
+    lse = torch.empty(N, H, dtype=cdt, device=q.device)
+    for r0, r1 in _row_chunks(graph, H):
+        # float32 results go straight into out; 16-bit ones through a chunk accumulator
+        acc_o = out[r0:r1] if out.dtype == cdt else torch.empty(r1 - r0, H, Dv, dtype=cdt,
+                                                                 device=q.device)
+        acc_l = lse[r0:r1]
+        acc_o.zero_()
+        acc_l.fill_(float("-inf"))
+        seen = torch.zeros(r1 - r0, dtype=torch.bool, device=q.device)
+        for piece in pieces(graph, r0, r1, H, max(q.size(-1), Dv)):
+            if isinstance(piece, Dense):
+                o, l = _dense_forward(piece, q, k, v, scale, cdt)
+                if piece.row0 is not None:
+                    a = piece.row0 - r0
+                    _merge_slice(acc_o, acc_l, seen, a, a + o.size(0), o, l)
+                    continue
+                keep = (piece.rows.view(-1) >= 0).nonzero().view(-1)
+                rows = piece.rows.view(-1).index_select(0, keep) - r0
+                o, l = o.index_select(0, keep), l.index_select(0, keep)
+            else:
+                o, l = _sparse_forward(piece, q, k, v, scale, cdt)
+                rows = piece.rows - r0
+            _merge_into(acc_o, acc_l, seen, rows, o, l)
+        if acc_o.data_ptr() != out[r0:r1].data_ptr():
+            out[r0:r1] = acc_o
+    return out, lse
+
+
+def _merge_slice(acc_o, acc_l, seen, a, b, o, lse):
+    from attngraph.ops.tiles import merge
+
+    if not bool(seen[a:b].any()):
+        acc_o[a:b] = o.view(acc_o[a:b].shape)
+        acc_l[a:b] = lse
+    else:
+        acc_o[a:b], acc_l[a:b] = merge(acc_o[a:b], acc_l[a:b], o, lse)
+    seen[a:b] = True
+
+
+def _add_rows(dst: Tensor, index: Tensor, x: Tensor) -> None:
+    dst.view(dst.size(0), -1).index_add_(0, index, x.reshape(index.numel(), -1))
+
+
+def _backward(q, k, v, out, lse, dout, dlse, graph, scale):
+    from attngraph.ops.segment import segment_sum
+
+    cdt = _compute_dtype(q.dtype)
+    N, H = q.size(0), q.size(1)
+    H_kv = k.size(1)
+    G, D, Dv = H // H_kv, q.size(-1), v.size(-1)
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
+    for r0, r1 in _row_chunks(graph, H):
+        do_c = dout[r0:r1].to(cdt)
+        delta = (do_c * out[r0:r1].to(cdt)).sum(-1)                      # [R, H]
+        l_c = lse[r0:r1]
+        if dlse is not None:
+            delta = delta - torch.where(torch.isneginf(l_c), 0.0, dlse[r0:r1])
+        l_c = l_c.masked_fill(torch.isneginf(l_c), float("inf"))
+        acc = torch.zeros(r1 - r0, H, D, dtype=cdt, device=q.device)
+        for piece in pieces(graph, r0, r1, H, max(D, Dv)):
+            if isinstance(piece, Dense):
+                rows = piece.rows.view(-1)
+                pad = rows < 0
+                local = torch.where(pad, 0, rows - r0)
+                l_rows = l_c.index_select(0, local).masked_fill(pad.unsqueeze(-1), float("inf"))
+                dq_b = _dense_backward(piece, q, k, v, scale, cdt, l_rows,
+                                       delta.index_select(0, local),
+                                       do_c.index_select(0, local), dk, dv)
+                keep = (~pad).nonzero().view(-1)
+                _add_rows(acc, local.index_select(0, keep), dq_b.index_select(0, keep))
+            else:
+                local = piece.rows - r0
+                dst, qe, ke = _sparse_gather(piece, q, k, v, scale, cdt)
+                s = torch.matmul(qe, ke.unsqueeze(-1)).view(-1, H) * scale
+                at = local.index_select(0, dst)
+                p = torch.exp(s - l_c.index_select(0, at))
+                ve = v.index_select(0, piece.src).to(cdt)                     # [E, Hkv, Dv]
+                do_e = do_c.index_select(0, at).view(-1, H_kv, G, Dv)
+                dp = torch.matmul(do_e, ve.unsqueeze(-1)).view(-1, H)
+                ds = p * (dp - delta.index_select(0, at))
+                dq_r = segment_sum((ds.view(-1, H_kv, G, 1) * ke.unsqueeze(2)).view(-1, H, D),
+                                   piece.ptr, dst) * scale
+                _add_rows(acc, local, dq_r)
+                _add_rows(dk, piece.src, (ds.view(-1, H_kv, G, 1) * qe).sum(2) * scale)
+                _add_rows(dv, piece.src, (p.view(-1, H_kv, G, 1) * do_e).sum(2))
+        dq[r0:r1] = acc
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RangeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, graph, scale):
+        out, lse = _forward(q, k, v, graph, scale)
+        ctx.graph, ctx.scale = graph, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.graph, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, graph, scale: float
+              ) -> Tuple[Tensor, Tensor]:
+    """Attention over an implicit graph's rule -> ``(out, lse)``.
+
+    ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``, ``v [N_src, H_kv, D_v]`` (validated,
+    node-major, any float dtype: pieces compute in float32, float64 for float64 inputs);
+    ``out`` in q's dtype, ``lse`` in the compute dtype. Differentiable in q, k, v (and
+    through lse).
+    """
+    return _RangeAttention.apply(q, k, v, graph, float(scale))
