@@ -90,7 +90,10 @@ def _title(ax: Axes, graph: TokenGraph, title: Optional[str], extra: str = "") -
 
 def _bin_counts(graph: TokenGraph, rows: int, cols: int) -> np.ndarray:
     """Edges per ``[rows, cols]`` bin: query i -> row bin ``i * rows // num_dst``, key j ->
-    column bin ``j * cols // num_src``. Works in chunks on the graph's device."""
+    column bin ``j * cols // num_src``. Works in chunks on the graph's device; an implicit
+    graph is binned from its rule (:func:`_bin_rule`)."""
+    if graph.is_implicit:
+        return _bin_rule(graph, rows, cols)
     src, dst = graph.src, graph.dst
     counts = torch.zeros(rows * cols, dtype=torch.int64, device=graph.device)
     for e0 in range(0, graph.num_edges, _BIN_CHUNK_EDGES):
@@ -99,6 +102,53 @@ def _bin_counts(graph: TokenGraph, rows: int, cols: int) -> np.ndarray:
         key = torch.div(d * rows, graph.num_dst, rounding_mode="floor") * cols
         key += torch.div(s * cols, graph.num_src, rounding_mode="floor")
         counts += torch.bincount(key, minlength=rows * cols)
+    return counts.view(rows, cols).cpu().numpy()
+
+
+_BIN_RULE_ROWS = 1 << 16
+
+
+def _bin_rule(graph, rows: int, cols: int) -> np.ndarray:
+    """:func:`_bin_counts` of an implicit graph without its edge list: a ``Range`` run of a
+    row adds, to each column bin its keys cross, the lattice points inside the bin (closed
+    form, work per row = bins crossed); ``Take`` runs (a few table keys per row) are
+    generated and counted."""
+    from attngraph.masks._common import Range, from_runs
+
+    nd, ns = graph.num_dst, graph.num_src
+    dev = graph.device
+    counts = torch.zeros(rows * cols, dtype=torch.int64, device=dev)
+    # column bin c holds keys [ceil(c ns / cols), ceil((c + 1) ns / cols))
+    edges = -torch.div(-torch.arange(cols + 1, device=dev) * ns, cols, rounding_mode="floor")
+    for r0 in range(0, nd, _BIN_RULE_ROWS):
+        r1 = min(r0 + _BIN_RULE_ROWS, nd)
+        i = torch.arange(r0, r1, device=dev)
+        row_bin = torch.div(i * rows, nd, rounding_mode="floor")
+        for run in graph.runs(r0, r1):
+            if not isinstance(run, Range):
+                local = from_runs(ns, r1 - r0, [run], device=dev)
+                if local.num_edges:
+                    key = row_bin[local.dst] * cols + torch.div(local.src * cols, ns,
+                                                                rounding_mode="floor")
+                    counts += torch.bincount(key, minlength=rows * cols)
+                continue
+            on = run.count > 0
+            a, n, s = run.start[on], run.count[on], int(run.step)
+            last = a + (n - 1) * s
+            c0 = torch.div(a * cols, ns, rounding_mode="floor")
+            c1 = torch.div(last * cols, ns, rounding_mode="floor")
+            span = c1 - c0 + 1
+            pair_row = torch.repeat_interleave(torch.arange(a.numel(), device=dev), span)
+            c = c0[pair_row] + torch.arange(pair_row.numel(), device=dev) - torch.repeat_interleave(
+                torch.cumsum(span, 0) - span, span)
+            lo = torch.maximum(edges[c], a[pair_row])
+            hi = torch.minimum(edges[c + 1] - 1, last[pair_row])
+            # lattice points a + m s in [lo, hi]
+            m_lo = -torch.div(-(lo - a[pair_row]), s, rounding_mode="floor")
+            m_hi = torch.div(hi - a[pair_row], s, rounding_mode="floor")
+            hits = torch.clamp(m_hi - m_lo + 1, min=0)
+            key = row_bin[on][pair_row] * cols + c
+            counts.index_add_(0, key, hits)
     return counts.view(rows, cols).cpu().numpy()
 
 
@@ -153,8 +203,7 @@ def plot_mask(graph: TokenGraph, *, ax: Optional[Axes] = None, resolution: int =
     aspect = "equal" if 0.25 <= ratio <= 4 else "auto"
 
     if nd <= resolution and ns <= resolution:
-        img = np.zeros((nd, ns), dtype=np.uint8)
-        img[graph.dst.cpu().numpy(), graph.src.cpu().numpy()] = 1
+        img = graph.to_dense().cpu().numpy().astype(np.uint8)
         cmap = mcolors.ListedColormap([_EMPTY_COLOR, _EDGE_COLOR])
         ax.imshow(img, cmap=cmap, vmin=0, vmax=1, interpolation="antialiased",
                   interpolation_stage="rgba", aspect=aspect,

@@ -61,6 +61,15 @@ def _read_edges(edge_index, num_src: int, num_dst: int) -> _Edges:
     Sparse adjacencies follow PyG's transposed convention ``adj_t[target, source]``.
     """
     values = graph = None
+    if isinstance(edge_index, TokenGraph) and edge_index.is_implicit:
+        # a rule, not a list: the fused operator reads it as it is (see forward)
+        g = edge_index
+        for name, given, expected, x in (("source", g.num_src, num_src, "x_src"),
+                                         ("target", g.num_dst, num_dst, "x_dst")):
+            if given != expected:
+                raise ValueError(f"the graph has {given} {name} nodes but {x} has "
+                                 f"{expected} rows")
+        return _Edges(None, None, num_src, num_dst, None, g)
     if isinstance(edge_index, TokenGraph):
         graph = edge_index
         sizes = (graph.num_src, graph.num_dst)
@@ -291,6 +300,11 @@ class GraphAttentionConv(MessagePassing):
         value = self.lin_value(x_src).view(-1, H, C)
 
         edges = _read_edges(edge_index, key.size(0), query.size(0))
+        need_alpha = isinstance(return_attention_weights, bool)
+        if edges.src is None and (edge_attr is not None or self.lin_edge is not None
+                                  or need_alpha or not self._use_fused()):
+            # per-edge work (edge features, weights, dropout) needs the edge list
+            edges = _read_edges(edges.graph.materialize(), key.size(0), query.size(0))
         if edge_attr is None and edges.values is not None and edges.values.dim() > 1:
             edge_attr = edges.values  # PyG reads multi-dim sparse values as edge features
         if self.lin_edge is not None:
@@ -306,7 +320,6 @@ class GraphAttentionConv(MessagePassing):
             raise ValueError(f"edge_attr has {edge_attr.size(0)} rows for "
                              f"{edges.src.numel()} edges")
 
-        need_alpha = isinstance(return_attention_weights, bool)
         if self._use_fused():
             out, alpha = self._fused(edges, query, key, value, edge_attr, need_alpha)
         else:
@@ -372,6 +385,8 @@ class GraphAttentionConv(MessagePassing):
                edge_attr: OptTensor, need_alpha: bool) -> Tuple[Tensor, OptTensor]:
         """``(out [N_dst, H, C], alpha [E, H] in input edge order or None)``."""
         scale = 1.0 / math.sqrt(self.out_channels)
+        if edges.src is None:               # an implicit graph, read as its rule
+            return self.message_and_aggregate(edges.graph, query, key, value), None
         E = edges.src.numel()
         bias = user_to_graph = counts = None
         if edge_attr is not None:

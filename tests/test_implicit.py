@@ -1,0 +1,309 @@
+"""Implicit graphs: the rule's edges equal the explicit generator's, every operator gives the
+explicit graph's results, and what must not build the edge list does not."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import attngraph as ag
+from attngraph import masks as M
+from attngraph.implicit import ImplicitGraph
+from attngraph.ops import ranges
+
+SIZES = (0, 1, 7, 97, 300)
+
+
+def _families(n):
+    """(name, generator, args, kwargs) of every implicit family at size n, edge cases
+    included: window >= N, dilation beyond N, globals at both ends, empty documents."""
+    ends = sorted({x for x in (0, 1, n // 2, n - 1) if 0 <= x < n})
+    out = []
+    for c in (False, True):
+        out += [("full", M.full, (n,), dict(causal=c)),
+                ("sliding_window", M.sliding_window, (n, 3), dict(causal=c)),
+                ("sliding_window_wide", M.sliding_window, (n, n + 5), dict(causal=c)),
+                ("dilated_window", M.dilated_window, (n, 4, 2), dict(causal=c)),
+                ("dilated_window_far", M.dilated_window, (n, 3, n + 1), dict(causal=c)),
+                ("strided", M.strided, (n, 5), dict(causal=c)),
+                ("longformer", M.longformer, (n, 4, ends), dict(causal=c)),
+                ("longformer_dilated", M.longformer, (n, 3, ends), dict(dilation=2, causal=c)),
+                ("document", M.document, ([n // 3, 0, n - n // 3, 0],), dict(causal=c))]
+    out += [("causal", M.causal, (n,), {}),
+            ("global_tokens", M.global_tokens, (n, ends), {}),
+            ("dilated_block", M.dilated_block, (n, 8, 1), dict(offset=1)),
+            ("dilated_block_far", M.dilated_block, (n, 4, 2 * n + 3), dict(offset=5))]
+    if n % 4 == 0:
+        out += [("fixed", M.fixed, (n, 4), dict(num_local_blocks=2, causal=c))
+                for c in (False, True)]
+    return out
+
+
+def _cases():
+    for n in SIZES:
+        for name, fn, args, kw in _families(n):
+            yield pytest.param(fn, args, kw, id=f"{name}-{n}-{kw}")
+
+
+@pytest.mark.parametrize("fn,args,kw", list(_cases()))
+def test_edges_equal_explicit(fn, args, kw):
+    e = fn(*args, **kw)
+    g = fn(*args, implicit=True, **kw)
+    assert g.is_implicit and not e.is_implicit
+    assert isinstance(g, ag.TokenGraph)
+    assert g.num_edges == e.num_edges
+    assert g.density == pytest.approx(e.density)
+    assert torch.equal(g.in_degree(), e.in_degree())
+    assert torch.equal(g.out_degree(), e.out_degree())
+    assert g.equal(e) and e.equal(g)
+    assert torch.equal(g.to_dense(), e.to_dense())
+    assert g.materialize().equal(e) and not g.materialize().is_implicit
+    # rows of any range are the explicit graph's rows
+    n = e.num_dst
+    for r0, r1 in ((0, n), (n // 3, n), (n // 2, n // 2 + 1)):
+        if n >= r1 > r0:
+            ptr, src = g.rows(r0, r1)
+            p2, s2 = e.rows(r0, r1)
+            assert torch.equal(ptr, p2) and torch.equal(src, s2)
+
+
+def test_a_different_graph_is_not_equal():
+    g = M.sliding_window(50, 3, implicit=True)
+    assert not g.equal(M.sliding_window(50, 4))
+    assert not g.equal(M.sliding_window(51, 3))
+    h = M.sliding_window(50, 3)
+    h2 = ag.TokenGraph(torch.cat([h.edge_index.as_tensor()[:, :-1],
+                                  torch.tensor([[0], [49]])], 1), 50)
+    assert not g.equal(h2)
+
+
+def _qkv(n, H=2, H_kv=1, D=5, Dv=3, dtype=torch.float64, seed=0, batch=None):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n,) if batch is None else (batch, n)
+    q = torch.randn(*shape, H, D, generator=gen, dtype=dtype, requires_grad=True)
+    k = torch.randn(*shape, H_kv, D, generator=gen, dtype=dtype, requires_grad=True)
+    v = torch.randn(*shape, H_kv, Dv, generator=gen, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+def _run(q, k, v, g, **kw):
+    out, lse = ag.graph_attention(q, k, v, g, return_lse=True, **kw)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    wl = torch.randn(lse.shape, generator=gen, dtype=lse.dtype)
+    loss = (out * w).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * wl).sum()
+    grads = torch.autograd.grad(loss, (q, k, v) + ((kw["edge_bias"],) if
+                                                  kw.get("edge_bias") is not None else ()))
+    return out, lse, grads
+
+
+def _close(a, b, tol=1e-10):
+    for x, y in zip(a, b):
+        if isinstance(x, (tuple, list)):
+            _close(x, y, tol)
+        else:
+            assert x.shape == y.shape
+            assert torch.equal(torch.isinf(x), torch.isinf(y))
+            fin = ~torch.isinf(x)
+            torch.testing.assert_close(x[fin], y[fin], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "tiles"])
+@pytest.mark.parametrize("n", [7, 300])
+def test_attention_equals_explicit(n, backend):
+    for name, fn, args, kw in _families(n):
+        g, e = fn(*args, implicit=True, **kw), fn(*args, **kw)
+        q, k, v = _qkv(n, H=4, H_kv=2)
+        _close(_run(q, k, v, g, backend=backend), _run(q, k, v, e, backend="torch"))
+
+
+@pytest.mark.parametrize("max_elements", [64, 1 << 12])
+def test_attention_in_small_pieces(monkeypatch, max_elements):
+    """Key pieces and row chunks far smaller than a row: long rows (global tokens, full
+    rows) are cut and merged."""
+    monkeypatch.setattr(ranges, "MAX_ELEMENTS", max_elements)
+    n = 257
+    for g in (M.longformer(n, 9, [0, 5, n - 1], implicit=True),
+              M.full(n, causal=True, implicit=True),
+              M.strided(n, 16, causal=False, implicit=True)):
+        q, k, v = _qkv(n, H=3, H_kv=3)
+        _close(_run(q, k, v, g), _run(q, k, v, g.materialize(), backend="torch"))
+
+
+def test_batched_gqa_bias_and_low_precision():
+    n = 130
+    g = M.longformer(n, 6, [0, 64], implicit=True)
+    e = g.materialize()
+    q, k, v = _qkv(n, H=4, H_kv=1, batch=3)
+    _close(_run(q, k, v, g), _run(q, k, v, e, backend="torch"))
+    # a bias follows the canonical edge order (runs per edge, generated chunk by chunk)
+    bias = torch.randn(e.num_edges, 4, dtype=torch.float64, requires_grad=True)
+    a = _run(q, k, v, g, edge_bias=bias)
+    b = _run(q, k, v, e, edge_bias=bias, backend="torch")
+    _close(a, b)
+    assert g._explicit is e     # (e came from materialize(): the bias run used no new list)
+    # bfloat16 inputs compute in float32: error within twice the explicit path's
+    q16, k16, v16 = (t.detach().to(torch.bfloat16) for t in (q, k, v))
+    gold = ag.graph_attention(q, k, v, e).detach()
+    err_i = (ag.graph_attention(q16, k16, v16, g).double() - gold).abs().max()
+    err_e = (ag.graph_attention(q16, k16, v16, e, backend="torch").double() - gold).abs().max()
+    assert err_i <= 2 * err_e + 1e-3
+
+
+def test_gradcheck():
+    g = M.longformer(9, 2, [0, 8], dilation=1, implicit=True)
+    q, k, v = _qkv(9, H=2, H_kv=1, D=3, Dv=2)
+    assert torch.autograd.gradcheck(lambda q, k, v: ag.graph_attention(q, k, v, g),
+                                     (q, k, v))
+
+
+def test_empty_rows_and_empty_graph():
+    g = M.dilated_block(40, 8, 1, implicit=True)      # odd rows have no edge
+    q, k, v = _qkv(40)
+    out, lse = ag.graph_attention(q, k, v, g, return_lse=True)
+    assert torch.isneginf(lse[1::2]).all() and (out[1::2] == 0).all()
+    e = M.document([0, 0], implicit=True)
+    q, k, v = _qkv(0)
+    assert ag.graph_attention(q, k, v, e).shape == (0, 2, 3)
+
+
+def test_union_stays_implicit():
+    n = 200
+    a = M.sliding_window(n, 5, implicit=True)
+    b = M.global_tokens(n, [0, 100], implicit=True)
+    c = M.dilated_window(n, 2, 6, implicit=True)
+    u = a | b | c
+    assert u.is_implicit and "|" in repr(u)
+    want = a.materialize() | b.materialize() | c.materialize()
+    assert u.equal(want) and u.num_edges == want.num_edges     # overlaps counted once
+    q, k, v = _qkv(n)
+    _close(_run(q, k, v, u), _run(q, k, v, want, backend="torch"))
+    # with an explicit graph: materialises (documented)
+    r = M.random(n, 3, seed=0)
+    assert not (a | r).is_implicit and (a | r).equal(a.materialize() | r)
+    assert (a & r).equal(a.materialize() & r) and (a - r).equal(a.materialize() - r)
+
+
+def test_operators_never_build_the_edge_list(monkeypatch):
+    """Everything a long-context user runs works from the rule alone: a test that fails if
+    any of it asks for the edge list."""
+    def forbidden(self):
+        raise AssertionError("the edge list was built")
+
+    n = 1000
+    g = M.longformer(n, 16, [0, 500], implicit=True)
+    e = M.longformer(n, 16, [0, 500])
+    q, k, v = _qkv(n, H=2, H_kv=2, D=4, Dv=4, dtype=torch.float32)
+    want = ag.graph_attention(q, k, v, e)
+    monkeypatch.setattr(ImplicitGraph, "materialize", forbidden)
+    assert g.num_edges == e.num_edges and torch.equal(g.in_degree(), e.in_degree())
+    assert torch.equal(g.out_degree(), e.out_degree()) and g.equal(e)
+    out = ag.graph_attention(q, k, v, g)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    ag.graph_attention(q, k, v, g, backend="torch").sum().backward()
+    layer = ag.nn.SparseSelfAttention(8, 2)
+    layer(torch.randn(2, n, 8), g).sum().backward()
+    conv = ag.nn.GraphAttentionConv(8, 4, heads=2)
+    conv(torch.randn(n, 8), g).sum().backward()
+    assert g.to("cpu") is g and repr(g)
+    pytest.importorskip("matplotlib")
+    from attngraph.viz import plot_mask
+
+    plot_mask(g, resolution=64)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_layers_equal_explicit():
+    n = 150
+    g = M.sliding_window(n, 7, implicit=True)
+    e = g.materialize()
+    torch.manual_seed(0)
+    conv = ag.nn.GraphAttentionConv(6, 3, heads=2).double()
+    x = torch.randn(n, 6, dtype=torch.float64)
+    _close([conv(x, g)], [conv(x, e)])
+    out, (ei, alpha) = conv(x, g, return_attention_weights=True)
+    out2, (ei2, alpha2) = conv(x, e, return_attention_weights=True)
+    _close([out, alpha], [out2, alpha2])
+    attn = ag.nn.SparseSelfAttention(8, 2).double()
+    x = torch.randn(2, n, 8, dtype=torch.float64)
+    _close([attn(x, g)], [attn(x, e)])
+
+
+def test_plot_bins_from_the_rule():
+    from attngraph.viz import _bin_counts
+
+    for fn, args, kw in [(M.longformer, (3000, 40, [0, 7, 2999]), dict(dilation=2)),
+                         (M.strided, (2500, 37), dict(causal=False)),
+                         (M.document, ([100, 0, 900, 1000],), {}),
+                         (M.full, (1000,), dict(causal=True)),
+                         (M.fixed, (64 * 20, 64), {})]:
+        e, g = fn(*args, **kw), fn(*args, implicit=True, **kw)
+        for rows, cols in ((512, 512), (100, 37), (7, 700)):
+            assert (_bin_counts(e, rows, cols) == _bin_counts(g, rows, cols)).all()
+
+
+def test_dispatch_reasons(monkeypatch):
+    from attngraph.ops.dispatch import Inputs, explain, select_backend
+
+    monkeypatch.setenv("ATTNGRAPH_CUDA_EMULATE", "1")    # cupy would take CPU tensors
+    g = M.sliding_window(64, 4, implicit=True)
+    x = Inputs(device=torch.device("cpu"), dtype=torch.float32, head_dim=8, value_dim=8,
+               requires_grad=False, graph=g)
+    assert select_backend("auto", x).name == "tiles"
+    assert "rule" in explain("auto", x)
+    with pytest.raises(RuntimeError, match="implicit graph runs on key ranges"):
+        q = torch.randn(64, 1, 8)
+        ag.graph_attention(q, q, q, g, backend="cupy")
+
+
+def test_compile_refuses_clearly():
+    g = M.sliding_window(32, 2, implicit=True)
+    q = torch.randn(32, 1, 4)
+    fn = torch.compile(lambda q: ag.graph_attention(q, q, q, g), backend="eager",
+                       fullgraph=True)
+    with pytest.raises(Exception, match="implicit graph"):
+        fn(q)
+
+
+def test_long_context_in_bounded_memory(tmp_path):
+    """Forward over 4M tokens of sliding_window(64) in an address space 3 GB above the
+    interpreter's: the edge list alone would take 8.7 GB, q, k, v, out ~0.27 GB."""
+    script = textwrap.dedent("""
+        import resource, torch
+        import attngraph as ag
+        from attngraph import masks as M
+        torch.set_num_threads(1)
+        def vm():
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize"))
+        limit = vm() + 3 * 2 ** 30
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        n = 1 << 22
+        g = M.sliding_window(n, 64, implicit=True)
+        assert g.num_edges == n * 129 - 64 * 65
+        q, k, v = (torch.randn(n, 1, 4) for _ in range(3))
+        out, lse = ag.graph_attention(q, k, v, g, return_lse=True)
+        rows = torch.tensor([0, 1, 12345, n - 1])
+        for i in rows.tolist():
+            lo, hi = max(0, i - 64), min(n, i + 65)
+            s = (q[i, 0] @ k[lo:hi, 0].T) / 2.0
+            want = torch.softmax(s, -1) @ v[lo:hi, 0]
+            assert torch.allclose(out[i, 0], want, atol=1e-5), i
+            assert torch.allclose(lse[i, 0], torch.logsumexp(s, -1), atol=1e-5)
+        try:                       # the same graph's edge list does not fit
+            g.materialize()
+        except (MemoryError, RuntimeError):
+            print("materialize: out of memory")
+        print("ok")
+    """)
+    path = tmp_path / "long.py"
+    path.write_text(script)
+    res = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "materialize: out of memory" in res.stdout and res.stdout.strip().endswith("ok")
