@@ -158,7 +158,10 @@ class TokenGraph:
         self._cache = {}
         self._meta = (int(ei.sparse_size(0)), int(ei.sparse_size(1)), ei.size(1), ei.device)
         plain = ei.as_tensor()
-        ptr, src, dst = self._arrays = (ei.get_indptr(), plain[0], plain[1])
+        ptr = ei.get_indptr()
+        if ptr.dtype != torch.long:       # int32 indices, int64 row offsets
+            ptr = ptr.long()
+        ptr, src, dst = self._arrays = (ptr, plain[0], plain[1])
         _BY_SRC[src] = (weakref.ref(self), id(ptr), id(dst))
 
     @classmethod
@@ -243,13 +246,43 @@ class TokenGraph:
 
     @property
     def src(self) -> Tensor:
-        """Key index of every edge, ``[E]`` int64 (canonical order)."""
+        """Key index of every edge, ``[E]`` (canonical order): int64, or int32 for a graph
+        from :meth:`int32`."""
         return self._arrays[1]
 
     @property
     def dst(self) -> Tensor:
-        """Query index of every edge, ``[E]`` int64 (canonical order, non-decreasing)."""
+        """Query index of every edge, ``[E]`` (canonical order, non-decreasing), in
+        :attr:`index_dtype`."""
         return self._arrays[2]
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """dtype of ``src`` / ``dst``: ``torch.int64``, or ``torch.int32`` (:meth:`int32`);
+        ``ptr`` is int64 either way."""
+        return self._arrays[1].dtype
+
+    def int32(self) -> "TokenGraph":
+        """The same graph with int32 node ids (``ptr`` stays int64): 8 bytes per edge
+        instead of 16. Every operator takes it. Needs ``E < 2^31`` (PyG's EdgeIndex keeps
+        its own CSR offsets in the index dtype)."""
+        return self._with_index_dtype(torch.int32)
+
+    def int64(self) -> "TokenGraph":
+        """The same graph with int64 node ids."""
+        return self._with_index_dtype(torch.int64)
+
+    def _with_index_dtype(self, dtype: torch.dtype) -> "TokenGraph":
+        if self.index_dtype == dtype:
+            return self
+        if dtype == torch.int32 and self.num_edges >= 2 ** 31:
+            raise ValueError(f"int32 node ids need fewer than 2^31 edges, the graph has "
+                             f"{self.num_edges:,}")
+        g = self._from_edge_index(self.edge_index.as_tensor().to(dtype), self.num_src,
+                                  self.num_dst)
+        if "order" in self._cache:      # the token order tiles compute in comes along
+            g._cache["order"] = self._cache["order"]
+        return g
 
     @property
     def num_src(self) -> int:
@@ -328,15 +361,15 @@ class TokenGraph:
         return torch.bincount(self.src, minlength=self.num_src)
 
     def _keys(self) -> Tensor:
-        return self.dst * max(self.num_src, 1) + self.src
+        return self.dst.long() * max(self.num_src, 1) + self.src.long()
 
     # ------------------------------------------------------------------ conversions
     def to(self, device) -> "TokenGraph":
         device = torch.device(device)
         if device == self.device:
             return self
-        ei = self.edge_index.as_tensor().to(device)
-        return self._from_canonical(ei[0], ei[1], self.num_src, self.num_dst)
+        return self._from_edge_index(self.edge_index.as_tensor().to(device), self.num_src,
+                                     self.num_dst)
 
     def cpu(self) -> "TokenGraph":
         return self.to("cpu")
@@ -570,10 +603,18 @@ class TokenGraph:
 
     def equal(self, other: "TokenGraph") -> bool:
         """Same node counts and the same edges."""
-        return (isinstance(other, TokenGraph)
+        if getattr(other, "is_implicit", False):
+            return other.equal(self)
+        if not (isinstance(other, TokenGraph)
                 and (self.num_src, self.num_dst) == (other.num_src, other.num_dst)
-                and torch.equal(self.src, other.src.to(self.device))
-                and torch.equal(self.dst, other.dst.to(self.device)))
+                and self.num_edges == other.num_edges):
+            return False
+        dtype = self.index_dtype
+
+        def same(a, b):
+            return torch.equal(a, b.to(device=self.device, dtype=dtype))
+
+        return same(self.src, other.src) and same(self.dst, other.dst)
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
@@ -654,8 +695,8 @@ def batch(graphs: Iterable[TokenGraph]) -> TokenGraph:
     src_off = dst_off = 0
     srcs, dsts = [], []
     for g in graphs:
-        srcs.append(g.src + src_off)
-        dsts.append(g.dst + dst_off)
+        srcs.append(g.src.long() + src_off)
+        dsts.append(g.dst.long() + dst_off)
         src_off += g.num_src
         dst_off += g.num_dst
     # Each block is canonical and blocks ascend in dst, so the concatenation is canonical.

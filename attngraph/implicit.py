@@ -142,13 +142,20 @@ class ImplicitGraph(TokenGraph):
         return out
 
     # ------------------------------------------------------------------ edges on demand
-    def materialize(self) -> TokenGraph:
-        """The explicit :class:`TokenGraph` with the same edges (built once, cached)."""
-        if self._explicit is None:
+    def materialize(self, index_dtype: torch.dtype = torch.int64) -> TokenGraph:
+        """The explicit :class:`TokenGraph` with the same edges (built once, cached), with
+        int64 node ids or, for ``index_dtype=torch.int32``, int32 ones written straight
+        from the rule (8 bytes per edge)."""
+        if index_dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"index_dtype must be torch.int32 or torch.int64, got "
+                            f"{index_dtype!r}")
+        if self._explicit is None or self._explicit.index_dtype != index_dtype:
             from attngraph.masks._common import from_runs
 
+            self._explicit = None       # one list at a time
             self._explicit = from_runs(self.num_src, self.num_dst,
-                                       self.runs(0, self.num_dst), device=self.device)
+                                       self.runs(0, self.num_dst), device=self.device,
+                                       dtype=index_dtype)
         return self._explicit
 
     @property

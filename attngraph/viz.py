@@ -97,8 +97,8 @@ def _bin_counts(graph: TokenGraph, rows: int, cols: int) -> np.ndarray:
     src, dst = graph.src, graph.dst
     counts = torch.zeros(rows * cols, dtype=torch.int64, device=graph.device)
     for e0 in range(0, graph.num_edges, _BIN_CHUNK_EDGES):
-        s = src[e0:e0 + _BIN_CHUNK_EDGES]
-        d = dst[e0:e0 + _BIN_CHUNK_EDGES]
+        s = src[e0:e0 + _BIN_CHUNK_EDGES].long()
+        d = dst[e0:e0 + _BIN_CHUNK_EDGES].long()
         key = torch.div(d * rows, graph.num_dst, rounding_mode="floor") * cols
         key += torch.div(s * cols, graph.num_src, rounding_mode="floor")
         counts += torch.bincount(key, minlength=rows * cols)

@@ -242,8 +242,106 @@ def longest_parser() -> argparse.ArgumentParser:
                    help="stop bisecting when first failing N / largest N < 1 + this")
     p.add_argument("--max-trials", type=int, default=30)
     p.add_argument("--threads", type=int, help="torch.set_num_threads in every trial")
+    p.add_argument("--graphs", type=_list,
+                   help="search by graph kind instead of by peer: implicit,int64,int32 "
+                        "(attngraph's graph_attention on the rule itself, or on the edge "
+                        "list with int64 / int32 node ids); with --masks and --dtypes")
+    p.add_argument("--masks", type=_list, help="with --graphs: masks to search, e.g. "
+                   "'sliding_window(256),longformer(256,g16)'")
+    p.add_argument("--dtypes", type=_list, help="with --graphs: e.g. float32,bfloat16")
     _common(p)
     return p
+
+
+def run_graph_longest(args, argv: List[str]) -> int:
+    """``--longest --graphs ...``: the largest N per (mask, dtype, mode, graph kind), with
+    bytes per token against the floor and the paper-scale N; then each implicit graph timed
+    at its explicit graph's largest N."""
+    import torch
+
+    from benchmarks.harness import device_slug, environment, run_isolated
+    from benchmarks.longest import GRAPHS, floor_bytes, graph_markdown, search
+    from benchmarks.specs import human_bytes, parse_dtype, parse_mask
+
+    for g in args.graphs:
+        if g not in GRAPHS:
+            raise SystemExit(f"--graphs takes {', '.join(GRAPHS)}, got {g!r}")
+    device = torch.device("cpu")
+    masks = [parse_mask(m) for m in (args.masks or ["sliding_window(256)",
+                                                     "longformer(256,g16)"])]
+    dtypes = args.dtypes or ["float32", "bfloat16"]
+    modes = args.modes or ["fwd", "fwdbwd"]
+    heads, dim = args.heads or 1, args.dim or 64
+    budget = (args.budget_gb or 20.0) * 1e9
+    isolate = args.isolate or "fork"
+    log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    meta = environment(device, ["longest", *argv])
+    meta.update(heads=heads,
+                dim=dim, budget=budget, resolution=args.resolution, isolate=isolate,
+                method="doubling then bisection; each trial in a fresh forked process with "
+                       "RLIMIT_AS = its address space after imports + the budget")
+    name = args.name or "longest_graphs"
+    out_json = args.out / device_slug(device) / f"{name}.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    results, same = [], []
+
+    def save():
+        data = {"meta": meta, "results": results, "same_n": same}
+        out_json.write_text(json.dumps(data, indent=1))
+        out_json.with_suffix(".md").write_text(graph_markdown(data))
+        return data
+
+    for spec in masks:
+        deg = spec.expected_edges(1 << 20) / float(1 << 20)
+        for dtype in dtypes:
+            for mode in modes:
+                floor_tok = floor_bytes(1, heads, dim, parse_dtype(dtype), mode)
+                found = {}
+                for graph in args.graphs:
+                    per_token = floor_tok * 1.1 + {"implicit": 0, "int64": 40,
+                                                   "int32": 28}[graph] * deg
+                    guess = budget / per_token
+                    start = 1 << max(10, int(guess / 1.6).bit_length() - 1)
+                    base = dict(kind="graph", mask=spec.label, heads=heads, dim=dim,
+                                dtype=dtype, peer=f"attngraph-{graph}", graph=graph,
+                                modes=[mode], device="cpu", budget=budget,
+                                threads=args.threads)
+                    if log:
+                        log(f"{spec.label} {dtype} {mode} {graph}: from N={start:,}")
+                    r = search(base, start_n=start, max_n=(args.max_n or [1 << 31])[0],
+                               resolution=args.resolution, round_to=1 << 12,
+                               isolate=isolate, timeout=args.timeout or 3600.0,
+                               max_trials=args.max_trials, log=log)
+                    r.update(mask=spec.label, dtype=dtype, graph=graph)
+                    results.append(r)
+                    found[graph] = r
+                    save()
+                # the implicit graph at the explicit graph's largest N: same call, timed
+                ex = found.get("int64")
+                if "implicit" in found and ex and ex.get("max_n"):
+                    job = dict(kind="graph", mask=spec.label, heads=heads, dim=dim,
+                               dtype=dtype, peer="attngraph-implicit", graph="implicit",
+                               modes=[mode], device="cpu", budget=budget, n=ex["max_n"],
+                               threads=args.threads)
+                    m = run_isolated(job, isolate, args.timeout or 3600.0)["modes"][mode]
+                    for graph, t, peak in (("int64", ex["time_s_at_max"],
+                                            ex["peak_bytes_at_max"]),
+                                           ("implicit", m.get("median_s"),
+                                            m.get("peak_bytes"))):
+                        if t is not None:
+                            same.append(dict(mask=spec.label, dtype=dtype, mode=mode,
+                                             n=ex["max_n"], graph=graph, time_s=t,
+                                             peak_bytes=peak))
+                    if log and m.get("median_s"):
+                        log(f"  same N={ex['max_n']:,}: implicit {m['median_s']:.2f} s, "
+                            f"{human_bytes(m['peak_bytes'])} vs int64 "
+                            f"{ex['time_s_at_max']:.2f} s")
+                    save()
+    data = save()
+    if not args.quiet:
+        print(graph_markdown(data))
+        print(out_json)
+    return 0
 
 
 def run_longest(argv: List[str]) -> int:
@@ -255,6 +353,8 @@ def run_longest(argv: List[str]) -> int:
     from benchmarks.specs import parse_dtype, parse_mask
 
     args = longest_parser().parse_args(argv)
+    if args.graphs:
+        return run_graph_longest(args, argv)
     device = _device(args.device)
     d = LONGEST["gpu" if device.type == "cuda" else "cpu"]
     spec = parse_mask(args.mask or d["mask"])

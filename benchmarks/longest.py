@@ -18,7 +18,14 @@ import torch
 from benchmarks.harness import run_isolated
 from benchmarks.specs import MaskSpec, human_bytes
 
-__all__ = ["search", "memory_model", "ceiling"]
+__all__ = ["search", "memory_model", "ceiling", "graph_trial", "floor_bytes", "GRAPHS",
+           "PAPER_TOKENS", "PAPER_BYTES"]
+
+# How a graph is held: its rule only, or its edges with int64 / int32 node ids.
+GRAPHS = ("implicit", "int64", "int32")
+# The graph-processing paper's longest context: 160 M tokens on one 80 GB A100.
+PAPER_TOKENS = 160e6
+PAPER_BYTES = 80e9
 
 
 def memory_model(spec: MaskSpec, dtype: torch.dtype, heads: int, dim: int, mode: str,
@@ -107,7 +114,8 @@ def search(base: Dict, *, start_n: int, max_n: int = 1 << 31, min_n: int = 256,
         status = res.get("status") if res.get("status") != "ok" else m.get("status", "error")
         t = {"n": res.get("n", n), "num_edges": res.get("num_edges"), "status": status,
              "reason": m.get("reason") or res.get("reason"), "time_s": m.get("median_s"),
-             "peak_bytes": m.get("peak_bytes")}
+             "peak_bytes": m.get("peak_bytes"), "floor_bytes": m.get("floor_bytes"),
+             "check_max_abs_err": m.get("check_max_abs_err")}
         trials.append(t)
         if log:
             log(f"  {base['peer']} {mode} N={t['n']:,}: {status}"
@@ -157,6 +165,8 @@ def search(base: Dict, *, start_n: int, max_n: int = 1 << 31, min_n: int = 256,
             "max_edges": best["num_edges"] if best else None,
             "time_s_at_max": best["time_s"] if best else None,
             "peak_bytes_at_max": best["peak_bytes"] if best else None,
+            "floor_bytes_at_max": best["floor_bytes"] if best else None,
+            "check_at_max": best["check_max_abs_err"] if best else None,
             "failure": fail["reason"] if fail else None,
             "stopped": (f"{stop}: {trials[-1]['reason']}" if stop else
                         ("reached max_n" if hi is None and lo is not None else None)),
@@ -199,3 +209,125 @@ def markdown(data: Dict) -> str:
 
 def _count(x) -> str:
     return "-" if x is None else f"{int(x):,}"
+
+
+# ---------------------------------------------------------------------- graph kinds
+def floor_bytes(n: int, heads: int, dim: int, dtype: torch.dtype, mode: str) -> int:
+    """What any exact attention must hold: Q, K, V, O and a float32 log-sum-exp per (token,
+    head); for forward + backward also dO, dQ, dK, dV."""
+    s = torch.empty((), dtype=dtype).element_size()
+    tok = 4 * heads * dim * s + 4 * heads
+    if mode == "fwdbwd":
+        tok += 4 * heads * dim * s
+    return n * tok
+
+
+def graph_trial(job: Dict) -> Dict:
+    """One trial of the search by graph kind (``job["graph"]`` in :data:`GRAPHS`), in the
+    forked child: the graph, the inputs and one call of ``graph_attention`` (backend
+    ``"auto"``: the rule's key ranges for an implicit graph, dense tiles plus residual for
+    an explicit one) under ``RLIMIT_AS`` = the address space after imports + the budget.
+    Peak = the RSS high-water mark above the state after imports, everything included."""
+    import math
+    import resource
+    import time
+
+    import attngraph as ag
+    from benchmarks.memory import Meter, exact_heap, vm_size_bytes
+    from benchmarks.specs import dtype_name, parse_dtype, parse_mask
+    from benchmarks.worker import is_oom
+
+    spec = parse_mask(job["mask"])
+    dtype = parse_dtype(job["dtype"])
+    n, H, D = int(job["n"]), int(job["heads"]), int(job["dim"])
+    mode = job["modes"][0]
+    res: Dict = {"mask": spec.label, "n": n, "heads": H, "dim": D, "dtype": dtype_name(dtype),
+                 "peer": job["peer"], "graph": job["graph"], "device": "cpu", "status": "ok",
+                 "modes": {}}
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    torch.ones(1 << 20).add_(1).sum()      # thread pool first: its stacks are not the trial's
+    exact_heap()
+    meter = Meter(torch.device("cpu"))
+    meter.baseline()
+    limit = vm_size_bytes() + int(job["budget"])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+    r = res["modes"].setdefault(mode, {"status": "ok"})
+    try:
+        t = time.perf_counter()
+        graph = spec.build(n, job["graph"])
+        res["num_edges"] = graph.num_edges
+        res["graph_build_s"] = time.perf_counter() - t
+        res["graph_bytes"] = (0 if graph.is_implicit else
+                              graph.edge_index.as_tensor().element_size() * 2 * graph.num_edges
+                              + 8 * (n + 1))
+        gen = torch.Generator().manual_seed(0)
+        need = mode == "fwdbwd"
+        q, k, v = (torch.randn(n, H, D, generator=gen, dtype=dtype).requires_grad_(need)
+                   for _ in range(3))
+        dout = torch.randn(n, H, D, generator=gen, dtype=dtype) if need else None
+        t = time.perf_counter()
+        out, lse = ag.graph_attention(q, k, v, graph, return_lse=True)
+        if need:
+            out.backward(dout)
+        r["median_s"] = time.perf_counter() - t
+        r["peak_bytes"] = meter.peak()
+        r["floor_bytes"] = floor_bytes(n, H, D, dtype, mode)
+        r["peak_over_floor"] = r["peak_bytes"] / r["floor_bytes"]
+        # three rows checked against float64 softmax over the row's keys (from the graph)
+        err = 0.0
+        for i in (0, n // 2, n - 1):
+            ptr, src = graph.rows(i, i + 1)
+            kk, vv = k[src].detach().double(), v[src].detach().double()
+            s = torch.einsum("hd,jhd->hj", q[i].detach().double(), kk) / math.sqrt(D)
+            want = torch.einsum("hj,jhd->hd", torch.softmax(s, -1), vv)
+            err = max(err, float((out[i].detach().double() - want).abs().max()))
+        r["check_max_abs_err"] = err
+    except Exception as e:  # noqa: BLE001 - every failure is a result to report
+        r.clear()
+        r.update(status="oom" if is_oom(e) or isinstance(e, MemoryError) else "error",
+                 reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+    return res
+
+
+def graph_markdown(data: Dict) -> str:
+    """The table of a search by graph kind, with the paper-scale column."""
+    meta, rows = data["meta"], data["results"]
+    lines = [f"# Longest context by graph kind: H={meta['heads']}, D={meta['dim']}, budget "
+             f"{human_bytes(meta['budget'])}", "",
+             f"- device: `{meta['device']}` — {meta.get('device_name')}; torch "
+             f"{meta.get('torch')}",
+             f"- command: `{meta['command']}` ({meta.get('date_utc')} UTC)",
+             f"- method: {meta['method']}",
+             "- floor: Q, K, V, O and a float32 lse per token (forward + backward: also dO, "
+             "dQ, dK, dV); peak: RSS high-water mark of the trial above the state after "
+             "imports (graph, inputs, outputs, gradients, work)",
+             f"- paper scale: the N whose measured bytes per token fill "
+             f"{PAPER_BYTES / 1e9:.0f} GB, next to the paper's {PAPER_TOKENS / 1e6:.0f} M "
+             f"tokens (fp16, forward, one 80 GB A100)", "",
+             "| mask | dtype | mode | graph | largest N | E | bytes/token | floor B/token | "
+             "peak / floor | time at largest N | paper scale (80 GB) | first failing N |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        n, peak, floor = r.get("max_n"), r.get("peak_bytes_at_max"), r.get("floor_bytes_at_max")
+        bpt = peak / n if n and peak else None
+        fpt = floor / n if n and floor else None
+        t = r.get("time_s_at_max")
+        scale = PAPER_BYTES / bpt if bpt else None
+        cells = [r["mask"], r["dtype"], r["mode"], r["graph"], _count(n),
+                 _count(r.get("max_edges")), "-" if bpt is None else f"{bpt:,.0f}",
+                 "-" if fpt is None else f"{fpt:,.0f}",
+                 "-" if bpt is None else f"{bpt / fpt:.3f}",
+                 "-" if t is None else f"{t:.1f} s",
+                 "-" if scale is None else f"{scale / 1e6:,.0f} M",
+                 _count(r.get("first_failing_n"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    same = data.get("same_n") or []
+    if same:
+        lines += ["", "Implicit vs explicit at the same N (the explicit graph's largest N; one "
+                  "call each, same inputs):", "",
+                  "| mask | dtype | mode | N | graph | time | peak |", "|---|---|---|---:|---|---:|---:|"]
+        for s in same:
+            lines.append(f"| {s['mask']} | {s['dtype']} | {s['mode']} | {_count(s['n'])} | "
+                         f"{s['graph']} | {s['time_s']:.2f} s | {human_bytes(s['peak_bytes'])} |")
+    return "\n".join(lines) + "\n"

@@ -84,10 +84,19 @@ class MaskSpec:
             return -(-n // b) * b
         return n
 
-    def build(self, n: int):
-        """The :class:`attngraph.TokenGraph` of this mask over ``n`` tokens (on the CPU)."""
+    def build(self, n: int, graph: str = "int64"):
+        """The :class:`attngraph.TokenGraph` of this mask over ``n`` tokens (on the CPU):
+        ``graph="int64"`` (explicit), ``"int32"`` (explicit, int32 node ids, written
+        straight from the rule) or ``"implicit"`` (the rule itself; structured masks)."""
         from attngraph import masks
 
+        if graph != "int64":
+            rule = self._rule(n)
+            if graph == "implicit":
+                return rule
+            if graph == "int32":
+                return rule.materialize(torch.int32)
+            raise ValueError(f"graph must be int64, int32 or implicit, got {graph!r}")
         if self.kind == "sliding_window":
             return masks.sliding_window(n, self.args[0])
         if self.kind == "random":
@@ -105,6 +114,17 @@ class MaskSpec:
         if self.kind == "window_random":
             return masks.sliding_window(n, self.args[0]) | masks.random(n, self.args[1], seed=0)
         raise AssertionError(self.kind)
+
+    def _rule(self, n: int):
+        from attngraph import masks
+
+        if self.kind == "sliding_window":
+            return masks.sliding_window(n, self.args[0], implicit=True)
+        if self.kind == "longformer":
+            return masks.longformer(n, self.args[0], self.global_indices(n), implicit=True)
+        if self.kind in ("causal", "full"):
+            return getattr(masks, self.kind)(n, implicit=True)
+        raise ValueError(f"{self.label} has no implicit form (structured masks do)")
 
     def buckets(self, n: int):
         """The bucket of every token of a ``hash(b)`` mask."""

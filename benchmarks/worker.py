@@ -127,6 +127,10 @@ def _graph(spec, n: int, device: torch.device, cache: bool = True):
 
 
 def run_job(job: Dict) -> Dict:
+    if job.get("kind") == "graph":        # longest context by graph kind (benchmarks.longest)
+        from benchmarks.longest import graph_trial
+
+        return graph_trial(job)
     job = {**DEFAULTS, **job}
     t_job = time.perf_counter()
     device = torch.device(job["device"])

@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import attngraph as ag
 from attngraph import masks as M
@@ -67,6 +68,48 @@ def test_edges_equal_explicit(fn, args, kw):
             ptr, src = g.rows(r0, r1)
             p2, s2 = e.rows(r0, r1)
             assert torch.equal(ptr, p2) and torch.equal(src, s2)
+
+
+@st.composite
+def _random_family(draw):
+    n = draw(st.integers(0, 90))
+    c = draw(st.booleans())
+    ids = sorted(set(draw(st.lists(st.integers(0, max(n - 1, 0)), max_size=5)))) if n else []
+    kind = draw(st.sampled_from(["full", "sliding_window", "dilated_window", "strided",
+                                 "global_tokens", "longformer", "document", "dilated_block",
+                                 "fixed"]))
+    w, d = draw(st.integers(0, 100)), draw(st.integers(0, 100))
+    if kind == "full":
+        return M.full, (n,), dict(causal=c)
+    if kind == "sliding_window":
+        return M.sliding_window, (n, w), dict(causal=c)
+    if kind == "dilated_window":
+        return M.dilated_window, (n, w, d), dict(causal=c)
+    if kind == "strided":
+        return M.strided, (n, max(1, w)), dict(causal=c)
+    if kind == "global_tokens":
+        return M.global_tokens, (n, ids), {}
+    if kind == "longformer":
+        return M.longformer, (n, w, ids), dict(dilation=d % 7, causal=c)
+    if kind == "document":
+        return M.document, (draw(st.lists(st.integers(0, 30), max_size=6)),), dict(causal=c)
+    if kind == "dilated_block":
+        return M.dilated_block, (n, max(1, w), d), dict(offset=draw(st.integers(0, 50)))
+    block = draw(st.integers(1, 6))
+    nl = draw(st.integers(1, 4))
+    return M.fixed, (block * draw(st.integers(0, 12)), block), dict(
+        num_local_blocks=nl, num_global_blocks=draw(st.sampled_from([0, 1, nl])), causal=c)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_random_family())
+def test_random_parameters_edges_and_attention(case):
+    fn, args, kw = case
+    e, g = fn(*args, **kw), fn(*args, implicit=True, **kw)
+    assert g.num_edges == e.num_edges and g.equal(e)
+    assert torch.equal(g.to_dense(), e.to_dense())
+    q, k, v = _qkv(e.num_dst, H=2, H_kv=1, D=3, Dv=2)
+    _close(_run(q, k, v, g), _run(q, k, v, e, backend="torch"))
 
 
 def test_a_different_graph_is_not_equal():
@@ -307,3 +350,55 @@ def test_long_context_in_bounded_memory(tmp_path):
                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "materialize: out of memory" in res.stdout and res.stdout.strip().endswith("ok")
+
+
+# ---------------------------------------------------------------------------- int32 graphs
+def _int32_cases():
+    n = 300
+    return [M.sliding_window(n, 5), M.longformer(n, 4, [0, 299], dilation=1),
+            M.bigbird(n - n % 10, 10, seed=0), M.random(n, 7, seed=1),
+            M.document([100, 0, 200], causal=True), M.strided(n, 17, causal=False),
+            M.hash_buckets(torch.randint(0, 8, (n,), generator=torch.Generator().manual_seed(0)))]
+
+
+def test_int32_graphs_halve_the_bytes_and_give_the_same_answers():
+    for e in _int32_cases():
+        g = e.int32()
+        assert g.index_dtype == torch.int32 and g.src.dtype == g.dst.dtype == torch.int32
+        assert g.ptr.dtype == torch.int64 and torch.equal(g.ptr, e.ptr)
+        assert g.equal(e) and e.equal(g) and g.int64().equal(e)
+        assert g.int32() is g and g.int64().index_dtype == torch.int64
+        ei = g.edge_index.as_tensor()
+        assert ei.element_size() * ei.numel() == 8 * e.num_edges       # 8 bytes per edge
+        assert torch.equal(g.to_dense(), e.to_dense())
+        assert torch.equal(g.out_degree(), e.out_degree())
+        assert (g | e).equal(e) and (g - e).num_edges == 0
+        q, k, v = _qkv(e.num_dst, H=4, H_kv=2)
+        want = _run(q, k, v, e, backend="torch")
+        for backend in ("torch", "tiles", "auto"):
+            _close(_run(q, k, v, g, backend=backend), want)
+        bias = torch.randn(e.num_edges, dtype=torch.float64, requires_grad=True)
+        _close(_run(q, k, v, g, edge_bias=bias), _run(q, k, v, e, edge_bias=bias,
+                                                       backend="torch"))
+        p_e, p_g = e.tile_plan(64), g.tile_plan(64)
+        assert p_e.num_tiles == p_g.num_tiles and torch.equal(p_e.masks, p_g.masks)
+
+
+def test_materialize_writes_int32_straight_from_the_rule():
+    g = M.longformer(500, 8, [0, 250], dilation=1, implicit=True)
+    e32 = g.materialize(torch.int32)
+    assert e32.index_dtype == torch.int32 and e32.equal(M.longformer(500, 8, [0, 250],
+                                                                     dilation=1))
+    assert g.materialize(torch.int32) is e32
+    with pytest.raises(TypeError, match="index_dtype"):
+        g.materialize(torch.float32)
+
+
+def test_int32_graphs_on_the_emulated_kernels(monkeypatch):
+    monkeypatch.setenv("ATTNGRAPH_CUDA_EMULATE", "1")
+    e = M.longformer(64, 3, [0])
+    g = e.int32()
+    q, k, v = (t.float() for t in _qkv(64, H=2, H_kv=1, D=8, Dv=8))
+    torch.testing.assert_close(ag.graph_attention(q, k, v, g, backend="cupy"),
+                               ag.graph_attention(q, k, v, e, backend="torch"),
+                               atol=1e-5, rtol=1e-5)

@@ -140,14 +140,15 @@ def _values(run: Run, rows: Tensor, k: Tensor) -> Tensor:
     return run.table[run.lo[rows] + k]
 
 
-def from_runs(num_src: int, num_dst: int, runs: Sequence[Run], *, device=None) -> TokenGraph:
+def from_runs(num_src: int, num_dst: int, runs: Sequence[Run], *, device=None,
+              dtype: torch.dtype = torch.long) -> TokenGraph:
     """Graph whose query row i holds the keys of ``runs[0]``, then ``runs[1]``, ... .
 
     The caller guarantees that inside a row the keys are strictly increasing across the
     runs' concatenation (runs disjoint and in key order), so the result is canonical
     without a sort. Rows of one chunk that all have the same run lengths (the interior of
     a window, most block rows) are written as one broadcast; the rest through a ragged
-    index.
+    index. ``dtype``: the node ids' (int32 graphs are written through an int64 chunk).
     """
     device = runs[0].count.device if runs else device
     counts = [r.count.to(torch.long) for r in runs]
@@ -157,9 +158,18 @@ def from_runs(num_src: int, num_dst: int, runs: Sequence[Run], *, device=None) -
         deg += c
     ptr = torch.zeros(num_dst + 1, dtype=torch.long, device=device)
     torch.cumsum(deg, 0, out=ptr[1:])
-    out = torch.empty(2, int(ptr[-1]), dtype=torch.long, device=device)
+    if dtype == torch.int32 and int(ptr[-1]) >= 2 ** 31:
+        raise ValueError(f"int32 node ids need fewer than 2^31 edges, this graph has "
+                         f"{int(ptr[-1]):,}")
+    out = torch.empty(2, int(ptr[-1]), dtype=dtype, device=device)
     for r0, r1 in row_chunks(ptr):
-        _fill_rows(out, ptr, deg, runs, r0, r1)
+        if dtype == torch.long:
+            _fill_rows(out, ptr, deg, runs, r0, r1)
+        else:
+            e0, e1 = int(ptr[r0]), int(ptr[r1])
+            chunk = torch.empty(2, e1 - e0, dtype=torch.long, device=device)
+            _fill_rows(chunk, ptr, deg, runs, r0, r1, base=e0)
+            out[:, e0:e1].copy_(chunk)
     return wrap(out, num_src, num_dst)
 
 
@@ -177,12 +187,13 @@ def rule_graph(num_src: int, num_dst: int, runs, *, implicit: bool, name: str,
 
 
 def _fill_rows(out: Tensor, ptr: Tensor, deg: Tensor, runs: Sequence[Run], r0: int,
-               r1: int) -> None:
+               r1: int, base: int = 0) -> None:
+    """Write rows ``[r0, r1)`` into ``out[:, ptr[r0] - base : ptr[r1] - base]``."""
     e0, e1 = int(ptr[r0]), int(ptr[r1])
     if e1 == e0:
         return
     device = out.device
-    src_out, dst_out = out[0, e0:e1], out[1, e0:e1]
+    src_out, dst_out = out[0, e0 - base:e1 - base], out[1, e0 - base:e1 - base]
     rows = torch.arange(r0, r1, device=device)
     lengths = torch.stack([r.count[r0:r1] for r in runs])            # [S, R]
     if bool((lengths == lengths[:, :1]).all()):
@@ -245,7 +256,7 @@ def union(*graphs: TokenGraph) -> TokenGraph:
     srcs, dsts = [], []
     width = max(num_src, 1)
     for r0, r1 in row_chunks(bound):
-        keys = torch.cat([(g.dst[p[r0]:p[r1]] - r0) * width + g.src[p[r0]:p[r1]]
+        keys = torch.cat([(g.dst[p[r0]:p[r1]].long() - r0) * width + g.src[p[r0]:p[r1]]
                           for g, p in zip(graphs, ptrs)])
         keys = torch.unique(keys, sorted=True)
         srcs.append(keys % width)
@@ -260,5 +271,5 @@ def union(*graphs: TokenGraph) -> TokenGraph:
 
 def keep_edges(graph: TokenGraph, keep: Tensor) -> TokenGraph:
     """Subgraph with the edges where ``keep`` (bool ``[E]``) is True; order is preserved."""
-    ei = graph.edge_index.as_tensor()[:, keep]
+    ei = graph.edge_index.as_tensor()[:, keep].long()
     return wrap(ei.contiguous(), graph.num_src, graph.num_dst)

@@ -184,8 +184,8 @@ class TilePlan:
             edges = on.nonzero().view(-1)
             order = torch.sort(tid[edges], stable=True).indices
             edges = edges[order]
-            cell = (_mod(g.dst[edges], self.block_q) * self.block_k
-                    + _mod(g.src[edges], self.block_k))
+            cell = (_mod(g.dst[edges].long(), self.block_q) * self.block_k
+                    + _mod(g.src[edges].long(), self.block_k))
             ptr = torch.zeros(self.num_tiles + 1, dtype=torch.long, device=g.device)
             ptr[1:] = torch.cumsum(self.tile_edge_count, 0)
             self._tile_edges = (ptr, edges, cell)
@@ -205,7 +205,7 @@ def _mod(x: Tensor, b: int) -> Tensor:
 def _tile_of_edges(plan: TilePlan, src: Tensor, dst: Tensor) -> Tensor:
     """Dense tile of each edge, or -1 for a residual edge."""
     nk = plan.num_k_blocks
-    key = _div(dst, plan.block_q) * nk + _div(src, plan.block_k)
+    key = _div(dst.long(), plan.block_q) * nk + _div(src.long(), plan.block_k)
     tile_key = plan.tile_q * nk + plan.tile_k                        # sorted
     if plan.num_q_blocks * nk <= _DENSE_TABLE_LIMIT:
         table = torch.full((plan.num_q_blocks * nk,), -1, dtype=torch.long, device=key.device)
@@ -224,7 +224,7 @@ def tile_counts(graph: TokenGraph, block_q: int, block_k: int) -> Tuple[Tensor, 
     """``(tile key [T'], edges [T'])`` of the non-empty tiles, keys ``q_block * nK + k_block``
     ascending: a bincount over the tile grid when it is small enough, else a sort."""
     nq, nk = -(-graph.num_dst // block_q), -(-graph.num_src // block_k)
-    key = _div(graph.dst, block_q) * nk + _div(graph.src, block_k)
+    key = _div(graph.dst.long(), block_q) * nk + _div(graph.src.long(), block_k)
     if nq * nk <= _DENSE_TABLE_LIMIT:
         counts = torch.bincount(key, minlength=nq * nk)
         nonempty = counts.nonzero().view(-1)
@@ -294,7 +294,7 @@ def build_plan(graph: TokenGraph, block_q: int = DEFAULT_BLOCK,
     on = tid >= 0
     part = on & (mask_index[tid.clamp_min(0)] > 0) if tiles.numel() else on
     e = part.nonzero().view(-1)
-    cell = _mod(dst[e], block_q) * block_k + _mod(src[e], block_k)
+    cell = _mod(dst[e].long(), block_q) * block_k + _mod(src[e].long(), block_k)
     masks.view(-1)[mask_index[tid[e]] * cells + cell] = True
     res = (~on).nonzero().view(-1)
     plan.masks = masks
