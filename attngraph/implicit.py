@@ -8,8 +8,9 @@ ids, document lengths). Degrees and edge counts come from the runs in bounded ro
 edges exist only one chunk at a time, when something asks for them.
 
 Operators take implicit graphs as they are: ``graph_attention`` computes on contiguous key
-ranges read straight from the rule (:mod:`attngraph.ops.ranges`), the torch backend builds
-each row chunk's edges on the fly, pictures bin chunk by chunk. What needs the whole edge
+ranges read straight from the rule (:mod:`attngraph.ops.ranges`); the torch backend, and
+the fused CUDA kernels (``backend="cupy"``), run on each row chunk's edges generated on the
+fly; pictures bin from the runs. What needs the whole edge
 list (``graph.src``, ``graph.edge_index``, ``&``, ``-``, ``transpose``, ``permute``, tile
 plans, stage functions, which return per-edge tensors anyway) materialises it once and
 caches it; :meth:`ImplicitGraph.materialize` does so explicitly.

@@ -47,7 +47,8 @@ def is_oom(e: BaseException) -> bool:
         return True
     msg = str(e)
     return any(s in msg for s in ("can't allocate memory", "out of memory",
-                                  "DefaultCPUAllocator", "Cannot allocate memory"))
+                                  "DefaultCPUAllocator", "Cannot allocate memory",
+                                  "std::bad_alloc"))
 
 
 def _short(e: BaseException, limit: int = 160) -> str:

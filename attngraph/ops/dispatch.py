@@ -152,9 +152,9 @@ def _cupy_refuse(x: Inputs) -> Optional[str]:
         return "cupy is not installed (pip install 'attngraph[cuda12]' or '[cuda13]')"
     if x.dtype not in _KERNEL_DTYPES:
         return f"takes float16/bfloat16/float32, got {x.dtype}"
-    if _implicit(x):
-        return ("the fused kernels read a CSR: an implicit graph runs on key ranges "
-                "(backend='tiles'), or materialize() it")
+    if _implicit(x) and torch.compiler.is_compiling():
+        return ("an implicit graph runs on the fused kernels chunk by chunk, eagerly: "
+                "run it eagerly, or trace graph.materialize()")
     if max(x.head_dim, x.value_dim) > _MAX_KERNEL_HEAD_DIM:
         return (f"takes head dims up to {_MAX_KERNEL_HEAD_DIM}, got "
                 f"{max(x.head_dim, x.value_dim)}")
@@ -176,6 +176,11 @@ def _cupy_describe(x: Inputs) -> str:
 
 def _cupy_run(q, k, v, graph, scale, bias):
     from attngraph.ops.cuda import fused
+
+    if graph.is_implicit and bias is not None:   # a bias follows the canonical edge order
+        from attngraph.ops import chunked
+
+        return chunked.attention(q, k, v, graph, scale, bias)
 
     return fused.attention(q, k, v, graph, scale, bias)
 

@@ -220,15 +220,29 @@ def _tile_of_edges(plan: TilePlan, src: Tensor, dst: Tensor) -> Tensor:
 _DENSE_TABLE_LIMIT = 1 << 24
 
 
+# Edges whose tile keys are computed at once while planning (temporaries stay O(chunk)).
+PLAN_CHUNK_EDGES = 1 << 22
+
+
+def _edge_slices(graph: TokenGraph):
+    for e0 in range(0, graph.num_edges, PLAN_CHUNK_EDGES):
+        e1 = min(e0 + PLAN_CHUNK_EDGES, graph.num_edges)
+        yield e0, graph.src[e0:e1].long(), graph.dst[e0:e1].long()
+
+
 def tile_counts(graph: TokenGraph, block_q: int, block_k: int) -> Tuple[Tensor, Tensor]:
     """``(tile key [T'], edges [T'])`` of the non-empty tiles, keys ``q_block * nK + k_block``
-    ascending: a bincount over the tile grid when it is small enough, else a sort."""
+    ascending: a bincount over the tile grid when it is small enough (edges in chunks),
+    else a sort."""
     nq, nk = -(-graph.num_dst // block_q), -(-graph.num_src // block_k)
-    key = _div(graph.dst.long(), block_q) * nk + _div(graph.src.long(), block_k)
     if nq * nk <= _DENSE_TABLE_LIMIT:
-        counts = torch.bincount(key, minlength=nq * nk)
+        counts = torch.zeros(nq * nk, dtype=torch.long, device=graph.device)
+        for _, src, dst in _edge_slices(graph):
+            counts += torch.bincount(_div(dst, block_q) * nk + _div(src, block_k),
+                                     minlength=nq * nk)
         nonempty = counts.nonzero().view(-1)
         return nonempty, counts[nonempty]
+    key = _div(graph.dst.long(), block_q) * nk + _div(graph.src.long(), block_k)
     return torch.unique(key, return_counts=True)
 
 
@@ -287,16 +301,20 @@ def build_plan(graph: TokenGraph, block_q: int = DEFAULT_BLOCK,
                     tile_k=tiles % max(nk, 1), mask_index=mask_index,
                     tile_edge_count=tile_count, graph=planned, order=order,
                     src_order=src_order, source=graph)
-    tid = _tile_of_edges(plan, src, dst)
     masks = torch.zeros(1 + int((~full).sum()), block_q, block_k, dtype=torch.bool,
                         device=graph.device)
     masks[0] = True
-    on = tid >= 0
-    part = on & (mask_index[tid.clamp_min(0)] > 0) if tiles.numel() else on
-    e = part.nonzero().view(-1)
-    cell = _mod(dst[e].long(), block_q) * block_k + _mod(src[e].long(), block_k)
-    masks.view(-1)[mask_index[tid[e]] * cells + cell] = True
-    res = (~on).nonzero().view(-1)
+    residual = []
+    for e0, src_c, dst_c in _edge_slices(planned):      # O(chunk) temporaries
+        tid = _tile_of_edges(plan, src_c, dst_c)
+        on = tid >= 0
+        part = on & (mask_index[tid.clamp_min(0)] > 0) if tiles.numel() else on
+        e = part.nonzero().view(-1)
+        cell = _mod(dst_c[e], block_q) * block_k + _mod(src_c[e], block_k)
+        masks.view(-1)[mask_index[tid[e]] * cells + cell] = True
+        residual.append((~on).nonzero().view(-1) + e0)
+    res = (torch.cat(residual) if residual
+           else torch.zeros(0, dtype=torch.long, device=graph.device))
     plan.masks = masks
     plan.residual_edges = res
     plan.residual = TokenGraph._from_canonical(src[res], dst[res], planned.num_src,

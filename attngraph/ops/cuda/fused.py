@@ -318,11 +318,67 @@ def _backward(ctx, dout, dlse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------------------- implicit graphs
+# An implicit graph has no CSR to hand the kernels whole: its rows are generated on the
+# device a chunk at a time, each chunk a small graph over the keys it touches (so a window's
+# chunk reads its key range, not all N keys), and run by the same kernels. dK / dV of the
+# chunks add up in chunk order, one index_add per chunk over distinct keys: deterministic.
+IMPLICIT_CHUNK_EDGES = 1 << 24
+
+
+def _implicit_chunks(graph):
+    for r0, r1, _, ptr, src in graph.edge_chunks(IMPLICIT_CHUNK_EDGES):
+        if not src.numel():         # rows without edges keep out = 0, lse = -inf
+            continue
+        keys, local = torch.unique(src, sorted=True, return_inverse=True)
+        rows = torch.repeat_interleave(torch.arange(r1 - r0, device=src.device), ptr.diff(),
+                                       output_size=src.numel())
+        # rows ascend and keys ascend inside a row, so (row, local key) stays canonical
+        yield r0, r1, keys, TokenGraph._from_canonical(local, rows, keys.numel(), r1 - r0)
+
+
+class _ImplicitFused(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, graph, scale):
+        out = q.new_zeros(q.size(0), q.size(1), v.size(-1))
+        lse = torch.full((q.size(0), q.size(1)), float("-inf"), dtype=torch.float32,
+                         device=q.device)
+        for r0, r1, keys, sub in _implicit_chunks(graph):
+            o, l = forward(q[r0:r1].contiguous(), k.index_select(0, keys),
+                           v.index_select(0, keys), plan(sub), scale, None)
+            out[r0:r1], lse[r0:r1] = o, l
+        ctx.graph, ctx.scale = graph, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq = torch.zeros_like(q)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for r0, r1, keys, sub in _implicit_chunks(ctx.graph):
+            dq_c, dk_c, dv_c, _ = backward(
+                q[r0:r1].contiguous(), k.index_select(0, keys), v.index_select(0, keys),
+                out[r0:r1].contiguous(), lse[r0:r1].contiguous(), dout[r0:r1].contiguous(),
+                plan(sub), ctx.scale, None, False,
+                None if dlse is None else dlse[r0:r1].contiguous())
+            dq[r0:r1] = dq_c
+            dk.index_add_(0, keys, dk_c.float())
+            dv.index_add_(0, keys, dv_c.float())
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Fused graph attention -> ``(out [N_dst, H, D_v], lse [N_dst, H] float32)``,
-    differentiable in q, k, v and bias (the ``attngraph::graph_attention`` op)."""
+    differentiable in q, k, v and bias (the ``attngraph::graph_attention`` op). An implicit
+    graph (no bias) runs chunk by chunk, its edges generated on the device per chunk
+    (eager only)."""
     q, k, v = (t.contiguous() for t in (q, k, v))
+    if graph.is_implicit:
+        return _ImplicitFused.apply(q, k, v, graph, float(scale))
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
     # traced by torch.compile, graph_attention skipped the data-dependent bias check: the op
