@@ -313,9 +313,13 @@ def graph_markdown(data: Dict) -> str:
              f"- paper scale: the N whose measured bytes per token fill "
              f"{PAPER_BYTES / 1e9:.0f} GB, next to the paper's {PAPER_TOKENS / 1e6:.0f} M "
              f"tokens (fp16, forward, one 80 GB A100)", "",
+             "- (peak − floor) / E: the measured bytes per edge above the floor (the edge "
+             "list itself is 16 B/edge for int64 and 8 for int32; the rest is the first "
+             "call's work: tile planning)", "",
              "| mask | dtype | mode | graph | largest N | E | bytes/token | floor B/token | "
-             "peak / floor | time at largest N | paper scale (80 GB) | first failing N |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "peak / floor | (peak − floor) / E | time at largest N | paper scale (80 GB) | "
+             "first failing N |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         n, peak, floor = r.get("max_n"), r.get("peak_bytes_at_max"), r.get("floor_bytes_at_max")
         bpt = peak / n if n and peak else None
@@ -326,6 +330,8 @@ def graph_markdown(data: Dict) -> str:
                  _count(r.get("max_edges")), "-" if bpt is None else f"{bpt:,.0f}",
                  "-" if fpt is None else f"{fpt:,.0f}",
                  "-" if bpt is None else f"{bpt / fpt:.3f}",
+                 "-" if not (peak and r.get("max_edges")) else
+                 f"{(peak - floor) / r['max_edges']:.1f}",
                  "-" if t is None else f"{t:.1f} s",
                  "-" if scale is None else f"{scale / 1e6:,.0f} M",
                  _count(r.get("first_failing_n"))]
@@ -342,3 +348,25 @@ def graph_markdown(data: Dict) -> str:
                          f"{s['graph']} | {s['first_s']:.2f} s | {s['time_s']:.2f} s | "
                          f"{human_bytes(s['peak_bytes'])} |")
     return "\n".join(lines) + "\n"
+
+
+def merge_graph_results(paths, out) -> Dict:
+    """One results file (JSON and markdown) from several searches by graph kind, later
+    files replacing earlier results of the same (mask, dtype, mode, graph)."""
+    import json
+    from pathlib import Path
+
+    metas, results, same = [], {}, {}
+    for path in map(Path, paths):
+        data = json.loads(path.read_text())
+        metas.append(data["meta"])
+        for r in data["results"]:
+            results[(r["mask"], r["dtype"], r["mode"], r["graph"])] = r
+        for s in data.get("same_n") or []:
+            same[(s["mask"], s["dtype"], s["mode"], s["graph"])] = s
+    meta = dict(metas[0], command=" ; ".join(m["command"] for m in metas))
+    data = {"meta": meta, "results": list(results.values()), "same_n": list(same.values())}
+    out = Path(out)
+    out.write_text(json.dumps(data, indent=1))
+    out.with_suffix(".md").write_text(graph_markdown(data))
+    return data

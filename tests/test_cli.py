@@ -69,6 +69,22 @@ def test_show_tiles(tiles, tmp_path, capsys):
     assert_png_drawn(png)
 
 
+def test_show_implicit(tmp_path, capsys, monkeypatch):
+    """A window over 2M tokens drawn from its rule: the edge list (260M edges) is never
+    built."""
+    from attngraph.implicit import ImplicitGraph
+
+    def forbidden(self, *args):
+        raise AssertionError("the edge list was built")
+
+    monkeypatch.setattr(ImplicitGraph, "materialize", forbidden)
+    png = tmp_path / "implicit.png"
+    assert cli.main(["show", "sliding_window", "--n", "2000000", "--window", "64",
+                     "--implicit", "--out", str(png)]) == 0
+    assert "implicit" in capsys.readouterr().out
+    assert_png_drawn(png)
+
+
 def test_sort_by_bucket_permutes_into_blocks():
     import torch
 

@@ -112,6 +112,27 @@ def test_random_parameters_edges_and_attention(case):
     _close(_run(q, k, v, g), _run(q, k, v, e, backend="torch"))
 
 
+@pytest.mark.parametrize("causal,strict", [(True, False), (True, True), (False, False)])
+def test_hash_buckets_as_a_rule(causal, strict):
+    """SCFA's hashed mask without an edge list: one sort, then a slice of the sorted keys
+    per query; per-head buckets give a stack over the rule."""
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randint(0, 6, (257,), generator=gen)
+    e = M.hash_buckets(b, causal=causal, strict=strict)
+    g = M.hash_buckets(b, causal=causal, strict=strict, implicit=True)
+    assert g.is_implicit and g.equal(e)
+    q, k, v = _qkv(257, H=2, H_kv=2)
+    _close(_run(q, k, v, g), _run(q, k, v, e, backend="torch"))
+    bq = torch.randint(0, 4, (2, 3, 60), generator=gen)
+    bk = torch.randint(0, 4, (2, 3, 50), generator=gen)
+    s = M.hash_buckets(bq, bk, causal=False, implicit=True)
+    se = M.hash_buckets(bq, bk, causal=False)
+    assert s.graph.is_implicit and s.graph.equal(se.graph)
+    q = torch.randn(2, 60, 3, 4, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 50, 3, 4, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    _close(_run(q, k, v, s), _run(q, k, v, se, backend="torch"))
+
+
 def test_a_different_graph_is_not_equal():
     g = M.sliding_window(50, 3, implicit=True)
     assert not g.equal(M.sliding_window(50, 4))

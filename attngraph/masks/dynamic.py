@@ -17,7 +17,8 @@ __all__ = ["hash_buckets", "qk_drop", "lsh_buckets"]
 
 
 def hash_buckets(q_buckets: Tensor, k_buckets: Optional[Tensor] = None, *,
-                 causal: bool = True, strict: bool = False) -> TokenGraph:
+                 causal: bool = True, strict: bool = False,
+                 implicit: bool = False) -> TokenGraph:
     """Hash-sparse attention: query i attends to key j when they fall in the same bucket.
 
     With ``causal`` only keys ``j <= i`` (``j < i`` when ``strict``) are kept, comparing
@@ -34,6 +35,9 @@ def hash_buckets(q_buckets: Tensor, k_buckets: Optional[Tensor] = None, *,
             (cross-attention).
         causal: keep only ``j <= i``.
         strict: with ``causal``, keep only ``j < i`` (a query does not see itself).
+        implicit: keep the mask as its rule (:class:`attngraph.implicit.ImplicitGraph`):
+            the keys sorted by (bucket, position) and each query's slice of them, O(N)
+            after one sort, no edge list (what a mask drawn anew at every step wants).
 
     Returns:
         TokenGraph with ``num_dst = N_dst``, ``num_src = N_src``; a query whose bucket holds
@@ -52,6 +56,7 @@ def hash_buckets(q_buckets: Tensor, k_buckets: Optional[Tensor] = None, *,
     """
     causal = check_bool("causal", causal)
     strict = check_bool("strict", strict)
+    implicit = check_bool("implicit", implicit)
     if strict and not causal:
         raise ValueError("strict=True only applies with causal=True (it drops j == i from "
                          "the causal mask); pass causal=True or strict=False")
@@ -59,13 +64,13 @@ def hash_buckets(q_buckets: Tensor, k_buckets: Optional[Tensor] = None, *,
         q, k, shape = _stacked_inputs("q_buckets", q_buckets,
                                       q_buckets if k_buckets is None else k_buckets,
                                       "int")
-        return _stack(_hash(q, k, causal, strict, k_buckets is None), shape, q, k)
+        return _stack(_hash(q, k, causal, strict, k_buckets is None, implicit), shape, q, k)
     q = check_1d_tensor("q_buckets", q_buckets, "int")
     k = q if k_buckets is None else check_1d_tensor("k_buckets", k_buckets, "int")
     if k.device != q.device:
         raise ValueError(f"q_buckets and k_buckets must be on one device, got {q.device} and "
                          f"{k.device}")
-    return _hash(q.view(1, -1), k.view(1, -1), causal, strict, k_buckets is None)
+    return _hash(q.view(1, -1), k.view(1, -1), causal, strict, k_buckets is None, implicit)
 
 
 def _stacked_inputs(name: str, q: Tensor, k: Tensor, kind: str):
@@ -95,7 +100,12 @@ def _stack(graph: TokenGraph, shape, q: Tensor, k: Tensor):
     return StackedGraph(graph, shape, k.size(-1), q.size(-1))
 
 
-def _hash(q: Tensor, k: Tensor, causal: bool, strict: bool, shared: bool) -> TokenGraph:
+def _take_runs(rows: Tensor, state) -> list:
+    return [Take(state["table"], state["lo"][rows], state["count"][rows])]
+
+
+def _hash(q: Tensor, k: Tensor, causal: bool, strict: bool, shared: bool,
+          implicit: bool = False) -> TokenGraph:
     """Hash-bucket edges of ``S`` independent slices: ``q [S, L_q]``, ``k [S, L_k]`` bucket
     ids; slice s owns queries ``s * L_q ...`` and keys ``s * L_k ...``."""
     S, nq = q.shape
@@ -115,6 +125,12 @@ def _hash(q: Tensor, k: Tensor, causal: bool, strict: bool, shared: bool) -> Tok
     i = torch.arange(S * nq, device=q.device) % max(nq, 1)  # position inside the slice
     limit = torch.clamp(i + (0 if strict else 1), max=nk) if causal else nk
     hi = torch.searchsorted(sort_key, q_rank * width + limit)     # keys at positions < limit
+    if implicit:
+        from attngraph.implicit import ImplicitGraph
+
+        return ImplicitGraph(_take_runs, S * nk, S * nq, device=q.device,
+                             name=f"hash_buckets(causal={causal}, strict={strict})",
+                             state={"table": order, "lo": lo, "count": hi - lo})
     graph = from_runs(S * nk, S * nq, [Take(order, lo, hi - lo)], device=q.device)
     # Renumbered by (bucket, position) the mask is block diagonal: dense tiles compute there.
     # Key order[m] becomes key m, so a query's keys are the range lo..hi: the renumbered

@@ -96,6 +96,9 @@ def pieces(graph, r0: int, r1: int, heads: int, dim: int,
         n_a = active.numel()
         if not n_a:
             continue
+        if group is None and _is_take(run):
+            # rows reading the same stretch of the table side by side (hash buckets)
+            active = active[torch.sort(u0[active], stable=True).indices]
         if group is not None:
             active = active[torch.sort(group[active], stable=True).indices]
             g = group[active]

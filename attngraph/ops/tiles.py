@@ -242,8 +242,28 @@ def tile_counts(graph: TokenGraph, block_q: int, block_k: int) -> Tuple[Tensor, 
                                      minlength=nq * nk)
         nonempty = counts.nonzero().view(-1)
         return nonempty, counts[nonempty]
-    key = _div(graph.dst.long(), block_q) * nk + _div(graph.src.long(), block_k)
-    return torch.unique(key, return_counts=True)
+    # a large grid: query blocks a slab at a time (edges are sorted by query, so a slab's
+    # edges are contiguous), each slab's tiles counted with a table of its own
+    slab = max(1, _DENSE_TABLE_LIMIT // max(nk, 1))
+    ptr_host = graph.ptr.cpu()
+    keys, counts = [], []
+    for b0 in range(0, nq, slab):
+        b1 = min(b0 + slab, nq)
+        e0 = int(ptr_host[min(b0 * block_q, graph.num_dst)])
+        e1 = int(ptr_host[min(b1 * block_q, graph.num_dst)])
+        c = torch.zeros((b1 - b0) * nk, dtype=torch.long, device=graph.device)
+        for a in range(e0, e1, PLAN_CHUNK_EDGES):
+            b = min(a + PLAN_CHUNK_EDGES, e1)
+            key = ((_div(graph.dst[a:b].long(), block_q) - b0) * nk
+                   + _div(graph.src[a:b].long(), block_k))
+            c += torch.bincount(key, minlength=(b1 - b0) * nk)
+        nonempty = c.nonzero().view(-1)
+        keys.append(nonempty + b0 * nk)
+        counts.append(c[nonempty])
+    if not keys:
+        empty = torch.zeros(0, dtype=torch.long, device=graph.device)
+        return empty, empty
+    return torch.cat(keys), torch.cat(counts)
 
 
 def _planned_graph(graph: TokenGraph, order: Tensor, src_order: Optional[Tensor]):
