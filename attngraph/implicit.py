@@ -106,22 +106,18 @@ class ImplicitGraph(TokenGraph):
                     ) -> Iterator[Tuple[int, int, int, Tensor, Tensor]]:
         """``(r0, r1, e0, ptr, src)`` for consecutive row chunks of about ``max_edges``
         edges: rows ``[r0, r1)`` hold canonical edges ``e0 ...`` (``rows(r0, r1)``)."""
+        from attngraph.ops.chunked import row_chunks
+
         e0 = 0
         for a in range(0, self.num_dst, ROW_CHUNK):
             b = min(a + ROW_CHUNK, self.num_dst)
             deg = self.degrees(a, b)
-            ptr = torch.zeros(deg.numel() + 1, dtype=torch.long, device=self.device)
-            torch.cumsum(deg, 0, out=ptr[1:])
-            ptr_host = ptr.cpu()
-            r = 0
-            while r < b - a:
-                limit = int(ptr_host[r]) + max_edges
-                s = int(torch.searchsorted(ptr_host, limit, right=True)) - 1
-                s = min(max(s, r + 1), b - a)
+            ptr = torch.zeros(deg.numel() + 1, dtype=torch.long)
+            torch.cumsum(deg.cpu(), 0, out=ptr[1:])
+            for r, s in row_chunks(ptr, max_edges):
                 p, src = self.rows(a + r, a + s)
                 yield a + r, a + s, e0, p, src
                 e0 += src.numel()
-                r = s
 
     # ------------------------------------------------------------------ counts
     @property

@@ -27,6 +27,8 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from attngraph.ops.chunked import _compute_dtype, row_chunks
+
 __all__ = ["attention", "pieces", "BLOCK", "MAX_ELEMENTS"]
 
 # Query rows per dense block.
@@ -64,7 +66,7 @@ def _edge_cost() -> float:
     return EDGE_COST_CELLS
 
 
-def _positions(run, num_src: int):
+def _positions(run):
     """``(u0, count, group, key_of)`` of a run in position space; ``key_of(u, g)`` maps
     positions (and the group of their block) to key ids."""
     from attngraph.masks._common import Range
@@ -91,7 +93,7 @@ def pieces(graph, r0: int, r1: int, heads: int, dim: int,
     device = graph.device
     lane = torch.arange(bq, device=device)
     for run in graph.runs(r0, r1):
-        u0, cnt, group, key_of = _positions(run, graph.num_src)
+        u0, cnt, group, key_of = _positions(run)
         active = (cnt > 0).nonzero().view(-1)
         n_a = active.numel()
         if not n_a:
@@ -210,19 +212,14 @@ def _sparse(rows, lo, cnt, group, key_of, max_edges):
     ptr = torch.zeros(rows.numel() + 1, dtype=torch.long, device=rows.device)
     torch.cumsum(cnt, 0, out=ptr[1:])
     ptr_host = ptr.cpu()
-    a = 0
-    while a < rows.numel():
-        b = int(torch.searchsorted(ptr_host, int(ptr_host[a]) + max_edges, right=True)) - 1
-        b = min(max(b, a + 1), rows.numel())
+    for a, b in row_chunks(ptr_host, max_edges):
         e0, e1 = int(ptr_host[a]), int(ptr_host[b])
-        c = cnt[a:b]
-        row = torch.repeat_interleave(torch.arange(b - a, device=rows.device), c,
+        row = torch.repeat_interleave(torch.arange(b - a, device=rows.device), cnt[a:b],
                                       output_size=e1 - e0)
         k = torch.arange(e1 - e0, device=rows.device) - (ptr[a:b] - e0)[row]
         u = lo[a:b][row] + k
         src = key_of(u, group[a:b][row] if group is not None else None)
         yield Sparse(rows[a:b], ptr[a:b + 1] - e0, src)
-        a = b
 
 
 def _row_chunks(graph, heads: int):
@@ -235,10 +232,6 @@ def _row_chunks(graph, heads: int):
         yield r0, min(r0 + rows, n)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------------------- dense pieces
 # Operands are per-head ``[nb, L, C]`` matrices: views of the inputs themselves where a
 # piece's rows (keys) are evenly stepping contiguous ranges and the input is already in the
@@ -246,7 +239,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class _Operand:
     __slots__ = ("base", "first", "step", "length")
 
-    def __init__(self, x: Tensor, index: Optional[Tensor], span, nb: int, length: int,
+    def __init__(self, x: Tensor, index: Optional[Tensor], span, length: int,
                  cdt: torch.dtype):
         if span is not None and x.dtype == cdt and x.is_contiguous():
             self.base, (self.first, self.step) = x, span
@@ -267,8 +260,8 @@ def _operands(piece: Dense, q, k, v, cdt):
     W = piece.keys.size(1)
     rows = piece.rows.clamp_min(0)
     rspan = None if piece.row0 is None else (piece.row0, bq)
-    return (_Operand(q, rows, rspan, nb, bq, cdt), _Operand(k, piece.keys, piece.key0, nb, W, cdt),
-            _Operand(v, piece.keys, piece.key0, nb, W, cdt))
+    return (_Operand(q, rows, rspan, bq, cdt), _Operand(k, piece.keys, piece.key0, W, cdt),
+            _Operand(v, piece.keys, piece.key0, W, cdt))
 
 
 def _dense_scores(piece: Dense, qo, ko, H, G, scale):
@@ -340,7 +333,7 @@ def _dense_backward(piece: Dense, q, k, v, scale, cdt, lse_rows, delta_rows, do_
 
 
 # ---------------------------------------------------------------------------- sparse pieces
-def _sparse_gather(piece: Sparse, q, k, v, scale, cdt):
+def _sparse_gather(piece: Sparse, q, k, cdt):
     deg = piece.ptr.diff()
     dst = torch.repeat_interleave(torch.arange(piece.rows.numel(), device=q.device), deg,
                                   output_size=piece.src.numel())
@@ -355,7 +348,7 @@ def _sparse_forward(piece: Sparse, q, k, v, scale, cdt):
     from attngraph.ops.segment import segment_max, segment_sum
 
     H, H_kv = q.size(1), k.size(1)
-    dst, qe, ke = _sparse_gather(piece, q, k, v, scale, cdt)
+    dst, qe, ke = _sparse_gather(piece, q, k, cdt)
     s = torch.matmul(qe, ke.unsqueeze(-1)).view(-1, H) * scale
     m = segment_max(s, piece.ptr, dst)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -460,7 +453,7 @@ def _backward(q, k, v, out, lse, dout, dlse, graph, scale):
                 _add_rows(acc, local.index_select(0, keep), dq_b.index_select(0, keep))
             else:
                 local = piece.rows - r0
-                dst, qe, ke = _sparse_gather(piece, q, k, v, scale, cdt)
+                dst, qe, ke = _sparse_gather(piece, q, k, cdt)
                 s = torch.matmul(qe, ke.unsqueeze(-1)).view(-1, H) * scale
                 at = local.index_select(0, dst)
                 p = torch.exp(s - l_c.index_select(0, at))
