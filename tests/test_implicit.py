@@ -174,17 +174,38 @@ def _close(a, b, tol=1e-10):
             torch.testing.assert_close(x[fin], y[fin], atol=tol, rtol=tol)
 
 
+# Dense pieces run on ATen's CPU flash kernel where the key and value head dims agree
+# (D = Dv = 4), on the matmul engine otherwise (D = 5, Dv = 3) or when it is switched off.
+ENGINES = [pytest.param((5, 3, True), id="matmul"), pytest.param((4, 4, True), id="flash"),
+           pytest.param((4, 4, False), id="flash-off")]
+
+
+@pytest.fixture
+def engine(request, monkeypatch):
+    D, Dv, flash = request.param
+    monkeypatch.setattr(ranges, "USE_FLASH", flash)
+    return dict(D=D, Dv=Dv)
+
+
+def test_the_flash_engine_is_there_on_cpu():
+    q, v = torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)
+    assert ranges._flash_ops(q, v) is not None
+    assert ranges._flash_ops(q, torch.zeros(1, 1, 3)) is None
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
 @pytest.mark.parametrize("backend", ["auto", "torch", "tiles"])
 @pytest.mark.parametrize("n", [7, 300])
-def test_attention_equals_explicit(n, backend):
+def test_attention_equals_explicit(n, backend, engine):
     for name, fn, args, kw in _families(n):
         g, e = fn(*args, implicit=True, **kw), fn(*args, **kw)
-        q, k, v = _qkv(n, H=4, H_kv=2)
+        q, k, v = _qkv(n, H=4, H_kv=2, **engine)
         _close(_run(q, k, v, g, backend=backend), _run(q, k, v, e, backend="torch"))
 
 
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
 @pytest.mark.parametrize("max_elements", [64, 1 << 12])
-def test_attention_in_small_pieces(monkeypatch, max_elements):
+def test_attention_in_small_pieces(monkeypatch, max_elements, engine):
     """Key pieces and row chunks far smaller than a row: long rows (global tokens, full
     rows) are cut and merged."""
     monkeypatch.setattr(ranges, "MAX_ELEMENTS", max_elements)
@@ -192,8 +213,30 @@ def test_attention_in_small_pieces(monkeypatch, max_elements):
     for g in (M.longformer(n, 9, [0, 5, n - 1], implicit=True),
               M.full(n, causal=True, implicit=True),
               M.strided(n, 16, causal=False, implicit=True)):
-        q, k, v = _qkv(n, H=3, H_kv=3)
+        q, k, v = _qkv(n, H=3, H_kv=3, **engine)
         _close(_run(q, k, v, g), _run(q, k, v, g.materialize(), backend="torch"))
+
+
+@pytest.mark.parametrize("threads", [1, 64])
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_hash_and_drop_masks_per_head(engine, threads, monkeypatch):
+    """SCFA's masks, one per (sequence, head), as rules: sorted-table runs whose rows are
+    causal prefixes of a bucket; outputs, lse and gradients (through lse too) exact. With
+    many threads the flash backward cuts blocks into fewer rows."""
+    monkeypatch.setattr(ranges, "_threads", lambda: threads)
+    B, H, n = 2, 3, 200
+    gen = torch.Generator().manual_seed(3)
+    qb = torch.randint(0, 4, (B, H, n), generator=gen)
+    kb = torch.randint(0, 4, (B, H, n), generator=gen)
+    keep_q = torch.rand(B, H, n, generator=gen) > 0.4
+    keep_k = torch.rand(B, H, n, generator=gen) > 0.4
+    for g, e in ((M.hash_buckets(qb, kb, implicit=True), M.hash_buckets(qb, kb)),
+                 (M.hash_buckets(qb, strict=True, implicit=True),
+                  M.hash_buckets(qb, strict=True)),
+                 (M.qk_drop(keep_q, keep_k, implicit=True), M.qk_drop(keep_q, keep_k))):
+        assert g.graph.is_implicit and not e.graph.is_implicit
+        q, k, v = _qkv(n, H=H, H_kv=H, batch=B, **engine)
+        _close(_run(q, k, v, g), _run(q, k, v, e, backend="torch"))
 
 
 def test_batched_gqa_bias_and_low_precision():
@@ -320,6 +363,32 @@ def test_dispatch_reasons(monkeypatch):
                requires_grad=False, graph=g)
     assert select_backend("auto", x).name == "tiles"
     assert "rule" in explain("auto", x)
+
+
+def test_explicit_hash_and_drop_graphs_keep_their_rule_for_attention(monkeypatch):
+    """An explicit hash / QK-drop graph keeps the rule it was built from: auto on CPU reads
+    key ranges from it instead of planning tiles; with a bias it runs on tiles."""
+    from attngraph.ops import tiles
+    from attngraph.ops.dispatch import Inputs, explain
+
+    gen = torch.Generator().manual_seed(5)
+    n = 150
+    for e in (M.hash_buckets(torch.randint(0, 5, (n,), generator=gen)),
+              M.qk_drop(torch.rand(n, generator=gen) > 0.3, torch.rand(n, generator=gen) > 0.3)):
+        assert not e.is_implicit and e._cache["rule"].equal(e)
+        x = Inputs(device=torch.device("cpu"), dtype=torch.float64, head_dim=4, value_dim=4,
+                   requires_grad=True, graph=e)
+        assert "rule" in explain("auto", x)
+        q, k, v = _qkv(n, H=2, H_kv=1, D=4, Dv=4)
+        gold = _run(q, k, v, e, backend="torch")
+        planned = []
+        monkeypatch.setattr(tiles, "attention", lambda *a, **kw: planned.append(1))
+        _close(_run(q, k, v, e), gold)
+        assert not planned                           # no tile plan was built or run
+        monkeypatch.undo()
+        bias = torch.randn(e.num_edges, dtype=torch.float64, requires_grad=True)
+        _close(_run(q, k, v, e, edge_bias=bias),
+               _run(q, k, v, e, edge_bias=bias, backend="torch"))
 
 
 @pytest.mark.parametrize("chunk_edges", [40, 1 << 24])

@@ -104,6 +104,16 @@ def _take_runs(rows: Tensor, state) -> list:
     return [Take(state["table"], state["lo"][rows], state["count"][rows])]
 
 
+def _rule(num_src: int, num_dst: int, table: Tensor, lo: Tensor, count: Tensor, name: str):
+    """The mask as its rule: row i reads ``table[lo[i] : lo[i] + count[i]]``. An explicit
+    graph keeps it too (``_cache["rule"]``): attention reads dense key ranges from it, as
+    from an implicit graph, instead of planning tiles over the edge list."""
+    from attngraph.implicit import ImplicitGraph
+
+    return ImplicitGraph(_take_runs, num_src, num_dst, device=table.device, name=name,
+                         state={"table": table, "lo": lo, "count": count})
+
+
 def _hash(q: Tensor, k: Tensor, causal: bool, strict: bool, shared: bool,
           implicit: bool = False) -> TokenGraph:
     """Hash-bucket edges of ``S`` independent slices: ``q [S, L_q]``, ``k [S, L_k]`` bucket
@@ -125,13 +135,12 @@ def _hash(q: Tensor, k: Tensor, causal: bool, strict: bool, shared: bool,
     i = torch.arange(S * nq, device=q.device) % max(nq, 1)  # position inside the slice
     limit = torch.clamp(i + (0 if strict else 1), max=nk) if causal else nk
     hi = torch.searchsorted(sort_key, q_rank * width + limit)     # keys at positions < limit
+    rule = _rule(S * nk, S * nq, order, lo, hi - lo,
+                 f"hash_buckets(causal={causal}, strict={strict})")
     if implicit:
-        from attngraph.implicit import ImplicitGraph
-
-        return ImplicitGraph(_take_runs, S * nk, S * nq, device=q.device,
-                             name=f"hash_buckets(causal={causal}, strict={strict})",
-                             state={"table": order, "lo": lo, "count": hi - lo})
+        return rule
     graph = from_runs(S * nk, S * nq, [Take(order, lo, hi - lo)], device=q.device)
+    graph._cache["rule"] = rule
     # Renumbered by (bucket, position) the mask is block diagonal: dense tiles compute there.
     # Key order[m] becomes key m, so a query's keys are the range lo..hi: the renumbered
     # graph is written directly when the tiles first need it, without the sort of permute.
@@ -142,7 +151,8 @@ def _hash(q: Tensor, k: Tensor, causal: bool, strict: bool, shared: bool,
     return graph
 
 
-def qk_drop(keep_q: Tensor, keep_k: Tensor, *, causal: bool = True) -> TokenGraph:
+def qk_drop(keep_q: Tensor, keep_k: Tensor, *, causal: bool = True,
+            implicit: bool = False) -> TokenGraph:
     """Query/key dropping: edge ``j -> i`` when ``keep_q[i]`` and ``keep_k[j]``.
 
     A dropped query gets no edges (output 0); a dropped key is seen by nobody. With
@@ -155,6 +165,8 @@ def qk_drop(keep_q: Tensor, keep_k: Tensor, *, causal: bool = True) -> TokenGrap
         keep_k: bool ``[N_src]``, True for keys that may be attended (lengths may differ:
             cross-attention; the leading shape of ``keep_q``).
         causal: keep only ``j <= i``.
+        implicit: keep the mask as its rule (:class:`attngraph.implicit.ImplicitGraph`):
+            the kept keys and each kept query's prefix of them, no edge list.
 
     Returns:
         TokenGraph with ``num_dst = N_dst``, ``num_src = N_src``.
@@ -169,12 +181,13 @@ def qk_drop(keep_q: Tensor, keep_k: Tensor, *, causal: bool = True) -> TokenGrap
                 [1, 0, 1, 1]], dtype=torch.int32)
     """
     causal = check_bool("causal", causal)
+    implicit = check_bool("implicit", implicit)
     if isinstance(keep_q, Tensor) and keep_q.dim() > 1:
         q, k, shape = _stacked_inputs("keep_q", keep_q, keep_k, "bool")
         # kept queries and keys of a slice share one bucket, dropped ones have their own
         qb = torch.where(q, 0, -1)
         kb = torch.where(k, 0, -2)
-        return _stack(_hash(qb, kb, causal, False, False), shape, q, k)
+        return _stack(_hash(qb, kb, causal, False, False, implicit), shape, q, k)
     keep_q = check_1d_tensor("keep_q", keep_q, "bool")
     keep_k = check_1d_tensor("keep_k", keep_k, "bool")
     if keep_k.device != keep_q.device:
@@ -190,8 +203,13 @@ def qk_drop(keep_q: Tensor, keep_k: Tensor, *, causal: bool = True) -> TokenGrap
     else:
         seen = torch.full((nq,), kept.numel(), dtype=torch.long, device=keep_q.device)
     count = torch.where(keep_q, seen, 0)
-    return from_runs(nk, nq, [Take(kept, torch.zeros_like(count), count)],
-                     device=keep_q.device)
+    rule = _rule(nk, nq, kept, torch.zeros_like(count), count, f"qk_drop(causal={causal})")
+    if implicit:
+        return rule
+    graph = from_runs(nk, nq, [Take(kept, torch.zeros_like(count), count)],
+                      device=keep_q.device)
+    graph._cache["rule"] = rule
+    return graph
 
 
 def lsh_buckets(x: Tensor, num_buckets: int, *, seed: int = 0) -> Tensor:

@@ -110,6 +110,12 @@ def _implicit(x: Inputs) -> bool:
     return x.graph is not None and x.graph.is_implicit
 
 
+def _rule(x: Inputs):
+    """The rule an explicit graph was built from, kept for attention (hash buckets, QK
+    drop: key ranges of a sorted table), or None."""
+    return None if x.graph is None else x.graph._cache.get("rule")
+
+
 def _torch_refuse(x: Inputs) -> Optional[str]:
     if x.dtype not in _TORCH_DTYPES:
         return f"takes float16/bfloat16/float32/float64, got {x.dtype}"
@@ -214,7 +220,7 @@ _TILES_MIN_SAVING = 0.9
 def _tiles_auto_refuse(x: Inputs) -> Optional[str]:
     from attngraph.ops.tiles import EDGE_COST_CELLS
 
-    if _implicit(x):
+    if _implicit(x) or (_rule(x) is not None and x.device.type == "cpu"):
         return None             # key ranges from the rule: no edge list, no plan to build
     if x.device.type != "cpu":
         # the break-even is measured on CPU only; on a GPU the fused kernels stay the
@@ -234,7 +240,7 @@ def _tiles_auto_refuse(x: Inputs) -> Optional[str]:
 
 
 def _tiles_describe(x: Inputs) -> str:
-    if _implicit(x):
+    if _implicit(x) or _rule(x) is not None:
         return ("key ranges read from the implicit graph's rule (ops/ranges.py): dense "
                 "blocks where ranges are dense, generated edges elsewhere")
     plan = x.graph.tile_plan() if x.graph is not None else None
@@ -251,7 +257,11 @@ def _tiles_run(q, k, v, graph, scale, bias):
         if bias is not None:    # a bias follows the canonical edge order: per-edge chunks
             return chunked.attention(q, k, v, graph, scale, bias)
         return ranges.attention(q, k, v, graph, scale)
+    rule = graph._cache.get("rule")
+    if rule is not None and bias is None:
+        from attngraph.ops import ranges
 
+        return ranges.attention(q, k, v, rule, scale)
     return tiles.attention(q, k, v, graph, scale, bias)
 
 

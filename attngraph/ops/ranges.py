@@ -84,9 +84,10 @@ def _positions(run):
 
 
 def pieces(graph, r0: int, r1: int, heads: int, dim: int,
-           max_elements: Optional[int] = None) -> Iterator:
+           max_elements: Optional[int] = None, flash: bool = False) -> Iterator:
     """The :class:`Dense` and :class:`Sparse` pieces of query rows ``[r0, r1)``: together
-    they hold every edge of these rows exactly once."""
+    they hold every edge of these rows exactly once. With ``flash`` a dense piece stores no
+    scores, only its mask: ``4 * max_elements`` cells of it, whatever the heads."""
     max_elements = MAX_ELEMENTS if max_elements is None else max_elements
     bq = BLOCK
     cost = _edge_cost()
@@ -132,9 +133,13 @@ def pieces(graph, r0: int, r1: int, heads: int, dim: int,
         # dense blocks: consecutive blocks of similar width batched, cut into key pieces
         ids = dense.nonzero().view(-1)
         if ids.numel():
+            # blocks of similar width batched together wherever they lie (a bucket's
+            # causal prefixes grow block by block); equal widths keep their order
+            ids = ids[torch.sort(width[ids], stable=True).indices]
             yield from _dense_batches(ids, width, lo_b, hi_b, lo_m, hi_m, rows_m, valid,
                                       g_b, key_of, group is None and not _is_take(run),
-                                      graph.num_src, heads, max_elements)
+                                      graph.num_src, 1 if flash else heads,
+                                      4 * max_elements if flash else max_elements)
         # sparse blocks: their rows' edges, generated here, in chunks of edges
         ids = (~dense).nonzero().view(-1)
         if ids.numel():
@@ -152,6 +157,17 @@ def _is_take(run) -> bool:
     return isinstance(run, Take)
 
 
+def _segments(W: int, inner_lo: int, inner_hi: int, w_piece: int):
+    """Key pieces ``(offset, width)`` of a batch ``W`` wide: the columns every row covers,
+    ``[inner_lo, inner_hi)``, are pieces of their own that need no mask when they are at
+    least half the batch (a causal prefix and its diagonal tail, as FlashAttention splits
+    them); every piece at most ``w_piece`` wide."""
+    cuts = [0, inner_lo, inner_hi, W] if 2 * (inner_hi - inner_lo) >= W else [0, W]
+    for a, b in zip(cuts, cuts[1:]):
+        for o in range(a, b, w_piece):
+            yield o, min(w_piece, b - o)
+
+
 def _dense_batches(ids, width, lo_b, hi_b, lo_m, hi_m, rows_m, valid, g_b, key_of,
                    contiguous: bool, num_src: int, heads: int, max_elements: int):
     bq = rows_m.size(1)
@@ -161,9 +177,10 @@ def _dense_batches(ids, width, lo_b, hi_b, lo_m, hi_m, rows_m, valid, g_b, key_o
     i = 0
     while i < len(w_list):
         j, W = i + 1, w_list[i]
-        while j < len(w_list) and 0.8 * W <= w_list[j] <= 1.25 * W and \
-                (j - i + 1) * min(max(W, w_list[j]), w_piece) * bq * heads <= max_elements:
-            W = max(W, w_list[j])
+        # widths ascend: a batch pads its blocks to at most 1.25x the narrowest
+        while j < len(w_list) and w_list[j] <= 1.25 * w_list[i] and \
+                (j - i + 1) * min(w_list[j], w_piece) * bq * heads <= max_elements:
+            W = w_list[j]
             j += 1
         batch = ids[i:j]
         i = j
@@ -176,8 +193,13 @@ def _dense_batches(ids, width, lo_b, hi_b, lo_m, hi_m, rows_m, valid, g_b, key_o
         r0 = int(rows[0, 0])
         if int(rows[-1, -1]) - r0 == nb * bq - 1 and bool((rows.view(-1).diff() == 1).all()):
             row0 = r0
-        for o in range(0, W, w_piece):
-            wc = min(w_piece, W - o)
+        # padding rows cover everything (their results are dropped, their p is 0): only
+        # real rows decide where a piece needs a mask
+        real = rows >= 0
+        blo = torch.where(real, blo, lo.unsqueeze(1))
+        bhi = torch.where(real, bhi, hi.unsqueeze(1))
+        for o, wc in _segments(W, int((blo - lo.unsqueeze(1)).amax()),
+                               int((bhi - lo.unsqueeze(1)).amin()), w_piece):
             if contiguous:      # keys are positions: slide the span inside [0, num_src)
                 start = torch.clamp(torch.minimum(lo + o, hi - wc), min=0) \
                     if wc < num_src else torch.zeros_like(lo)
@@ -254,6 +276,14 @@ class _Operand:
         return x.as_strided((nb, self.length, C), (self.step * Hx * C, Hx * C, 1),
                             x.storage_offset() + (self.first * Hx + h) * C)
 
+    def heads(self, nb: int, repeat: int = 1) -> Tensor:
+        """All heads ``[nb, Hx * repeat, L, C]`` (each head ``repeat`` times: GQA)."""
+        x = self.base
+        Hx, C = x.size(1), x.size(2)
+        t = x.as_strided((nb, Hx, self.length, C), (self.step * Hx * C, C, Hx * C, 1),
+                         x.storage_offset() + self.first * Hx * C)
+        return t if repeat == 1 else t.repeat_interleave(repeat, dim=1)
+
 
 def _operands(piece: Dense, q, k, v, cdt):
     nb, bq = piece.rows.shape
@@ -283,7 +313,132 @@ def _heads_to_rows(x: Tensor) -> Tensor:
     return x.permute(1, 2, 0, 3).reshape(nb * bq, H, C)
 
 
+# ---------------------------------------------------------------------------- flash engine
+# On CPU a dense piece runs through ATen's fused flash-attention kernel (blocked, online
+# softmax, the scores never stored), which returns the log-sum-exp merging needs; its
+# backward takes the row's merged ``out`` and ``lse``, so a piece's share of a row's
+# gradient is exact. Where the kernel is missing, the matmul engine below serves.
+USE_FLASH = True
+_FLASH_OPS: Optional[tuple] = None
+
+
+def _flash_ops(q: Tensor, v: Tensor):
+    """``(forward, backward)`` of ATen's CPU flash attention, or None where unusable (not
+    on CPU, or value and key head dims differ, which the kernel does not take)."""
+    global _FLASH_OPS
+    if not USE_FLASH or q.device.type != "cpu" or q.size(-1) != v.size(-1):
+        return None
+    if _FLASH_OPS is None:
+        try:
+            fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+            x = torch.zeros(1, 1, 2, 4)
+            bias = torch.zeros(1, 1, 2, 2)
+            o, lse = fwd(x, x, x, attn_mask=bias, scale=1.0)
+            bwd(o, x, x, x, o, lse, 0.0, False, attn_mask=bias, scale=1.0)
+            _FLASH_OPS = (fwd, bwd)
+        except (AttributeError, RuntimeError, TypeError):
+            _FLASH_OPS = ()
+    return _FLASH_OPS or None
+
+
+def _additive(mask: Optional[Tensor], cdt: torch.dtype) -> Optional[Tensor]:
+    """``[nb|1, bq, W]`` bool mask -> ``[nb|1, 1, bq, W]`` additive 0 / -inf."""
+    if mask is None:
+        return None
+    bias = torch.zeros(mask.shape, dtype=cdt, device=mask.device)
+    return bias.masked_fill_(~mask, float("-inf")).unsqueeze(1)
+
+
+def _flash_forward(ops, piece: Dense, q, k, v, scale, cdt):
+    nb, bq = piece.rows.shape
+    H, H_kv, Dv = q.size(1), k.size(1), v.size(-1)
+    G = H // H_kv
+    qo, ko, vo = _operands(piece, q, k, v, cdt)
+    o, lse = ops[0](qo.heads(nb), ko.heads(nb, G), vo.heads(nb, G),
+                    attn_mask=_additive(piece.mask, cdt), scale=scale)
+    if piece.mask is not None:              # a row without edges here: lse -inf, not 0
+        empty = ~piece.mask.any(-1)                                   # [nb|1, bq]
+        if bool(empty.any()):
+            lse = lse.masked_fill(empty.unsqueeze(1), float("-inf"))
+    return (o.permute(0, 2, 1, 3).reshape(nb * bq, H, Dv),
+            lse.permute(0, 2, 1).reshape(nb * bq, H))
+
+
+def _flash_backward(ops, piece: Dense, q, k, v, scale, cdt, lse_rows, out_rows, do_rows,
+                    dlse_rows, dk, dv):
+    """Like :func:`_dense_backward`, from the rows' merged ``out_rows`` and ``lse_rows``
+    (+inf where a row has no edge at all); ``dlse_rows`` (or None) enters as one more value
+    column of ones whose output the kernel takes as 0, so that ``dS = P (dP - delta +
+    dlse)``."""
+    nb, bq = piece.rows.shape
+    W = piece.keys.size(1)
+    H, H_kv = q.size(1), k.size(1)
+    G, D, Dv = H // H_kv, q.size(-1), v.size(-1)
+    qo, ko, vo = _operands(piece, q, k, v, cdt)
+    Q, K, V = qo.heads(nb), ko.heads(nb, G), vo.heads(nb, G)
+
+    def heads_major(x):                      # [nb * bq, H, C] -> [nb, H, bq, C]
+        return x.view(nb, bq, H, -1).permute(0, 2, 1, 3)
+
+    O, dO = heads_major(out_rows), heads_major(do_rows)
+    if dlse_rows is not None:               # q and k take a zero column: same head size
+        Q = torch.cat([Q, Q.new_zeros(Q.shape[:-1] + (1,))], -1)
+        K = torch.cat([K, K.new_zeros(K.shape[:-1] + (1,))], -1)
+        V = torch.cat([V, V.new_ones(V.shape[:-1] + (1,))], -1)
+        O = torch.cat([O, O.new_zeros(O.shape[:-1] + (1,))], -1)
+        dO = torch.cat([dO, heads_major(dlse_rows.unsqueeze(-1))], -1)
+    lse = lse_rows.view(nb, bq, H).permute(0, 2, 1).unsqueeze(-1)
+    mask = _additive(piece.mask, cdt)
+    # The kernel's backward runs a thread per (block, head): few blocks are cut into
+    # blocks of fewer rows over the same keys, so that every thread has work.
+    f = 1
+    while nb * H * f < _threads() and bq % (2 * f) == 0 and bq // f > 16:
+        f *= 2
+    if f > 1:
+        Q, O, dO, lse = (_split_rows(t, f) for t in (Q, O, dO, lse))
+        K, V = (_repeat_blocks(t, f) for t in (K, V))
+        if mask is not None:
+            mask = _split_rows(mask.expand(nb, 1, bq, W), f)
+    dq, dk_b, dv_b = ops[1](dO, Q, K, V, O, lse.squeeze(-1), 0.0, False, attn_mask=mask,
+                            scale=scale)
+    if f > 1:
+        dq = _join_rows(dq, f)
+        dk_b, dv_b = (t.view(nb, f, *t.shape[1:]).sum(1) for t in (dk_b, dv_b))
+    kidx = piece.keys.reshape(-1)
+    dq, dk_b = dq[..., :D], dk_b[..., :D]
+    dk_b = dk_b.reshape(nb, H_kv, G, W, D).sum(2).permute(0, 2, 1, 3)
+    dv_b = dv_b[..., :Dv].reshape(nb, H_kv, G, W, Dv).sum(2).permute(0, 2, 1, 3)
+    _add_rows(dk, kidx, dk_b)
+    _add_rows(dv, kidx, dv_b)
+    return dq.permute(0, 2, 1, 3).reshape(nb * bq, H, D)
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _split_rows(x: Tensor, f: int) -> Tensor:
+    """``[nb, Hx, bq, C]`` -> ``[nb * f, Hx, bq / f, C]``: each block's rows in ``f`` parts."""
+    nb, Hx, bq, C = x.shape
+    return x.reshape(nb, Hx, f, bq // f, C).transpose(1, 2).reshape(nb * f, Hx, bq // f, C)
+
+
+def _join_rows(x: Tensor, f: int) -> Tensor:
+    """Inverse of :func:`_split_rows`."""
+    nbf, Hx, r, C = x.shape
+    return x.view(nbf // f, f, Hx, r, C).transpose(1, 2).reshape(nbf // f, Hx, f * r, C)
+
+
+def _repeat_blocks(x: Tensor, f: int) -> Tensor:
+    """``[nb, Hx, W, C]`` -> ``[nb * f, Hx, W, C]``: each block's keys for its ``f`` parts."""
+    return x.unsqueeze(1).expand(x.size(0), f, *x.shape[1:]).reshape(-1, *x.shape[1:])
+
+
 def _dense_forward(piece: Dense, q, k, v, scale, cdt):
+    ops = _flash_ops(q, v)
+    if ops is not None:
+        return _flash_forward(ops, piece, q, k, v, scale, cdt)
     nb, bq = piece.rows.shape
     H, H_kv = q.size(1), k.size(1)
     G = H // H_kv
@@ -380,6 +535,7 @@ def _forward(q, k, v, graph, scale):
     N, H, Dv = q.size(0), q.size(1), v.size(-1)
     out = q.new_empty(N, H, Dv)
     lse = torch.empty(N, H, dtype=cdt, device=q.device)
+    flash = _flash_ops(q, v) is not None
     for r0, r1 in _row_chunks(graph, H):
         # float32 results go straight into out; 16-bit ones through a chunk accumulator
         acc_o = out[r0:r1] if out.dtype == cdt else torch.empty(r1 - r0, H, Dv, dtype=cdt,
@@ -388,7 +544,7 @@ def _forward(q, k, v, graph, scale):
         acc_o.zero_()
         acc_l.fill_(float("-inf"))
         seen = torch.zeros(r1 - r0, dtype=torch.bool, device=q.device)
-        for piece in pieces(graph, r0, r1, H, max(q.size(-1), Dv)):
+        for piece in pieces(graph, r0, r1, H, max(q.size(-1), Dv), flash=flash):
             if isinstance(piece, Dense):
                 o, l = _dense_forward(piece, q, k, v, scale, cdt)
                 if piece.row0 is not None:
@@ -436,19 +592,29 @@ def _backward(q, k, v, out, lse, dout, dlse, graph, scale):
         do_c = dout[r0:r1].to(cdt)
         delta = (do_c * out[r0:r1].to(cdt)).sum(-1)                      # [R, H]
         l_c = lse[r0:r1]
+        dl_c = None
         if dlse is not None:
-            delta = delta - torch.where(torch.isneginf(l_c), 0.0, dlse[r0:r1])
+            dl_c = torch.where(torch.isneginf(l_c), 0.0, dlse[r0:r1]).to(cdt)
+            delta = delta - dl_c
         l_c = l_c.masked_fill(torch.isneginf(l_c), float("inf"))
+        ops = _flash_ops(q, v)
+        o_c = out[r0:r1].to(cdt) if ops is not None else None
         acc = torch.zeros(r1 - r0, H, D, dtype=cdt, device=q.device)
-        for piece in pieces(graph, r0, r1, H, max(D, Dv)):
+        for piece in pieces(graph, r0, r1, H, max(D, Dv), flash=ops is not None):
             if isinstance(piece, Dense):
                 rows = piece.rows.view(-1)
                 pad = rows < 0
                 local = torch.where(pad, 0, rows - r0)
                 l_rows = l_c.index_select(0, local).masked_fill(pad.unsqueeze(-1), float("inf"))
-                dq_b = _dense_backward(piece, q, k, v, scale, cdt, l_rows,
-                                       delta.index_select(0, local),
-                                       do_c.index_select(0, local), dk, dv)
+                if ops is not None:
+                    dq_b = _flash_backward(
+                        ops, piece, q, k, v, scale, cdt, l_rows, o_c.index_select(0, local),
+                        do_c.index_select(0, local),
+                        None if dl_c is None else dl_c.index_select(0, local), dk, dv)
+                else:
+                    dq_b = _dense_backward(piece, q, k, v, scale, cdt, l_rows,
+                                           delta.index_select(0, local),
+                                           do_c.index_select(0, local), dk, dv)
                 keep = (~pad).nonzero().view(-1)
                 _add_rows(acc, local.index_select(0, keep), dq_b.index_select(0, keep))
             else:
