@@ -373,9 +373,12 @@ def test_explicit_hash_and_drop_graphs_keep_their_rule_for_attention(monkeypatch
 
     gen = torch.Generator().manual_seed(5)
     n = 150
-    for e in (M.hash_buckets(torch.randint(0, 5, (n,), generator=gen)),
-              M.qk_drop(torch.rand(n, generator=gen) > 0.3, torch.rand(n, generator=gen) > 0.3)):
+    buckets = torch.randint(0, 5, (n,), generator=gen)
+    keep_q, keep_k = torch.rand(n, generator=gen) > 0.3, torch.rand(n, generator=gen) > 0.3
+    for e, g in ((M.hash_buckets(buckets), M.hash_buckets(buckets, implicit=True)),
+                 (M.qk_drop(keep_q, keep_k), M.qk_drop(keep_q, keep_k, implicit=True))):
         assert not e.is_implicit and e._cache["rule"].equal(e)
+        assert g.is_implicit and g.equal(e)
         x = Inputs(device=torch.device("cpu"), dtype=torch.float64, head_dim=4, value_dim=4,
                    requires_grad=True, graph=e)
         assert "rule" in explain("auto", x)
@@ -391,20 +394,94 @@ def test_explicit_hash_and_drop_graphs_keep_their_rule_for_attention(monkeypatch
                _run(q, k, v, e, edge_bias=bias, backend="torch"))
 
 
-@pytest.mark.parametrize("chunk_edges", [40, 1 << 24])
-def test_fused_kernels_run_implicit_graphs_chunk_by_chunk(monkeypatch, chunk_edges):
-    """backend="cupy" (here through the CPU emulator): rows generated a chunk at a time,
-    each chunk over the keys it touches; equal to the explicit graph, gradients too."""
+def _rule_families():
+    gen = torch.Generator().manual_seed(2)
+    return (M.longformer(90, 3, [0, 89], implicit=True),        # long rows: items cut
+            M.dilated_block(64, 8, 1, implicit=True),           # rows without edges
+            M.strided(70, 9, causal=False, implicit=True),       # ranges with step 9
+            M.hash_buckets(torch.randint(0, 4, (80,), generator=gen), implicit=True),
+            M.document([30, 0, 25], causal=True, implicit=True)
+            | M.global_tokens(55, [3], implicit=True))          # a union: two runs a row
+
+
+def test_rule_items_name_every_edge_once():
+    """The work items of a rule, read back as the kernels read them (u * step + residue,
+    or the table), are exactly the graph's edges, a row's items in slot order."""
     from attngraph.ops.cuda import fused
 
+    for g in _rule_families():
+        e = g.materialize()
+        for chunk in (4, 1 << 20):
+            for r0, r1 in ((0, g.num_dst), (5, g.num_dst - 7)):
+                ri = fused.rule_items(g, r0, r1, chunk=chunk)
+                items, rule = ri.rows.items, ri.rule
+                assert (items[:, 2] - items[:, 1] <= chunk).all()
+                assert torch.equal(torch.unique(items[:, 0]), torch.arange(r1 - r0))
+                got = []
+                for (node, b, end, slot), (step, res) in zip(items.tolist(), rule.tolist()):
+                    u = torch.arange(b, end)
+                    keys = u * step + res if step else ri.table[u].long()
+                    got += [(node + r0, int(j)) for j in keys]
+                want = [(i, j) for j, i in e.edge_index.as_tensor().t().tolist() if r0 <= i < r1]
+                assert sorted(got) == sorted(want)
+                # a row with several items has consecutive slots, listed in splits
+                cut = items[items[:, 3] >= 0]
+                for row, s0, s1 in ri.rows.splits.tolist():
+                    mine = cut[cut[:, 0] == row]
+                    assert sorted(mine[:, 3].tolist()) == list(range(s0, s1))
+                assert ri.rows.num_slots == cut.size(0)
+
+
+def test_rule_items_refuse_keys_out_of_range():
+    """A user's rule that names keys outside [0, num_src) is refused on the host, before a
+    kernel could read them."""
+    from attngraph.masks._common import Range, Take
+    from attngraph.ops.cuda import fused
+
+    def far(rows, state):
+        return [Range(rows + 5, torch.full_like(rows, 2))]      # row 9 reaches key 15
+
+    def bad_table(rows, state):
+        return [Take(torch.tensor([0, 99]), torch.zeros_like(rows), torch.ones_like(rows))]
+
+    def past_table(rows, state):
+        return [Take(torch.tensor([0, 1]), torch.ones_like(rows), torch.full_like(rows, 2))]
+
+    def zero_step(rows, state):
+        return [Range(rows, torch.ones_like(rows), 0)]
+
+    for rule in (far, bad_table, past_table, zero_step):
+        with pytest.raises(ValueError, match="rule"):
+            fused.rule_items(ImplicitGraph(rule, 12, 10), 0, 10)
+
+
+@pytest.mark.parametrize("rows_per_chunk,chunk_edges", [(16, 40), (1 << 18, 1 << 24)])
+def test_fused_kernels_compute_keys_from_the_rule(monkeypatch, rows_per_chunk, chunk_edges):
+    """backend="cupy" (here through the CPU emulator): forward and dQ read each row's keys
+    from the rule in the kernels (the forward never generates an edge), dK / dV generate
+    each row chunk's edges; equal to the explicit graph, gradients (through lse too)."""
+    from attngraph.ops.cuda import emulator, fused
+
     monkeypatch.setenv("ATTNGRAPH_CUDA_EMULATE", "1")
+    monkeypatch.setattr(fused, "RULE_CHUNK_ROWS", rows_per_chunk)
     monkeypatch.setattr(fused, "IMPLICIT_CHUNK_EDGES", chunk_edges)
-    for g in (M.longformer(90, 3, [0, 89], implicit=True),
-              M.dilated_block(64, 8, 1, implicit=True)):       # rows without edges too
+    for g in _rule_families():
         q, k, v = (t.float() for t in _qkv(g.num_dst, H=4, H_kv=2, D=8, Dv=8))
-        got = _run(q, k, v, g, backend="cupy")
         want = _run(q, k, v, g.materialize(), backend="torch")
-        _close(got, want, tol=2e-5)
+        g = ImplicitGraph(g._runs, g.num_src, g.num_dst, state=g._state)   # no cache
+
+        def no_edges(*a, **kw):
+            raise AssertionError("the forward generated edges")
+
+        with monkeypatch.context() as m, emulator.count() as launches:
+            for name in ("edge_chunks", "materialize"):
+                m.setattr(ImplicitGraph, name, no_edges)
+            with torch.no_grad():
+                out, lse = ag.graph_attention(q, k, v, g, return_lse=True, backend="cupy")
+        assert g._explicit is None
+        assert any(s.kernel.startswith("attn_fwd") for s in launches)
+        _close((out, lse), want[:2], tol=2e-5)
+        _close(_run(q, k, v, g, backend="cupy"), want, tol=2e-5)
 
 
 def test_compile_refuses_clearly():

@@ -9,12 +9,17 @@ lattice index for a dilated one (rows grouped by residue), the table index for a
 Rows are processed in chunks. Inside a chunk, each run's active rows are cut into blocks of
 ``BLOCK`` rows; a block's keys are the union of its rows' intervals, one contiguous span of
 positions. Where the span is dense enough (``rows * span <= EDGE_COST_CELLS * edges``, the
-tile path's measured break-even) the block runs as dense math: its K/V rows gathered once,
-one ``bmm`` for the scores, an exact mask from the intervals, one ``bmm`` for the values;
-spans longer than a piece's budget are cut into key pieces. Other blocks run per edge,
-their edges generated for that block only. Every piece returns a partial ``(out, lse)`` per
-row; runs of a row are disjoint, so the partials merge exactly by log-sum-exp. The backward
-recomputes the same pieces, ``p = exp(s - lse)`` as FlashAttention does.
+tile path's measured break-even) the block runs as dense math over contiguous K/V rows
+with an exact mask from the intervals; blocks of similar width are batched wherever they
+lie (the causal prefixes of a hash bucket grow block by block), the columns every row of a
+batch covers form a piece of their own without a mask (a causal prefix and its diagonal
+tail, as FlashAttention splits them), and spans longer than a piece's budget are cut into
+key pieces. On CPU a dense piece runs on ATen's fused flash-attention kernel, which returns
+the log-sum-exp; elsewhere (or when key and value head dims differ) on ``bmm``, mask and
+softmax. Other blocks run per edge, their edges generated for that block only. Every piece
+returns a partial ``(out, lse)`` per row; runs of a row are disjoint, so the partials merge
+exactly by log-sum-exp. The backward recomputes the same pieces, ``p = exp(s - lse)`` as
+FlashAttention does, from each row's merged ``out`` and ``lse``.
 
 Memory: q, k, v, out and lse, plus one piece of work (``MAX_ELEMENTS`` scores) and one row
 chunk of float32 accumulators; for the backward also dq, float32 dk and dv.

@@ -16,6 +16,11 @@
 // lanes split the head dim (lane l holds elements l, l + 32, ..., NT per lane), so every K
 // and V row is read once per edge by coalesced requests and serves the GQ heads. The keys of
 // 32 edges at a time are read by one request and broadcast by shuffles.
+//
+// Implicit graphs. The row kernels (forward, dQ) also take items over the runs of a rule
+// (KeyRule below): a window's keys are computed in the kernel, u * step + residue, and a
+// slice of a sorted table (hash buckets, global tokens) is read from the table, so no edge
+// list exists; a row with several runs has an item per run, merged like a cut row.
 #include "common.cuh"
 
 namespace {
@@ -60,6 +65,23 @@ __device__ __forceinline__ void store_row_f32(float* __restrict__ p, int n, int 
 struct Item {
   long long node, begin, end, slot;
 };
+
+// Keys of an item. An explicit graph's item spans edges of the CSR: key = col[e]. An
+// implicit graph's items come with rule [n_items, 2] = (step, residue) and span positions
+// u of a run of the rule: key = u * step + residue for a range (step > 0), col[u] for a
+// slice of the rule's table (step 0). rule == nullptr: the explicit case.
+struct KeyRule {
+  long long step, res;
+};
+
+__device__ __forceinline__ KeyRule load_rule(const long long* __restrict__ rule, long long i) {
+  if (rule == nullptr) return KeyRule{0, 0};
+  return KeyRule{ag_load(rule + i * 2), ag_load(rule + i * 2 + 1)};
+}
+
+__device__ __forceinline__ int key_at(const int* __restrict__ col, const KeyRule& r, long long u) {
+  return r.step > 0 ? static_cast<int>(u * r.step + r.res) : ag_load(col + u);
+}
 
 __device__ __forceinline__ Item load_item(const long long* __restrict__ items, long long i) {
   const long long* p = items + i * 4;
@@ -123,12 +145,13 @@ template <class T, int NT, int GQ>
 __global__ void __launch_bounds__(kWarps * 32, 4)
 attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
          const float* __restrict__ bias, int bias_cols, const long long* __restrict__ items,
-         long long n_items, const int* __restrict__ col, T* __restrict__ out,
-         float* __restrict__ lse, float* __restrict__ part_ml, float* __restrict__ part_acc,
+         long long n_items, const int* __restrict__ col, const long long* __restrict__ rule,
+         T* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_ml, float* __restrict__ part_acc,
          int H, int G, int D, int Dv, float scale) {
   const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
   AG_ITEM_LOOP(n_items) {
     const Item item = load_item(items, it);
+    const KeyRule key_rule = load_rule(rule, it);
     float qv[GQ][NT], acc[GQ][NT], m[GQ], l[GQ];
 #pragma unroll
     for (int g = 0; g < GQ; ++g) {
@@ -140,7 +163,7 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
     }
     for (long long e0 = item.begin; e0 < item.end; e0 += kEdgeBatch) {
       const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
-      const int my_key = lane < n ? ag_load(col + e0 + lane) : 0;
+      const int my_key = lane < n ? key_at(col, key_rule, e0 + lane) : 0;
       float my_bias[GQ];
       load_batch_bias(bias, bias_cols, e0, n, lane, h0, my_bias);
       for (int t = 0; t < n; ++t) {
@@ -184,8 +207,8 @@ template <class T, int LPE, int GQ>
 __global__ void __launch_bounds__(kWarps * 32, 4)
 attn_fwd_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
              const float* __restrict__ bias, int bias_cols, const long long* __restrict__ items,
-             long long n_items, const int* __restrict__ col, T* __restrict__ out,
-             float* __restrict__ lse, float* __restrict__ part_ml, float* __restrict__ part_acc,
+             long long n_items, const int* __restrict__ col,
+             const long long* __restrict__ rule, T* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_ml, float* __restrict__ part_acc,
              int H, int G, int D, int Dv, float scale) {
   constexpr int VEC = ag::VecTraits<T>::kN, S = ag::kWarpSize / LPE;
   const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
@@ -193,6 +216,7 @@ attn_fwd_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
     const int sub = lane / LPE, d0 = (lane % LPE) * VEC;
     const bool has_d = d0 < D, has_dv = d0 < Dv;
     const Item item = load_item(items, it);
+    const KeyRule key_rule = load_rule(rule, it);
     float qv[GQ][VEC], acc[GQ][VEC], m[GQ], l[GQ];
 #pragma unroll
     for (int g = 0; g < GQ; ++g) {
@@ -204,7 +228,7 @@ attn_fwd_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
     }
     for (long long e0 = item.begin; e0 < item.end; e0 += kEdgeBatch) {
       const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
-      const int my_key = lane < n ? ag_load(col + e0 + lane) : 0;
+      const int my_key = lane < n ? key_at(col, key_rule, e0 + lane) : 0;
       float my_bias[GQ];
       load_batch_bias(bias, bias_cols, e0, n, lane, h0, my_bias);
       for (int t = 0; t < n; t += S) {
@@ -308,11 +332,13 @@ attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restric
             const float* __restrict__ bias, int bias_cols, const T* __restrict__ dout,
             const float* __restrict__ lse, const float* __restrict__ delta,
             const long long* __restrict__ items, long long n_items, const int* __restrict__ col,
+            const long long* __restrict__ rule,
             T* __restrict__ dq, float* __restrict__ part_dq, float* __restrict__ dbias,
             int H, int G, int D, int Dv, float scale) {
   const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
   AG_ITEM_LOOP(n_items) {
     const Item item = load_item(items, it);
+    const KeyRule key_rule = load_rule(rule, it);
     float qv[GQ][NT], dov[GQ][NT], dqa[GQ][NT], L[GQ], dl[GQ];
 #pragma unroll
     for (int g = 0; g < GQ; ++g) {
@@ -325,7 +351,7 @@ attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restric
     }
     for (long long e0 = item.begin; e0 < item.end; e0 += kEdgeBatch) {
       const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
-      const int my_key = lane < n ? ag_load(col + e0 + lane) : 0;
+      const int my_key = lane < n ? key_at(col, key_rule, e0 + lane) : 0;
       float my_bias[GQ];
       load_batch_bias(bias, bias_cols, e0, n, lane, h0, my_bias);
       for (int t = 0; t < n; ++t) {
@@ -367,7 +393,8 @@ attn_bwd_dq_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __res
                 const float* __restrict__ bias, int bias_cols, const T* __restrict__ dout,
                 const float* __restrict__ lse, const float* __restrict__ delta,
                 const long long* __restrict__ items, long long n_items,
-                const int* __restrict__ col, T* __restrict__ dq, float* __restrict__ part_dq,
+                const int* __restrict__ col, const long long* __restrict__ rule,
+                T* __restrict__ dq, float* __restrict__ part_dq,
                 float* __restrict__ dbias, int H, int G, int D, int Dv, float scale) {
   constexpr int VEC = ag::VecTraits<T>::kN, S = ag::kWarpSize / LPE;
   const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
@@ -375,6 +402,7 @@ attn_bwd_dq_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __res
     const int sub = lane / LPE, d0 = (lane % LPE) * VEC;
     const bool has_d = d0 < D, has_dv = d0 < Dv;
     const Item item = load_item(items, it);
+    const KeyRule key_rule = load_rule(rule, it);
     float qv[GQ][VEC], dov[GQ][VEC], dqa[GQ][VEC], L[GQ], dl[GQ];
 #pragma unroll
     for (int g = 0; g < GQ; ++g) {
@@ -387,7 +415,7 @@ attn_bwd_dq_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __res
     }
     for (long long e0 = item.begin; e0 < item.end; e0 += kEdgeBatch) {
       const int n = static_cast<int>(min(static_cast<long long>(kEdgeBatch), item.end - e0));
-      const int my_key = lane < n ? ag_load(col + e0 + lane) : 0;
+      const int my_key = lane < n ? key_at(col, key_rule, e0 + lane) : 0;
       float my_bias[GQ];
       load_batch_bias(bias, bias_cols, e0, n, lane, h0, my_bias);
       for (int t = 0; t < n; t += S) {

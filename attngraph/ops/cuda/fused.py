@@ -27,8 +27,8 @@ from attngraph.ops.cuda import loader
 from attngraph.ops.cuda.stages import (GraphArrays, _expect, _kernel_dtype, _lanes,
                                        graph_arrays)
 
-__all__ = ["WorkItems", "Plan", "plan", "work_items", "chunk_size", "attention", "forward",
-           "backward"]
+__all__ = ["WorkItems", "Plan", "plan", "work_items", "chunk_size", "RuleItems", "rule_items",
+           "attention", "forward", "backward"]
 
 WARPS_PER_BLOCK = 4          # kWarps in attention.cu
 THREADS = WARPS_PER_BLOCK * 32
@@ -154,10 +154,18 @@ def forward(q: Tensor, k: Tensor, v: Tensor, p: Plan, scale: float,
             bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The fused forward (no autograd) -> ``(out, lse)``."""
     a = p.arrays
-    R, H, Hk, D, Dv = _check_qkv(q, k, v, a)
+    _check_qkv(q, k, v, a)
+    bias, bc = _bias_arg(bias, a.num_edges, q.size(1), q.device)
+    return _forward_items(q, k, v, p.rows, a.col, None, scale, bias, bc)
+
+
+def _forward_items(q, k, v, w: WorkItems, col: Tensor, rule: Optional[Tensor], scale: float,
+                   bias: Optional[Tensor], bc: int) -> Tuple[Tensor, Tensor]:
+    """The forward over work items whose keys are ``col`` (edges of a CSR) or, with
+    ``rule [n_items, 2]``, computed from each item's run (:func:`rule_items`)."""
+    R, H, D = q.shape
+    Hk, Dv = k.size(1), v.size(2)
     dev = q.device
-    bias, bc = _bias_arg(bias, a.num_edges, H, dev)
-    w = p.rows
     _check_items(w, R, dev)
     nt = _lanes(max(D, Dv))
     gq = loader.group_heads(H // Hk, nt)
@@ -175,7 +183,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, p: Plan, scale: float,
     if R and H:
         _kernel(name, dev)(
             _grid(w.num_items, H // gq, dev), (THREADS,),
-            (q, k, v, bias, np.int32(bc), w.items, np.int64(w.num_items), a.col, out, lse,
+            (q, k, v, bias, np.int32(bc), w.items, np.int64(w.num_items), col, rule, out, lse,
              part_ml, part_acc, np.int32(H), np.int32(H // Hk), np.int32(D), np.int32(Dv),
              np.float32(scale)))
     if w.splits.size(0) and H:
@@ -211,44 +219,72 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
     if dlse is not None:
         delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse.float())
     delta = delta.contiguous()
-    rows, cols = p.rows, p.cols
-    _check_items(rows, R, dev)
-    _check_items(cols, a.num_src, dev)
-    nt = _lanes(max(D, Dv))
-    gq = loader.group_heads(H // Hk, nt, "dq")
-    T = _kernel_dtype(q)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    part_dq = torch.empty(rows.num_slots, H, D, dtype=torch.float32, device=dev)
-    part_dk = torch.empty(cols.num_slots, Hk, D, dtype=torch.float32, device=dev)
-    part_dv = torch.empty(cols.num_slots, Hk, Dv, dtype=torch.float32, device=dev)
+    _check_items(p.cols, a.num_src, dev)
     # every (edge, head) is written by the dQ kernel (each edge lies in exactly one item)
     ds = (torch.empty(a.num_edges, H, dtype=torch.float32, device=dev)
           if need_bias_grad else None)
-    vec = loader.vec_layout(T, D, Dv, H // Hk, "dq") if _aligned(q, k, v, dout) else None
+    dq = _backward_dq(q, k, v, dout, lse, delta, p.rows, a.col, None, scale, bias, bc, ds)
+    dk, dv = _backward_dkdv(q, k, v, dout, lse, delta, p, scale, bias, bc)
+    dbias = None
+    if ds is not None:   # head h = b * bc + c reads column c: sum over the b copies
+        dbias = ds.view(a.num_edges, H // bc, bc).sum(1)
+    return dq, dk, dv, dbias
+
+
+def _backward_kernels(q, k, v, dout) -> Tuple[str, str, int]:
+    """``(dQ kernel, dK/dV kernel, GQ)`` for these inputs."""
+    D, Dv, G = q.size(-1), v.size(-1), q.size(1) // k.size(1)
+    T = _kernel_dtype(q)
+    vec = loader.vec_layout(T, D, Dv, G, "dq") if _aligned(q, k, v, dout) else None
     if vec is not None:
         lpe, gq = vec
-        dq_name, dkdv_name = f"attn_bwd_dq_vec<{T}, {lpe}, {gq}>", f"attn_bwd_dkdv_vec<{T}, {lpe}>"
-    else:
-        dq_name, dkdv_name = f"attn_bwd_dq<{T}, {nt}, {gq}>", f"attn_bwd_dkdv<{T}, {nt}>"
+        return f"attn_bwd_dq_vec<{T}, {lpe}, {gq}>", f"attn_bwd_dkdv_vec<{T}, {lpe}>", gq
+    nt = _lanes(max(D, Dv))
+    gq = loader.group_heads(G, nt, "dq")
+    return f"attn_bwd_dq<{T}, {nt}, {gq}>", f"attn_bwd_dkdv<{T}, {nt}>", gq
+
+
+def _backward_dq(q, k, v, dout, lse, delta, rows: WorkItems, col: Tensor,
+                 rule: Optional[Tensor], scale: float, bias, bc: int,
+                 ds: Optional[Tensor]) -> Tensor:
+    """dQ over work items (keys from ``col`` or, with ``rule``, from the items' runs)."""
+    R, H, D = q.shape
+    Hk = k.size(1)
+    dev = q.device
+    _check_items(rows, R, dev)
+    dq_name, _, gq = _backward_kernels(q, k, v, dout)
+    dq = torch.empty_like(q)
+    part_dq = torch.empty(rows.num_slots, H, D, dtype=torch.float32, device=dev)
     if R and H:
         _kernel(dq_name, dev)(
             _grid(rows.num_items, H // gq, dev), (THREADS,),
             (q, k, v, bias, np.int32(bc), dout, lse, delta, rows.items,
-             np.int64(rows.num_items), a.col, dq, part_dq, ds, np.int32(H),
-             np.int32(H // Hk), np.int32(D), np.int32(Dv), np.float32(scale)))
+             np.int64(rows.num_items), col, rule, dq, part_dq, ds, np.int32(H),
+             np.int32(H // Hk), np.int32(D), np.int32(v.size(-1)), np.float32(scale)))
+    _sum_partials(rows, part_dq, dq)
+    return dq
+
+
+def _backward_dkdv(q, k, v, dout, lse, delta, p: Plan, scale: float, bias,
+                   bc: int) -> Tuple[Tensor, Tensor]:
+    """dK and dV over the CSC of keys."""
+    a, cols = p.arrays, p.cols
+    H, D = q.size(1), q.size(2)
+    Hk, Dv = k.size(1), v.size(2)
+    dev = q.device
+    _, dkdv_name, _ = _backward_kernels(q, k, v, dout)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    part_dk = torch.empty(cols.num_slots, Hk, D, dtype=torch.float32, device=dev)
+    part_dv = torch.empty(cols.num_slots, Hk, Dv, dtype=torch.float32, device=dev)
     if a.num_src and Hk:
         _kernel(dkdv_name, dev)(
             _grid(cols.num_items, Hk, dev), (THREADS,),
             (q, k, v, bias, np.int32(bc), dout, lse, delta, cols.items,
              np.int64(cols.num_items), a.krow, a.perm, dk, dv, part_dk, part_dv, np.int32(H),
              np.int32(H // Hk), np.int32(D), np.int32(Dv), np.float32(scale)))
-    _sum_partials(rows, part_dq, dq)
     _sum_partials(cols, part_dk, dk)
     _sum_partials(cols, part_dv, dv)
-    dbias = None
-    if ds is not None:   # head h = b * bc + c reads column c: sum over the b copies
-        dbias = ds.view(a.num_edges, H // bc, bc).sum(1)
-    return dq, dk, dv, dbias
+    return dk, dv
 
 
 # ---------------------------------------------------------------------------- the custom op
@@ -319,11 +355,120 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------- implicit graphs
-# An implicit graph has no CSR to hand the kernels whole: its rows are generated on the
-# device a chunk at a time, each chunk a small graph over the keys it touches (so a window's
-# chunk reads its key range, not all N keys), and run by the same kernels. dK / dV of the
-# chunks add up in chunk order, one index_add per chunk over distinct keys: deterministic.
+# An implicit graph has no CSR. The row kernels (forward and dQ) read its rule instead: the
+# rows of a chunk become work items over the runs of their rows (rule_items), each with its
+# (step, residue), and the kernels compute a range's keys as u * step + residue or read a
+# slice of the rule's table -- no edge exists in memory. dK / dV need the keys' side of the
+# graph: there each row chunk's edges are generated on the device, as a small graph over the
+# keys the chunk touches, and its dK / dV are added in chunk order (one index_add per chunk
+# over distinct keys): deterministic.
 IMPLICIT_CHUNK_EDGES = 1 << 24
+RULE_CHUNK_ROWS = 1 << 18
+
+
+@dataclass(frozen=True)
+class RuleItems:
+    """Work items of rows ``[r0, r1)`` of an implicit graph over the runs of its rule:
+    ``rows`` as :class:`WorkItems` (node local to the chunk, first and end *position*,
+    slot), ``rule [n_items, 2]`` int64 (step, residue; step 0: positions index ``table``),
+    ``table`` int32: the runs' tables one after the other (positions offset to match)."""
+
+    rows: WorkItems
+    rule: Tensor
+    table: Tensor
+
+
+def rule_items(graph, r0: int, r1: int, chunk: Optional[int] = None,
+               checked: Optional[set] = None) -> RuleItems:
+    """The :class:`RuleItems` of rows ``[r0, r1)``, each item at most ``chunk`` positions
+    (default :func:`chunk_size` of the chunk). Every key an item names is checked to lie in
+    ``[0, num_src)`` here, before any kernel reads it (``checked``: tables already checked,
+    by ``(data_ptr, numel)``, skipped)."""
+    from attngraph.masks._common import Range
+
+    dev = graph.device
+    R = r1 - r0
+    nodes, begins, counts, steps, residues, tables = [], [], [], [], [], []
+    offset = 0
+    for run in graph.runs(r0, r1):
+        cnt = run.count.to(torch.long)
+        if isinstance(run, Range):
+            step = int(run.step)
+            if step < 1:
+                raise ValueError(f"the rule of {graph!r} gives a range with step {step} "
+                                 f"(must be >= 1)")
+            start = run.start.to(torch.long)
+            u0 = torch.div(start, step, rounding_mode="floor")
+            res = start - u0 * step
+            last = (u0 + cnt - 1) * step + res                 # the run's last key
+            bad = (cnt > 0) & ((start < 0) | (last >= graph.num_src))
+            st = torch.full_like(cnt, step)
+        else:
+            table = run.table.to(torch.int32)
+            tag = (run.table.data_ptr(), run.table.numel())
+            if checked is None or tag not in checked:
+                if table.numel() and (int(run.table.min()) < 0
+                                      or int(run.table.max()) >= graph.num_src):
+                    raise ValueError(f"the rule of {graph!r} has a table with keys outside "
+                                     f"[0, {graph.num_src})")
+                if checked is not None:
+                    checked.add(tag)
+            lo = run.lo.to(torch.long)
+            bad = (cnt > 0) & ((lo < 0) | (lo + cnt > table.numel()))
+            u0, res, st = lo + offset, torch.zeros_like(cnt), torch.zeros_like(cnt)
+            tables.append(table)
+            offset += table.numel()
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0]) + r0
+            raise ValueError(f"the rule of {graph!r} gives row {row} keys outside [0, "
+                             f"{graph.num_src})")
+        live = (cnt > 0).nonzero().view(-1)
+        nodes.append(live)
+        begins.append(u0[live])
+        counts.append(cnt[live])
+        steps.append(st[live])
+        residues.append(res[live])
+    # a row without runs still gets one (empty) item: it writes out = 0, lse = -inf
+    seen = torch.zeros(R, dtype=torch.bool, device=dev)
+    for n in nodes:
+        seen[n] = True
+    empty = (~seen).nonzero().view(-1)
+    zeros = torch.zeros_like(empty)
+    node = torch.cat(nodes + [empty])
+    begin, count = torch.cat(begins + [zeros]), torch.cat(counts + [zeros])
+    step, res = torch.cat(steps + [zeros + 1]), torch.cat(residues + [zeros])
+    if chunk is None:
+        chunk = chunk_size(int(count.sum()), R)
+    # runs longer than a chunk are cut; a row's pieces sit side by side (row-major)
+    pieces = ((count + chunk - 1) // chunk).clamp_min(1)
+    item = torch.repeat_interleave(torch.arange(node.numel(), device=dev), pieces)
+    first = torch.cumsum(pieces, 0) - pieces
+    part = torch.arange(item.numel(), device=dev) - first[item]
+    node_i = node[item]
+    order = torch.sort(node_i, stable=True).indices          # rows in order, runs in order
+    item, part, node_i = item[order], part[order], node_i[order]
+    b = begin[item] + part * chunk
+    e = torch.minimum(b + chunk, begin[item] + count[item])
+    per_row = torch.bincount(node_i, minlength=R)
+    cut = per_row[node_i] > 1
+    slot = torch.where(cut, torch.cumsum(cut.long(), 0) - 1, torch.full_like(node_i, -1))
+    rows_cut = (per_row > 1).nonzero().view(-1)
+    slot0 = torch.cumsum(torch.where(per_row > 1, per_row, 0), 0) - torch.where(
+        per_row > 1, per_row, 0)
+    splits = torch.stack([rows_cut, slot0[rows_cut], slot0[rows_cut] + per_row[rows_cut]],
+                         1).contiguous()
+    by_length = torch.argsort(b - e, stable=True)            # longest first, as work_items
+    items = torch.stack([node_i, b, e, slot], 1)[by_length].contiguous()
+    rule = torch.stack([step[item], res[item]], 1)[by_length].contiguous()
+    table = (torch.cat(tables) if tables else torch.zeros(1, dtype=torch.int32, device=dev))
+    return RuleItems(WorkItems(items, splits, int(cut.sum())), rule, table.contiguous())
+
+
+def _rule_chunks(graph):
+    checked = set()
+    for r0 in range(0, graph.num_dst, RULE_CHUNK_ROWS):
+        r1 = min(r0 + RULE_CHUNK_ROWS, graph.num_dst)
+        yield r0, r1, rule_items(graph, r0, r1, checked=checked)
 
 
 def _implicit_chunks(graph):
@@ -337,16 +482,26 @@ def _implicit_chunks(graph):
         yield r0, r1, keys, TokenGraph._from_canonical(local, rows, keys.numel(), r1 - r0)
 
 
+def _check_implicit(q, k, v, graph) -> None:
+    _expect("q", q, (graph.num_dst, q.size(1), q.size(2)), q.dtype, q.device)
+    _expect("k", k, (graph.num_src, k.size(1), q.size(2)), q.dtype, q.device)
+    _expect("v", v, (graph.num_src, k.size(1), v.size(2)), q.dtype, q.device)
+    if k.size(1) == 0 or q.size(1) % k.size(1):
+        raise ValueError(f"heads ({q.size(1)}) must be a multiple of kv heads ({k.size(1)})")
+    if graph.num_src >= 1 << 31:
+        raise ValueError(f"the fused kernels take keys as int32: {graph.num_src} keys")
+    _kernel_dtype(q)
+
+
 class _ImplicitFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, graph, scale):
-        out = q.new_zeros(q.size(0), q.size(1), v.size(-1))
-        lse = torch.full((q.size(0), q.size(1)), float("-inf"), dtype=torch.float32,
-                         device=q.device)
-        for r0, r1, keys, sub in _implicit_chunks(graph):
-            o, l = forward(q[r0:r1].contiguous(), k.index_select(0, keys),
-                           v.index_select(0, keys), plan(sub), scale, None)
-            out[r0:r1], lse[r0:r1] = o, l
+        _check_implicit(q, k, v, graph)
+        out = q.new_empty(q.size(0), q.size(1), v.size(-1))
+        lse = torch.empty(q.size(0), q.size(1), dtype=torch.float32, device=q.device)
+        for r0, r1, ri in _rule_chunks(graph):
+            out[r0:r1], lse[r0:r1] = _forward_items(q[r0:r1], k, v, ri.rows, ri.table,
+                                                    ri.rule, scale, None, 1)
         ctx.graph, ctx.scale = graph, scale
         ctx.save_for_backward(q, k, v, out, lse)
         return out, lse
@@ -355,16 +510,21 @@ class _ImplicitFused(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
-        dq = torch.zeros_like(q)
+        delta = (dout.float() * out.float()).sum(-1)                       # [R, H]
+        if dlse is not None:
+            delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse.float())
+        delta = delta.contiguous()
+        dq = torch.empty_like(q)
+        for r0, r1, ri in _rule_chunks(ctx.graph):              # dQ from the rule
+            dq[r0:r1] = _backward_dq(q[r0:r1], k, v, dout[r0:r1], lse[r0:r1],
+                                     delta[r0:r1], ri.rows, ri.table, ri.rule, ctx.scale,
+                                     None, 1, None)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        for r0, r1, keys, sub in _implicit_chunks(ctx.graph):
-            dq_c, dk_c, dv_c, _ = backward(
-                q[r0:r1].contiguous(), k.index_select(0, keys), v.index_select(0, keys),
-                out[r0:r1].contiguous(), lse[r0:r1].contiguous(), dout[r0:r1].contiguous(),
-                plan(sub), ctx.scale, None, False,
-                None if dlse is None else dlse[r0:r1].contiguous())
-            dq[r0:r1] = dq_c
+        for r0, r1, keys, sub in _implicit_chunks(ctx.graph):   # dK / dV chunk by chunk
+            dk_c, dv_c = _backward_dkdv(
+                q[r0:r1], k.index_select(0, keys), v.index_select(0, keys), dout[r0:r1],
+                lse[r0:r1], delta[r0:r1], plan(sub), ctx.scale, None, 1)
             dk.index_add_(0, keys, dk_c.float())
             dv.index_add_(0, keys, dv_c.float())
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
@@ -374,8 +534,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Fused graph attention -> ``(out [N_dst, H, D_v], lse [N_dst, H] float32)``,
     differentiable in q, k, v and bias (the ``attngraph::graph_attention`` op). An implicit
-    graph (no bias) runs chunk by chunk, its edges generated on the device per chunk
-    (eager only)."""
+    graph (no bias) runs from its rule (eager only): forward and dQ compute each row's keys
+    in the kernels, dK / dV generate each row chunk's edges on the device."""
     q, k, v = (t.contiguous() for t in (q, k, v))
     if graph.is_implicit:
         return _ImplicitFused.apply(q, k, v, graph, float(scale))
