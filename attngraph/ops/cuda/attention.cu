@@ -67,14 +67,14 @@ struct Item {
 };
 
 // Keys of an item. An explicit graph's item spans edges of the CSR: key = col[e]. An
-// implicit graph's items come with rule [n_items, 2] = (step, residue) and span positions
-// u of a run of the rule: key = u * step + residue for a range (step > 0), col[u] for a
-// slice of the rule's table (step 0). rule == nullptr: the explicit case.
+// implicit graph's items come with rule int32 [n_items, 2] = (step, residue) and span
+// positions u of a run of the rule: key = u * step + residue for a range (step > 0),
+// col[u] for a slice of the rule's table (step 0). rule == nullptr: the explicit case.
 struct KeyRule {
-  long long step, res;
+  int step, res;
 };
 
-__device__ __forceinline__ KeyRule load_rule(const long long* __restrict__ rule, long long i) {
+__device__ __forceinline__ KeyRule load_rule(const int* __restrict__ rule, long long i) {
   if (rule == nullptr) return KeyRule{0, 0};
   return KeyRule{ag_load(rule + i * 2), ag_load(rule + i * 2 + 1)};
 }
@@ -145,7 +145,7 @@ template <class T, int NT, int GQ>
 __global__ void __launch_bounds__(kWarps * 32, 4)
 attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
          const float* __restrict__ bias, int bias_cols, const long long* __restrict__ items,
-         long long n_items, const int* __restrict__ col, const long long* __restrict__ rule,
+         long long n_items, const int* __restrict__ col, const int* __restrict__ rule,
          T* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_ml, float* __restrict__ part_acc,
          int H, int G, int D, int Dv, float scale) {
   const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
 attn_fwd_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
              const float* __restrict__ bias, int bias_cols, const long long* __restrict__ items,
              long long n_items, const int* __restrict__ col,
-             const long long* __restrict__ rule, T* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_ml, float* __restrict__ part_acc,
+             const int* __restrict__ rule, T* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_ml, float* __restrict__ part_acc,
              int H, int G, int D, int Dv, float scale) {
   constexpr int VEC = ag::VecTraits<T>::kN, S = ag::kWarpSize / LPE;
   const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
@@ -332,7 +332,7 @@ attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restric
             const float* __restrict__ bias, int bias_cols, const T* __restrict__ dout,
             const float* __restrict__ lse, const float* __restrict__ delta,
             const long long* __restrict__ items, long long n_items, const int* __restrict__ col,
-            const long long* __restrict__ rule,
+            const int* __restrict__ rule,
             T* __restrict__ dq, float* __restrict__ part_dq, float* __restrict__ dbias,
             int H, int G, int D, int Dv, float scale) {
   const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
@@ -393,7 +393,7 @@ attn_bwd_dq_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __res
                 const float* __restrict__ bias, int bias_cols, const T* __restrict__ dout,
                 const float* __restrict__ lse, const float* __restrict__ delta,
                 const long long* __restrict__ items, long long n_items,
-                const int* __restrict__ col, const long long* __restrict__ rule,
+                const int* __restrict__ col, const int* __restrict__ rule,
                 T* __restrict__ dq, float* __restrict__ part_dq,
                 float* __restrict__ dbias, int H, int G, int D, int Dv, float scale) {
   constexpr int VEC = ag::VecTraits<T>::kN, S = ag::kWarpSize / LPE;

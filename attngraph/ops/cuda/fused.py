@@ -370,7 +370,7 @@ RULE_CHUNK_ROWS = 1 << 18
 class RuleItems:
     """Work items of rows ``[r0, r1)`` of an implicit graph over the runs of its rule:
     ``rows`` as :class:`WorkItems` (node local to the chunk, first and end *position*,
-    slot), ``rule [n_items, 2]`` int64 (step, residue; step 0: positions index ``table``),
+    slot), ``rule [n_items, 2]`` int32 (step, residue; step 0: positions index ``table``),
     ``table`` int32: the runs' tables one after the other (positions offset to match)."""
 
     rows: WorkItems
@@ -459,7 +459,7 @@ def rule_items(graph, r0: int, r1: int, chunk: Optional[int] = None,
                          1).contiguous()
     by_length = torch.argsort(b - e, stable=True)            # longest first, as work_items
     items = torch.stack([node_i, b, e, slot], 1)[by_length].contiguous()
-    rule = torch.stack([step[item], res[item]], 1)[by_length].contiguous()
+    rule = torch.stack([step[item], res[item]], 1)[by_length].to(torch.int32).contiguous()
     table = (torch.cat(tables) if tables else torch.zeros(1, dtype=torch.int32, device=dev))
     return RuleItems(WorkItems(items, splits, int(cut.sum())), rule, table.contiguous())
 
