@@ -595,7 +595,8 @@ def _backward(q, k, v, out, lse, dout, dlse, graph, scale):
     dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
     for r0, r1 in _row_chunks(graph, H):
         do_c = dout[r0:r1].to(cdt)
-        delta = (do_c * out[r0:r1].to(cdt)).sum(-1)                      # [R, H]
+        o_c = out[r0:r1].to(cdt)
+        delta = (do_c * o_c).sum(-1)                                     # [R, H]
         l_c = lse[r0:r1]
         dl_c = None
         if dlse is not None:
@@ -603,7 +604,6 @@ def _backward(q, k, v, out, lse, dout, dlse, graph, scale):
             delta = delta - dl_c
         l_c = l_c.masked_fill(torch.isneginf(l_c), float("inf"))
         ops = _flash_ops(q, v)
-        o_c = out[r0:r1].to(cdt) if ops is not None else None
         acc = torch.zeros(r1 - r0, H, D, dtype=cdt, device=q.device)
         for piece in pieces(graph, r0, r1, H, max(D, Dv), flash=ops is not None):
             if isinstance(piece, Dense):
