@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import attngraph as ag
-from attngraph.ops import chunked, tiles
+from attngraph.ops import chunked, ranges, tiles
 from attngraph.ordering import bandwidth
 
 from helpers import dense_attention, qkv, random_graph
@@ -46,7 +46,19 @@ def grads(out, lse, inputs, seed=1):
     return torch.autograd.grad(loss, inputs)
 
 
-def check_equal(g, plan, *, H=4, H_kv=2, D=8, D_v=5, bias_heads=None, scale=0.37):
+@pytest.fixture(autouse=True, params=["flash", "matmul"])
+def engine(request, monkeypatch):
+    """Every test runs on both engines of the dense tiles: ATen's CPU flash kernel and the
+    batched matmuls it falls back to (the latter taken by :func:`check_equal`'s value head
+    size unlike the key's, and elsewhere by switching the flash kernel off)."""
+    flash = request.param == "flash"
+    monkeypatch.setattr(ranges, "USE_FLASH", flash)
+    return request.param
+
+
+def check_equal(g, plan, *, H=4, H_kv=2, D=8, D_v=None, bias_heads=None, scale=0.37):
+    if D_v is None:
+        D_v = D if ranges.USE_FLASH else 5
     q, k, v = qkv(g.num_dst, g.num_src, H, H_kv, D, D_v)
     inputs = [q, k, v]
     bias = None
@@ -97,6 +109,25 @@ def test_long_rows_are_cut_in_runs_and_merged(monkeypatch):
     assert int(plan.segments_per_block.max()) > 2
     assert len({L for L, *_ in plan.segments}) > 1
     check_equal(g, plan, bias_heads=1)
+
+
+def test_the_flash_engine_serves_tiles_on_cpu(monkeypatch):
+    """Where the value head size equals the key's, CPU tiles run on the flash kernel."""
+    calls = []
+
+    def counted(q, v):
+        ops = ranges._flash_ops(q, v)
+        if ops is None:
+            return None
+        return tuple((lambda *a, op=op, **kw: calls.append(op) or op(*a, **kw)) for op in ops)
+
+    monkeypatch.setattr(tiles, "_flash_ops", counted)
+    g = ag.masks.sliding_window(64, 5)
+    q, k, v = qkv(64, 64, 2, 2, 4)
+    plan = g.tile_plan(8, min_density=0.0)
+    tiles.attention(q, k, v, g, 0.5, plan=plan)[0].sum().backward()
+    runs = sum(1 for _ in tiles._chunks(plan, 2))
+    assert len(calls) == (2 * runs if ranges.USE_FLASH else 0)
 
 
 def test_minus_inf_bias_on_tile_edges():
@@ -207,9 +238,9 @@ def test_plan_cached_and_block_size_chosen_by_cost():
 
 
 def test_measured_threshold_sends_sparse_tiles_to_edges():
-    g = ag.masks.random(1024, 8, seed=0)           # 8 of 128 keys per tile row: 6 %
+    g = ag.masks.random(1024, 16, seed=0)          # 16 of 1024 keys per row: 1.6 %
     plan = g.tile_plan(128)
-    per_tile = 1024 * 8 / plan.num_q_blocks / plan.num_k_blocks
+    per_tile = 1024 * 16 / plan.num_q_blocks / plan.num_k_blocks
     assert per_tile / (128 * 128) < 1 / tiles.EDGE_COST_CELLS
     assert plan.num_tiles == 0 and plan.tile_fraction == 0.0
 

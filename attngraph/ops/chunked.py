@@ -23,8 +23,13 @@ from attngraph.ops.segment import segment_max, segment_sum
 
 __all__ = ["attention", "row_chunks", "MAX_CHUNK_ELEMENTS"]
 
-# Per-edge elements (edges x heads x head dim) materialised at once.
-MAX_CHUNK_ELEMENTS = 1 << 23
+# Per-edge elements (edges x heads x head dim) materialised at once. Small chunks are
+# faster, not only leaner: on the reference CPU (2 cores, torch 2.13, random(32), H = 4,
+# D = 64, float32) 2^20 (4 MB float32 temporaries, served from the allocator's free lists
+# and the caches) ran the forward in 68 ms at N = 4k and forward + backward in 937 ms at
+# N = 16k, against 195 ms and 2,350 ms with 2^23 (32 MB temporaries, each a fresh mapping
+# whose pages fault in); 2^19 was no faster.
+MAX_CHUNK_ELEMENTS = 1 << 20
 
 
 def row_chunks(ptr: Tensor, max_edges: int) -> List[Tuple[int, int]]:

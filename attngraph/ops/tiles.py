@@ -13,11 +13,16 @@ cells (measured by :func:`calibrate`), so a tile pays when it holds more than
 ``block_q * block_k / EDGE_COST_CELLS`` edges: ``min_density = 1 / EDGE_COST_CELLS``.
 
 How the dense part runs: each query block's tiles form one row of ``L * block_k`` keys (a
-*run*), so one ``bmm`` per kv head scores a chunk of runs, one ``softmax`` normalises whole
-rows and one ``bmm`` aggregates values; keys and values of runs whose key blocks are
-consecutive and step evenly (windows) are strided views, not copies. The backward recomputes
-``p = exp(s - lse)`` run by run, as FlashAttention does, and accumulates ``dK``/``dV`` by key
-block. On CUDA tensors the same code runs on cuBLAS (``backend="tiles"``) and the residual
+*run*); keys and values of runs whose key blocks are consecutive and step evenly (windows)
+are strided views, not copies. On CPU, where the value head size equals the key's, a chunk
+of runs is one call of ATen's fused flash-attention kernel (the scores never stored; the
+in-tile masks, made additive once per plan, ride as its ``attn_mask``), which returns the
+lse, and its backward runs from the tiles' ``out`` and ``lse`` (``dlse`` as one more value
+column of ones). Elsewhere one ``bmm`` per kv head scores a chunk of runs, one ``softmax``
+normalises whole rows and one ``bmm`` aggregates values; the backward recomputes ``p =
+exp(s - lse)`` run by run, as FlashAttention does. Both accumulate ``dK``/``dV`` by key
+block; an edge bias that needs a gradient takes the matmul engine (``dS`` is its
+gradient). On CUDA tensors the same code runs on cuBLAS (``backend="tiles"``) and the residual
 edges on the fused per-edge kernels; the GPU design this stands in for is DESIGN §4's tile
 kernel: one CTA per (query block, kv head) walking its runs with tensor-core MMAs and an
 online softmax, the plan's tile lists as its schedule (the layout FlexAttention's Triton
@@ -39,6 +44,7 @@ import torch
 from torch import Tensor
 
 from attngraph.graph import TokenGraph
+from attngraph.ops.ranges import _flash_ops
 
 __all__ = ["TilePlan", "build_plan", "tile_counts", "plan_cost", "attention", "merge",
            "calibrate", "EDGE_COST_CELLS", "CELL_COST", "BLOCK_SIZES", "DEFAULT_BLOCK",
@@ -48,14 +54,14 @@ DEFAULT_BLOCK = 128
 
 # From `calibrate()` on the reference machine (2 x86 cores, torch 2.13 CPU, H = 4, D = 64,
 # float32; `python -m attngraph.ops.tiles` measures it again). One edge on the per-edge torch
-# path cost 112-118 cells of a 128 x 128 tile in the forward and 125-139 in forward +
-# backward on random(64) at N = 8k (two runs); 42 in the forward where keys are local
-# (random(128) at N = 4k, an earlier calibration). A cell of a 64 x 64 tile cost 1.09-1.46
-# cells of a 128 x 128 one in the forward, 1.41-1.58 in forward + backward. The defaults sit
-# at the low end, so tiles are taken only where they pay in every case measured: from
-# 1 / EDGE_COST_CELLS = 1.6 % density.
-EDGE_COST_CELLS = 64.0
-CELL_COST = {64: 1.2, 128: 1.0}
+# path cost 55-65 cells of a 128 x 128 tile in the forward and 54-59 in forward + backward
+# on random(64) at N = 8k (three runs: the flash engine twice, the matmul engine once; the
+# two cost the same on these full tiles). A cell of a 64 x 64 tile cost 1.48-1.51 cells of
+# a 128 x 128 one in the forward, 1.41-1.71 in forward + backward. The defaults sit at the
+# low end, so tiles are taken only where they pay in every case measured: from
+# 1 / EDGE_COST_CELLS = 1.8 % density.
+EDGE_COST_CELLS = 56.0
+CELL_COST = {64: 1.5, 128: 1.0}
 BLOCK_SIZES = tuple(CELL_COST)
 
 # Score elements (heads x query rows x keys) computed at once.
@@ -100,7 +106,8 @@ class TilePlan:
     __slots__ = ("block_q", "block_k", "num_q_blocks", "num_k_blocks", "min_density",
                  "tile_q", "tile_k", "mask_index", "masks", "tile_edge_count", "residual",
                  "residual_edges", "graph", "order", "src_order", "source", "_edge_perm",
-                 "segments", "segments_per_block", "_tile_edges", "_run_masks")
+                 "segments", "segments_per_block", "_tile_edges", "_run_masks",
+                 "_additive_masks")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -417,10 +424,26 @@ def _run_masks(plan: TilePlan) -> List[Optional[Tensor]]:
     return plan._run_masks
 
 
-def _chunks(plan: TilePlan, heads: int):
+def _additive_masks(plan: TilePlan, dtype: torch.dtype) -> List[Optional[Tensor]]:
+    """:func:`_run_masks` as the flash kernel takes them: ``[n, bq, L * bk]``, 0 on the
+    edges and ``-inf`` off them, in ``dtype``. Built on first use, kept with the plan."""
+    if plan._additive_masks is None:
+        plan._additive_masks = {}
+    if dtype not in plan._additive_masks:
+        plan._additive_masks[dtype] = [
+            None if off is None else torch.zeros(off.shape, dtype=dtype, device=off.device)
+            .masked_fill_(off, -math.inf) for off in _run_masks(plan)]
+    return plan._additive_masks[dtype]
+
+
+def _chunks(plan: TilePlan, heads: int, flash: Optional[torch.dtype] = None):
     """``(blocks [n], tiles [n, L], rank [n], off [n, bq, L*bk] or None)`` pieces of the
-    plan's runs, each within ``MAX_TILE_ELEMENTS`` score elements."""
-    for (L, blocks, tiles, rank), off in zip(plan.segments, _run_masks(plan)):
+    plan's runs, each within ``MAX_TILE_ELEMENTS`` score elements (``heads`` of them per
+    cell: the flash kernel stores no scores, only its mask, so ``heads`` is the mask's).
+    ``off`` is True where a cell is not an edge, or with ``flash`` (a dtype) the additive
+    mask of :func:`_additive_masks`."""
+    masks = _run_masks(plan) if flash is None else _additive_masks(plan, flash)
+    for (L, blocks, tiles, rank), off in zip(plan.segments, masks):
         per = max(1, MAX_TILE_ELEMENTS // (heads * plan.block_q * L * plan.block_k))
         for i in range(0, blocks.numel(), per):
             yield (blocks[i:i + per], tiles[i:i + per], rank[i:i + per],
@@ -432,6 +455,17 @@ def _add_rows(dst: Tensor, index: Tensor, src: Tensor) -> None:
     CPU ``index_add_`` is far slower on a many-dimensional destination)."""
     for h in range(dst.size(0)):
         dst[h].view(dst.size(1), -1).index_add_(0, index, src[h].reshape(index.numel(), -1))
+
+
+def _take_blocks(x: Tensor, index: Tensor) -> Tensor:
+    """``x[:, index]`` of ``x [Hkv, nB, ...]``, one kv head at a time on 2-D views (as
+    :func:`_add_rows`: torch's CPU ``index_select`` along dim 1 of a 4-D tensor is several
+    times slower)."""
+    out = x.new_empty((x.size(0), index.numel()) + x.shape[2:])
+    for h in range(x.size(0)):
+        torch.index_select(x[h].view(x.size(1), -1), 0, index,
+                           out=out[h].view(index.numel(), -1))
+    return out
 
 
 def _bmm(a: Tensor, b: Tensor) -> Tensor:
@@ -491,8 +525,8 @@ class _Tiles:
         kidx = kblocks.reshape(-1)
         step = _even_step(kblocks, L)
         if step is None:
-            kg = self.kh.index_select(1, kidx).view(self.H_kv, n, -1, self.kh.size(-1))
-            vg = self.vh.index_select(1, kidx).view(self.H_kv, n, -1, self.vh.size(-1))
+            kg, vg = (_take_blocks(x, kidx).view(self.H_kv, n, -1, x.size(-1))
+                      for x in (self.kh, self.vh))
         else:
             kg, vg = (_run_view(x, int(kblocks[0, 0]), step, n, L) for x in (self.kh, self.vh))
         b0 = int(blocks[0])
@@ -541,6 +575,33 @@ class _Tiles:
         per_head.add_(dense.view(H_kv, -1, n, bq, L * bk).transpose(1, 2))
         return s
 
+    def mask_heads(self, flash) -> int:
+        """Score elements per cell of a run chunk: every head's on the matmul engine, the
+        mask's on the flash kernel (query heads of a kv head stacked in its rows)."""
+        if not flash:
+            return self.H
+        return self.H if self.bias is not None else self.H // self.H_kv
+
+    def additive(self, tiles: Tensor, off: Optional[Tensor]) -> Optional[Tensor]:
+        """The flash kernel's ``attn_mask`` of one run chunk (``off``: its additive mask
+        from :func:`_additive_masks`, None for full tiles): ``[n, 1, G*bq, L*bk]``, or
+        ``[n, Hkv, G*bq, L*bk]`` with the bias on the edges; None for full tiles without
+        a bias."""
+        plan, H, H_kv = self.plan, self.H, self.H_kv
+        bq, bk = plan.block_q, plan.block_k
+        n, L = tiles.shape
+        G = H // H_kv
+        if self.bias is None:
+            if off is None:
+                return None
+            return (off if G == 1 else off.repeat(1, G, 1)).unsqueeze(1)
+        edges, flat = self._edge_cells(tiles)
+        nb = self.bias.size(1)
+        dense = self.qh.new_full((n * bq * L * bk, nb), float("-inf"))
+        dense[flat] = self.bias.index_select(0, edges)
+        dense = dense.view(n, bq, L * bk, nb).permute(0, 3, 1, 2).repeat(1, H // nb, 1, 1)
+        return dense.reshape(n, H_kv, G * bq, L * bk)
+
     def bias_grad(self, ds: Tensor, tiles: Tensor, dbias: Tensor) -> None:
         edges, flat = self._edge_cells(tiles)
         H_kv, n = ds.size(0), ds.size(1)
@@ -550,25 +611,47 @@ class _Tiles:
         dbias[edges] = g.view(g.size(0), -1, dbias.size(1)).sum(1)
 
 
+def _flash_run(ops, tiles: _Tiles, qg, kg, vg, run, off) -> Tuple[Tensor, Tensor]:
+    """One run chunk on ATen's CPU flash kernel -> ``(o [Hkv, n, G*bq, Dv], lse [Hkv, n,
+    G*bq])``; a row without an edge on these tiles gets ``lse = -inf`` (and ``o = 0``)."""
+    mask = tiles.additive(run, off)
+    o, l = ops[0](qg.transpose(0, 1), kg.transpose(0, 1), vg.transpose(0, 1),
+                  attn_mask=mask, scale=1.0)
+    o, l = o.transpose(0, 1), l.transpose(0, 1)
+    if mask is None:
+        return o, l
+    # the kernel gives a row whose every score is -inf output 0 but lse 0
+    empty = torch.isneginf(mask).all(-1).transpose(0, 1)          # [Hkv | 1, n, G*bq]
+    if bool(empty.any()):
+        l = l.masked_fill(empty, float("-inf"))
+    return o, l
+
+
 def _forward(tiles: _Tiles, dv: int) -> Tuple[Tensor, Tensor]:
     """Attention over the plan's tiles -> ``(out [Hkv, nQ, G*bq, D_v], lse [Hkv, nQ, G*bq])``."""
     plan = tiles.plan
     qh = tiles.qh
     out = qh.new_zeros(qh.size(0), qh.size(1), qh.size(2), dv)
     lse = qh.new_full(qh.shape[:3], float("-inf"))
-    for blocks, run, rank, off in _chunks(plan, tiles.H):
+    ops = _flash_ops(qh, tiles.vh)
+    flash = None if ops is None else qh.dtype
+    for blocks, run, rank, off in _chunks(plan, tiles.mask_heads(ops), flash):
         qg, kidx, kg, vg = tiles.gather(blocks, run)
-        s = tiles.scores(qg, kg, run, off)
-        m = s.amax(-1)
-        p = torch.softmax(s, -1)
-        del s
-        # p = exp(s - lse), so at the row's largest score: lse = m - log(max p)
-        l = m - torch.log(p.amax(-1))
-        empty = torch.isneginf(m)       # a row with no edge on these tiles: softmax gives NaN
-        if bool(empty.any()):
-            p.masked_fill_(empty.unsqueeze(-1), 0.0)
-            l.masked_fill_(empty, float("-inf"))
-        o = _bmm(p, vg)
+        if ops is not None:
+            o, l = _flash_run(ops, tiles, qg, kg, vg, run, off)
+        else:
+            s = tiles.scores(qg, kg, run, off)
+            m = s.amax(-1)
+            p = torch.softmax(s, -1)
+            del s
+            # p = exp(s - lse), so at the row's largest score: lse = m - log(max p)
+            l = m - torch.log(p.amax(-1))
+            empty = torch.isneginf(m)   # a row with no edge on these tiles: softmax gives NaN
+            if bool(empty.any()):
+                p.masked_fill_(empty.unsqueeze(-1), 0.0)
+                l.masked_fill_(empty, float("-inf"))
+            o = _bmm(p, vg)
+            del p
         if bool((plan.segments_per_block[blocks] == 1).all()):
             out.index_copy_(1, blocks, o)
             lse.index_copy_(1, blocks, l)
@@ -587,11 +670,17 @@ def _backward(tiles: _Tiles, out: Tensor, lse: Tensor, dout: Tensor, dlse: Optio
               scale: float, bias_grad: bool):
     """Gradients over the plan's tiles; ``out``, ``lse``, ``dout``, ``dlse`` blocked."""
     plan = tiles.plan
-    delta = (dout * out).sum(-1)                                       # [Hkv, nQ, G*bq]
     if dlse is not None:
-        delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse)
+        dlse = torch.where(torch.isneginf(lse), 0.0, dlse)
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))           # p = 0 in empty rows
     dqh, dkh, dvh = (torch.zeros_like(x) for x in (tiles.qh, tiles.kh, tiles.vh))
+    ops = None if bias_grad else _flash_ops(tiles.qh, tiles.vh)    # dbias needs dS
+    if ops is not None:
+        _flash_backward(ops, tiles, out, lse, dout, dlse, dqh, dkh, dvh)
+        return dqh * scale, dkh, dvh, None
+    delta = (dout * out).sum(-1)                                       # [Hkv, nQ, G*bq]
+    if dlse is not None:
+        delta = delta - dlse
     dbias = tiles.bias.new_zeros(tiles.bias.shape) if bias_grad else None
     for blocks, run, rank, off in _chunks(plan, tiles.H):
         qg, kidx, kg, vg = tiles.gather(blocks, run)
@@ -606,6 +695,31 @@ def _backward(tiles: _Tiles, out: Tensor, lse: Tensor, dout: Tensor, dlse: Optio
         _add_rows(dqh, blocks, _bmm(ds, kg))
         _add_rows(dkh, kidx, _bmm(ds.transpose(-1, -2), qg))
     return dqh * scale, dkh, dvh, dbias
+
+
+def _flash_backward(ops, tiles: _Tiles, out, lse, dout, dlse, dqh, dkh, dvh) -> None:
+    """The tiles' gradients on ATen's CPU flash backward, run chunk by run chunk, from the
+    blocked ``out`` and ``lse`` (``+inf`` in rows without edges) of all the tiles of each
+    row, so that a run's share is exact; ``dlse`` enters as one more value column of ones
+    (q and k take a zero column), whose output the kernel is told is 0, so that ``dS = P
+    (dP - delta + dlse)``."""
+    def column(x, fill):                               # [Hkv, n, rows, C] -> C + 1
+        return torch.cat([x, x.new_full(x.shape[:-1] + (1,), fill)], -1)
+
+    for blocks, run, rank, off in _chunks(tiles.plan, tiles.mask_heads(ops), out.dtype):
+        qg, kidx, kg, vg = tiles.gather(blocks, run)
+        o, do = out.index_select(1, blocks), dout.index_select(1, blocks)
+        if dlse is not None:
+            qg, kg, vg, o = column(qg, 0.0), column(kg, 0.0), column(vg, 1.0), column(o, 0.0)
+            do = torch.cat([do, dlse.index_select(1, blocks).unsqueeze(-1)], -1)
+        dq, dk, dv = ops[1](do.transpose(0, 1), qg.transpose(0, 1), kg.transpose(0, 1),
+                            vg.transpose(0, 1), o.transpose(0, 1),
+                            lse.index_select(1, blocks).transpose(0, 1), 0.0, False,
+                            attn_mask=tiles.additive(run, off), scale=1.0)
+        D, Dv = dqh.size(-1), dvh.size(-1)
+        _add_rows(dqh, blocks, dq[..., :D].transpose(0, 1))
+        _add_rows(dkh, kidx, dk[..., :D].transpose(0, 1))
+        _add_rows(dvh, kidx, dv[..., :Dv].transpose(0, 1))
 
 
 class _TileAttention(torch.autograd.Function):
