@@ -54,14 +54,14 @@ DEFAULT_BLOCK = 128
 
 # From `calibrate()` on the reference machine (2 x86 cores, torch 2.13 CPU, H = 4, D = 64,
 # float32; `python -m attngraph.ops.tiles` measures it again). One edge on the per-edge torch
-# path cost 55-65 cells of a 128 x 128 tile in the forward and 54-59 in forward + backward
-# on random(64) at N = 8k (three runs: the flash engine twice, the matmul engine once; the
-# two cost the same on these full tiles). A cell of a 64 x 64 tile cost 1.48-1.51 cells of
-# a 128 x 128 one in the forward, 1.41-1.71 in forward + backward. The defaults sit at the
-# low end, so tiles are taken only where they pay in every case measured: from
-# 1 / EDGE_COST_CELLS = 1.8 % density.
-EDGE_COST_CELLS = 56.0
-CELL_COST = {64: 1.5, 128: 1.0}
+# path cost 38-39 cells of a 128 x 128 tile in the forward and 33-36 in forward + backward
+# on random(64) at N = 8k (two runs; on these full tiles the flash and the matmul engines
+# cost the same). A cell of a 64 x 64 tile cost 1.58-1.71 cells of a 128 x 128 one in the
+# forward, 1.64-2.0 in forward + backward. The defaults sit at the low end, so tiles are
+# taken only where they pay in every case measured: from 1 / EDGE_COST_CELLS = 3.1 %
+# density.
+EDGE_COST_CELLS = 32.0
+CELL_COST = {64: 1.6, 128: 1.0}
 BLOCK_SIZES = tuple(CELL_COST)
 
 # Score elements (heads x query rows x keys) computed at once.
