@@ -53,7 +53,8 @@ def segment_sum(x: Tensor, ptr: Tensor, index: Optional[Tensor] = None) -> Tenso
         index = _rows_of(ptr, x.size(0))
     out = x.new_zeros((ptr.numel() - 1,) + tuple(x.shape[1:]))
     # 2-D views: torch's CPU index_add_ is much slower on higher-dimensional tensors
-    out.view(out.size(0), -1).index_add_(0, index, x.reshape(x.size(0), -1))
+    width = x.shape[1:].numel()
+    out.view(out.size(0), width).index_add_(0, index, x.reshape(x.size(0), width))
     return out
 
 
