@@ -107,7 +107,7 @@ class TilePlan:
                  "tile_q", "tile_k", "mask_index", "masks", "tile_edge_count", "residual",
                  "residual_edges", "graph", "order", "src_order", "source", "_edge_perm",
                  "segments", "segments_per_block", "_tile_edges", "_run_masks",
-                 "_additive_masks")
+                 "_additive_masks", "_empty_rows")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -436,18 +436,32 @@ def _additive_masks(plan: TilePlan, dtype: torch.dtype) -> List[Optional[Tensor]
     return plan._additive_masks[dtype]
 
 
+def _empty_rows(plan: TilePlan) -> List[Optional[Tensor]]:
+    """Per run group, bool ``[n, bq]``: True where a run's row holds no edge (None where
+    every row holds one). Built on first use, kept with the plan."""
+    if plan._empty_rows is None:
+        plan._empty_rows = []
+        for off in _run_masks(plan):
+            empty = None if off is None else off.all(-1)
+            plan._empty_rows.append(empty if empty is not None and bool(empty.any())
+                                    else None)
+    return plan._empty_rows
+
+
 def _chunks(plan: TilePlan, heads: int, flash: Optional[torch.dtype] = None):
-    """``(blocks [n], tiles [n, L], rank [n], off [n, bq, L*bk] or None)`` pieces of the
-    plan's runs, each within ``MAX_TILE_ELEMENTS`` score elements (``heads`` of them per
-    cell: the flash kernel stores no scores, only its mask, so ``heads`` is the mask's).
-    ``off`` is True where a cell is not an edge, or with ``flash`` (a dtype) the additive
-    mask of :func:`_additive_masks`."""
+    """``(blocks [n], tiles [n, L], rank [n], off [n, bq, L*bk] or None, empty [n, bq] or
+    None)`` pieces of the plan's runs, each within ``MAX_TILE_ELEMENTS`` score elements
+    (``heads`` of them per cell: the flash kernel stores no scores, only its mask, so
+    ``heads`` is the mask's). ``off`` is True where a cell is not an edge, or with
+    ``flash`` (a dtype) the additive mask of :func:`_additive_masks`; ``empty``: the rows
+    without an edge (:func:`_empty_rows`)."""
     masks = _run_masks(plan) if flash is None else _additive_masks(plan, flash)
-    for (L, blocks, tiles, rank), off in zip(plan.segments, masks):
+    for (L, blocks, tiles, rank), off, empty in zip(plan.segments, masks, _empty_rows(plan)):
         per = max(1, MAX_TILE_ELEMENTS // (heads * plan.block_q * L * plan.block_k))
         for i in range(0, blocks.numel(), per):
             yield (blocks[i:i + per], tiles[i:i + per], rank[i:i + per],
-                   None if off is None else off[i:i + per])
+                   None if off is None else off[i:i + per],
+                   None if empty is None else empty[i:i + per])
 
 
 def _add_rows(dst: Tensor, index: Tensor, src: Tensor) -> None:
@@ -455,6 +469,21 @@ def _add_rows(dst: Tensor, index: Tensor, src: Tensor) -> None:
     CPU ``index_add_`` is far slower on a many-dimensional destination)."""
     for h in range(dst.size(0)):
         dst[h].view(dst.size(1), -1).index_add_(0, index, src[h].reshape(index.numel(), -1))
+
+
+def _block_rows(blocks: Tensor):
+    """Query blocks ``blocks`` as a ``slice`` where they are consecutive (read in place by
+    :func:`_pick`), else the index itself."""
+    b0, n = int(blocks[0]), blocks.numel()
+    if n == 1 or bool((blocks.diff() == 1).all()):
+        return slice(b0, b0 + n)
+    return blocks
+
+
+def _pick(x: Tensor, rows) -> Tensor:
+    """``x[:, rows]`` of ``x [Hkv, nB, ...]`` (``rows`` from :func:`_block_rows`): a view of
+    a slice, else gathered by :func:`_take_blocks`."""
+    return x[:, rows] if isinstance(rows, slice) else _take_blocks(x, rows)
 
 
 def _take_blocks(x: Tensor, index: Tensor) -> Tensor:
@@ -515,8 +544,9 @@ class _Tiles:
         if bias is not None:
             self.edge_ptr, self.edges, self.cell = plan.tile_edges()
 
-    def gather(self, blocks: Tensor, tiles: Tensor):
-        """``(q [Hkv, n, G*bq, D], key block ids [n * L], k [Hkv, n, L*bk, D], v)``.
+    def gather(self, rows, tiles: Tensor):
+        """``(q [Hkv, n, G*bq, D], key block ids [n * L], k [Hkv, n, L*bk, D], v)`` of query
+        blocks ``rows`` (:func:`_block_rows`).
 
         Runs of consecutive key blocks whose starts step evenly (a window's runs) are read
         in place through strided views; others are gathered."""
@@ -529,12 +559,7 @@ class _Tiles:
                       for x in (self.kh, self.vh))
         else:
             kg, vg = (_run_view(x, int(kblocks[0, 0]), step, n, L) for x in (self.kh, self.vh))
-        b0 = int(blocks[0])
-        if n == 1 or bool((blocks.diff() == 1).all()):
-            qg = self.qh[:, b0:b0 + n]
-        else:
-            qg = self.qh.index_select(1, blocks)
-        return qg, kidx, kg, vg
+        return _pick(self.qh, rows), kidx, kg, vg
 
     def _edge_cells(self, tiles: Tensor) -> Tuple[Tensor, Tensor]:
         """The tile edges of a run chunk and their cells in ``[n, bq, L * bk]``."""
@@ -611,18 +636,20 @@ class _Tiles:
         dbias[edges] = g.view(g.size(0), -1, dbias.size(1)).sum(1)
 
 
-def _flash_run(ops, tiles: _Tiles, qg, kg, vg, run, off) -> Tuple[Tensor, Tensor]:
+def _flash_run(ops, tiles: _Tiles, qg, kg, vg, run, off, empty) -> Tuple[Tensor, Tensor]:
     """One run chunk on ATen's CPU flash kernel -> ``(o [Hkv, n, G*bq, Dv], lse [Hkv, n,
-    G*bq])``; a row without an edge on these tiles gets ``lse = -inf`` (and ``o = 0``)."""
+    G*bq])``; a row without an edge on these tiles (``empty``; with a bias, also a row whose
+    every bias is -inf) gets ``lse = -inf`` (and ``o = 0``)."""
     mask = tiles.additive(run, off)
     o, l = ops[0](qg.transpose(0, 1), kg.transpose(0, 1), vg.transpose(0, 1),
                   attn_mask=mask, scale=1.0)
     o, l = o.transpose(0, 1), l.transpose(0, 1)
-    if mask is None:
-        return o, l
     # the kernel gives a row whose every score is -inf output 0 but lse 0
-    empty = torch.isneginf(mask).all(-1).transpose(0, 1)          # [Hkv | 1, n, G*bq]
-    if bool(empty.any()):
+    if tiles.bias is not None:
+        empty = torch.isneginf(mask).all(-1).transpose(0, 1)         # [Hkv, n, G*bq]
+    elif empty is not None:
+        empty = empty.repeat(1, tiles.H // tiles.H_kv).unsqueeze(0)  # [1, n, G*bq]
+    if empty is not None and bool(empty.any()):
         l = l.masked_fill(empty, float("-inf"))
     return o, l
 
@@ -635,10 +662,10 @@ def _forward(tiles: _Tiles, dv: int) -> Tuple[Tensor, Tensor]:
     lse = qh.new_full(qh.shape[:3], float("-inf"))
     ops = _flash_ops(qh, tiles.vh)
     flash = None if ops is None else qh.dtype
-    for blocks, run, rank, off in _chunks(plan, tiles.mask_heads(ops), flash):
-        qg, kidx, kg, vg = tiles.gather(blocks, run)
+    for blocks, run, rank, off, empty in _chunks(plan, tiles.mask_heads(ops), flash):
+        qg, kidx, kg, vg = tiles.gather(_block_rows(blocks), run)
         if ops is not None:
-            o, l = _flash_run(ops, tiles, qg, kg, vg, run, off)
+            o, l = _flash_run(ops, tiles, qg, kg, vg, run, off, empty)
         else:
             s = tiles.scores(qg, kg, run, off)
             m = s.amax(-1)
@@ -682,13 +709,14 @@ def _backward(tiles: _Tiles, out: Tensor, lse: Tensor, dout: Tensor, dlse: Optio
     if dlse is not None:
         delta = delta - dlse
     dbias = tiles.bias.new_zeros(tiles.bias.shape) if bias_grad else None
-    for blocks, run, rank, off in _chunks(plan, tiles.H):
-        qg, kidx, kg, vg = tiles.gather(blocks, run)
-        p = tiles.scores(qg, kg, run, off).sub_(lse.index_select(1, blocks).unsqueeze(-1)).exp_()
-        dog = dout.index_select(1, blocks)                             # [Hkv, n, G*bq, Dv]
+    for blocks, run, rank, off, _ in _chunks(plan, tiles.H):
+        rows = _block_rows(blocks)
+        qg, kidx, kg, vg = tiles.gather(rows, run)
+        p = tiles.scores(qg, kg, run, off).sub_(_pick(lse, rows).unsqueeze(-1)).exp_()
+        dog = _pick(dout, rows)                                        # [Hkv, n, G*bq, Dv]
         _add_rows(dvh, kidx, _bmm(p.transpose(-1, -2), dog))
         ds = _bmm(dog, vg.transpose(-1, -2))
-        ds.sub_(delta.index_select(1, blocks).unsqueeze(-1)).mul_(p)
+        ds.sub_(_pick(delta, rows).unsqueeze(-1)).mul_(p)
         del p
         if dbias is not None:
             tiles.bias_grad(ds, run, dbias)
@@ -706,15 +734,16 @@ def _flash_backward(ops, tiles: _Tiles, out, lse, dout, dlse, dqh, dkh, dvh) -> 
     def column(x, fill):                               # [Hkv, n, rows, C] -> C + 1
         return torch.cat([x, x.new_full(x.shape[:-1] + (1,), fill)], -1)
 
-    for blocks, run, rank, off in _chunks(tiles.plan, tiles.mask_heads(ops), out.dtype):
-        qg, kidx, kg, vg = tiles.gather(blocks, run)
-        o, do = out.index_select(1, blocks), dout.index_select(1, blocks)
+    for blocks, run, rank, off, _ in _chunks(tiles.plan, tiles.mask_heads(ops), out.dtype):
+        rows = _block_rows(blocks)
+        qg, kidx, kg, vg = tiles.gather(rows, run)
+        o, do = _pick(out, rows), _pick(dout, rows)
         if dlse is not None:
             qg, kg, vg, o = column(qg, 0.0), column(kg, 0.0), column(vg, 1.0), column(o, 0.0)
-            do = torch.cat([do, dlse.index_select(1, blocks).unsqueeze(-1)], -1)
+            do = torch.cat([do, _pick(dlse, rows).unsqueeze(-1)], -1)
         dq, dk, dv = ops[1](do.transpose(0, 1), qg.transpose(0, 1), kg.transpose(0, 1),
                             vg.transpose(0, 1), o.transpose(0, 1),
-                            lse.index_select(1, blocks).transpose(0, 1), 0.0, False,
+                            _pick(lse, rows).transpose(0, 1), 0.0, False,
                             attn_mask=tiles.additive(run, off), scale=1.0)
         D, Dv = dqh.size(-1), dvh.size(-1)
         _add_rows(dqh, blocks, dq[..., :D].transpose(0, 1))

@@ -146,8 +146,8 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
 attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
          const float* __restrict__ bias, int bias_cols, const long long* __restrict__ items,
          long long n_items, const int* __restrict__ col, const int* __restrict__ rule,
-         T* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_ml, float* __restrict__ part_acc,
-         int H, int G, int D, int Dv, float scale) {
+         T* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_ml,
+         float* __restrict__ part_acc, int H, int G, int D, int Dv, float scale) {
   const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
   AG_ITEM_LOOP(n_items) {
     const Item item = load_item(items, it);
@@ -207,9 +207,9 @@ template <class T, int LPE, int GQ>
 __global__ void __launch_bounds__(kWarps * 32, 4)
 attn_fwd_vec(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
              const float* __restrict__ bias, int bias_cols, const long long* __restrict__ items,
-             long long n_items, const int* __restrict__ col,
-             const int* __restrict__ rule, T* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_ml, float* __restrict__ part_acc,
-             int H, int G, int D, int Dv, float scale) {
+             long long n_items, const int* __restrict__ col, const int* __restrict__ rule,
+             T* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_ml,
+             float* __restrict__ part_acc, int H, int G, int D, int Dv, float scale) {
   constexpr int VEC = ag::VecTraits<T>::kN, S = ag::kWarpSize / LPE;
   const int h0 = blockIdx.y * GQ, hk = h0 / G, Hk = H / G;
   AG_ITEM_LOOP(n_items) {

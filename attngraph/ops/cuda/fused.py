@@ -215,10 +215,7 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
     _expect("dout", dout, (R, H, Dv), q.dtype, dev)
     _expect("lse", lse, (R, H), torch.float32, dev)
     bias, bc = _bias_arg(bias, a.num_edges, H, dev)
-    delta = (dout.float() * out.float()).sum(-1)                       # [R, H]
-    if dlse is not None:
-        delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse.float())
-    delta = delta.contiguous()
+    delta = _delta(out, dout, lse, dlse)
     _check_items(p.cols, a.num_src, dev)
     # every (edge, head) is written by the dQ kernel (each edge lies in exactly one item)
     ds = (torch.empty(a.num_edges, H, dtype=torch.float32, device=dev)
@@ -229,6 +226,15 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
     if ds is not None:   # head h = b * bc + c reads column c: sum over the b copies
         dbias = ds.view(a.num_edges, H // bc, bc).sum(1)
     return dq, dk, dv, dbias
+
+
+def _delta(out: Tensor, dout: Tensor, lse: Tensor, dlse: Optional[Tensor]) -> Tensor:
+    """``delta [R, H]`` float32 of the backward: ``rowsum(dout * out)``, less ``dlse``
+    (where the row has edges)."""
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse.float())
+    return delta.contiguous()
 
 
 def _backward_kernels(q, k, v, dout) -> Tuple[str, str, int]:
@@ -510,10 +516,7 @@ class _ImplicitFused(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
-        delta = (dout.float() * out.float()).sum(-1)                       # [R, H]
-        if dlse is not None:
-            delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse.float())
-        delta = delta.contiguous()
+        delta = _delta(out, dout, lse, dlse)
         dq = torch.empty_like(q)
         for r0, r1, ri in _rule_chunks(ctx.graph):              # dQ from the rule
             dq[r0:r1] = _backward_dq(q[r0:r1], k, v, dout[r0:r1], lse[r0:r1],
