@@ -972,3 +972,6 @@ inline void ag_store(T* p, T v, emu::Loc loc = emu::Loc::current()) {
   emu::touch(p, sizeof(T), 1, loc);
   *p = v;
 }
+
+// Half and bfloat16 intrinsics that the CUDA headers declare for device code only.
+#include "attngraph_emu_fp16.h"

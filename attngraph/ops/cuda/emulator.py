@@ -205,6 +205,11 @@ def _local_includes(code: str, flags: Sequence[str]) -> List[str]:
     return texts
 
 
+def _emulator_headers() -> List[str]:
+    """Text of the emulator's own headers (for the cache key)."""
+    return [p.read_text() for p in sorted(HEADER.parent.glob("attngraph_emu*.h"))]
+
+
 def _include_has_cuda_fp16(flags: Sequence[str]) -> bool:
     return any(f.startswith("-I") and Path(f[2:], "cuda_fp16.h").is_file() for f in flags)
 
@@ -244,7 +249,7 @@ def build(code: str, options: Sequence[str], name_expressions: Sequence[str],
     text = ("#define ATTNGRAPH_EMULATE 1\n#include \"attngraph_emu.h\"\n"
             f"#line 1 \"{name}\"\n" + _rewrite_extern_shared(code) + _wrappers(name_expressions))
     key = hashlib.sha256("\0".join(
-        [text, HEADER.read_text(), _compiler_id(cxx), *cmd_flags, *flags,
+        [text, *_emulator_headers(), _compiler_id(cxx), *cmd_flags, *flags,
          *_local_includes(code, flags)]).encode()).hexdigest()[:24]
     out_dir = _cache_dir()
     lib = out_dir / f"{Path(name).stem}-{key}.so"
