@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <numeric>
 #include <source_location>
 #include <string>
 #include <thread>
@@ -35,6 +36,7 @@
 #include <utility>
 #include <vector>
 
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -81,6 +83,26 @@ constexpr int kWarp = 32;
 using Loc = std::source_location;
 
 enum class State : uint8_t { Runnable, AtBarrier, AtWarp, Exited };
+
+// Sanitizer tools, as bits of LaunchConfig::checks (emulator.py's CHECK_TOOLS, same order).
+enum Tool : uint32_t { kMemcheck = 1, kRacecheck = 2, kInitcheck = 4, kSynccheck = 8 };
+enum class Schedule : uint32_t { Forward, Reverse, Random };
+
+// Per-launch settings from Python (keep in step with emulator.py's _LaunchConfig).
+struct LaunchConfig {
+  uint32_t checks;            // Tool bits
+  uint32_t schedule;          // Schedule
+  uint64_t seed;              // for Schedule::Random
+  uint64_t max_dynamic_smem;  // the kernel's max_dynamic_shared_size_bytes (0: not raised)
+  uint64_t smem_limit;        // the architecture's shared memory per block (opt-in maximum)
+  uint32_t regs;              // registers per thread (0: unknown)
+  uint32_t nranges;           // [begin, end) byte ranges of the buffers passed, for memcheck
+  const uint64_t* ranges;
+};
+
+constexpr uint64_t kDefaultSmem = 48 * 1024;   // per block without the opt-in attribute
+constexpr size_t kRedzone = 64;                // poisoned bytes around each shared array
+constexpr size_t kMaxStaticSlots = 64;
 enum class WarpOp : uint8_t { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, Match };
 
 const char* op_name(WarpOp op) {
@@ -147,6 +169,31 @@ struct Fiber {
   uint64_t val = 0, res = 0;
   // counting: per access site, how often this lane reached it
   std::unordered_map<SiteKey, uint32_t, SiteHash> visits;
+  // racecheck: the lanes' clocks this thread has seen (its own at vc[lane]); synccheck:
+  // barriers passed
+  uint32_t vc[32] = {};
+  uint32_t barriers = 0;
+};
+
+// One shared-memory access, as racecheck remembers it.
+struct Access {
+  uint32_t epoch = 0;   // barrier interval (0: none)
+  uint32_t clock = 0;   // the thread's own clock at the access
+  uint16_t tid = 0, warp = 0;
+  uintptr_t pc = 0;
+};
+
+enum ShadowState : uint8_t { kUnwritten = 0, kWritten = 1, kRedzoneByte = 2 };
+
+struct Shadow {         // per byte of the shared-memory arena
+  Access w, r1, r2;     // last write; last read; last read from another warp than r1's
+  uint8_t state = kRedzoneByte;
+};
+
+struct StaticSlot {     // one static __shared__ array of the running block
+  int id;
+  size_t size, offset;
+  const char* name;
 };
 
 struct Group {  // one warp-level memory request
@@ -184,6 +231,19 @@ struct Worker {
   size_t dyn_smem_size = 0;
   bool failed = false;
   std::string error;
+  uint32_t error_tool = 0;   // the Tool that found the error (0: an emulator error)
+  // shared memory: one arena per worker, [redzone][dynamic][redzone] then static arrays,
+  // each followed by a redzone; refilled for every block (nothing carries over)
+  const LaunchConfig* cfg = nullptr;
+  std::vector<char> arena;
+  size_t arena_used = 0, static_bytes = 0;
+  std::vector<StaticSlot> slots;
+  std::vector<Shadow> shadow;   // sized like the arena when a check needs it
+  uint32_t epoch = 1;           // barrier intervals of the running block
+  std::vector<Loc> barrier_sites;
+  bool checked = false;         // racecheck / initcheck / memcheck on shared memory
+  // schedule
+  uint64_t rng = 0;
   // counting
   bool counting = false;
   uint64_t counters[kNumCounters] = {};
@@ -326,11 +386,56 @@ inline std::string block_name(const Worker* w) {
   std::abort();
 }
 
+inline bool checking(uint32_t tool) { return tw && tw->cfg && (tw->cfg->checks & tool); }
+
+// A sanitizer finding: stops the block like fail(), marked with the tool that found it.
+[[noreturn]] inline void report(uint32_t tool, const std::string& msg) {
+  if (!tw->failed) tw->error_tool = tool;
+  fail(msg);
+}
+
+// An error that `tool` classifies: its finding when the tool is on, else an emulator error.
+[[noreturn]] inline void fail_as(uint32_t tool, const std::string& msg) {
+  if (checking(tool)) report(tool, msg);
+  fail(msg);
+}
+
+// An error found by the scheduler (no fiber running).
+inline void block_error(Worker* w, uint32_t tool, const std::string& msg) {
+  if (w->failed) return;
+  w->failed = true;
+  w->error = msg;
+  w->error_tool = tool;
+}
+
+// A code address inside this module, as a token Python resolves to a source line.
+inline std::string pc_token(uintptr_t pc) {
+  static const uintptr_t base = [] {
+    Dl_info info{};
+    dladdr(reinterpret_cast<void*>(&attngraph_emu_fiber_main), &info);
+    return reinterpret_cast<uintptr_t>(info.dli_fbase);
+  }();
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "{pc:0x%lx}", static_cast<unsigned long>(pc - base - 1));
+  return buf;
+}
+
+inline std::string thread_of(const Worker* w, unsigned tid) {
+  const Fiber& f = w->fibers[tid];
+  return thread_name(f);
+}
+
+inline bool same_site(const Loc& a, const Loc& b) {
+  return a.line() == b.line() && a.column() == b.column() &&
+         std::strcmp(a.file_name(), b.file_name()) == 0;
+}
+
 // ------------------------------------------------------------------ barriers
 inline void release_barrier(Worker* w) {
   for (auto& g : w->fibers)
     if (g.st == State::AtBarrier) g.st = State::Runnable;
   w->at_barrier = 0;
+  ++w->epoch;   // every access before the barrier is ordered before every access after it
 }
 
 // All live threads wait at a barrier: release them if it is one barrier; threads at
@@ -342,10 +447,8 @@ inline void check_barrier(Worker* w) {
     if (g.st != State::AtBarrier) continue;
     if (!first) {
       first = &g;
-    } else if (g.site.line() != first->site.line() ||
-               std::strcmp(g.site.file_name(), first->site.file_name()) != 0 ||
-               g.site.column() != first->site.column()) {
-      fail("deadlock in " + block_name(w) + ": " + thread_name(*first) +
+    } else if (!same_site(g.site, first->site)) {
+      fail_as(kSynccheck, "deadlock in " + block_name(w) + ": " + thread_name(*first) +
            " waits at __syncthreads() at " + where(first->site) + " but " + thread_name(g) +
            " waits at __syncthreads() at " + where(g.site));
     }
@@ -357,6 +460,8 @@ inline void syncthreads(Loc loc) {
   Worker* w = tw;
   Fiber* f = tf;
   w->counters[kBarriers] += (f->tid == 0);
+  if (f->barriers >= w->barrier_sites.size()) w->barrier_sites.push_back(loc);
+  ++f->barriers;
   f->st = State::AtBarrier;
   f->site = loc;
   ++w->at_barrier;
@@ -405,11 +510,12 @@ inline void complete_collective(Worker* w, Fiber* me) {
   for (unsigned l = 0; l < kWarp; ++l) {
     if (!(mask >> l & 1u)) continue;
     Fiber& g = lane_fiber(w, warp, l);
-    if (g.op != me->op || g.mask != mask)
-      fail("in " + block_name(w) + ", " + thread_name(*me) + " calls " + op_name(me->op) +
+    if (g.op != me->op || g.mask != mask || (checking(kSynccheck) && !same_site(g.site, me->site)))
+      fail_as(kSynccheck, "in " + block_name(w) + ", " + thread_name(*me) + " calls " + op_name(me->op) +
            "(mask 0x" + [&] { char b[16]; std::snprintf(b, 16, "%08x", mask); return std::string(b); }() +
            ") at " + where(me->site) + " while " + thread_name(g) + " calls " +
-           op_name(g.op) + " at " + where(g.site) + " with another mask or operation");
+           op_name(g.op) + " at " + where(g.site) +
+           (g.op == me->op && g.mask == mask ? " (another call site)" : " with another mask or operation"));
     if (g.val) ballot |= 1u << l;
   }
   for (unsigned l = 0; l < kWarp; ++l) {
@@ -430,7 +536,7 @@ inline void complete_collective(Worker* w, Fiber* me) {
       default: {
         int s = source_lane(g, static_cast<int>(l));
         if (!(mask >> s & 1u))
-          fail("in " + block_name(w) + ", " + thread_name(g) + " reads lane " +
+          fail_as(kSynccheck, "in " + block_name(w) + ", " + thread_name(g) + " reads lane " +
                std::to_string(s) + " with " + op_name(g.op) + " at " + where(g.site) +
                ", but that lane is not in the mask (its value is undefined on hardware)");
         g.res = lane_fiber(w, warp, static_cast<unsigned>(s)).val;
@@ -438,16 +544,28 @@ inline void complete_collective(Worker* w, Fiber* me) {
     }
     g.st = State::Runnable;
   }
+  if (w->checked && checking(kRacecheck)) {   // the lanes of the mask now know each other
+    uint32_t join[kWarp] = {};
+    for (unsigned l = 0; l < kWarp; ++l)
+      if (mask >> l & 1u)
+        for (unsigned k = 0; k < kWarp; ++k) join[k] = std::max(join[k], lane_fiber(w, warp, l).vc[k]);
+    for (unsigned l = 0; l < kWarp; ++l)
+      if (mask >> l & 1u) {
+        Fiber& g = lane_fiber(w, warp, l);
+        std::memcpy(g.vc, join, sizeof join);
+        ++g.vc[l];
+      }
+  }
 }
 
 inline uint64_t collective(WarpOp op, unsigned mask, uint64_t val, int arg, int width, Loc loc) {
   Worker* w = tw;
   Fiber* f = tf;
   if (!(mask >> f->lane & 1u))
-    fail(thread_name(*f) + " in " + block_name(w) + " calls " + op_name(op) + " at " +
+    fail_as(kSynccheck, thread_name(*f) + " in " + block_name(w) + " calls " + op_name(op) + " at " +
          where(loc) + " with a mask that does not include its own lane");
   if (mask & ~warp_lanes(w, f->warp))
-    fail(thread_name(*f) + " in " + block_name(w) + " calls " + op_name(op) + " at " +
+    fail_as(kSynccheck, thread_name(*f) + " in " + block_name(w) + " calls " + op_name(op) + " at " +
          where(loc) + " with a mask naming lanes past the end of the block");
   if (width <= 0 || width > kWarp || (width & (width - 1)))
     fail(std::string(op_name(op)) + " at " + where(loc) + ": width must be a power of 2 <= 32");
@@ -519,6 +637,243 @@ inline void flush_groups(Worker* w) {
   // the busiest warp of the launch: how evenly the work was spread
   for (uint64_t n : warp_loads)
     w->counters[kMaxWarpLoadRequests] = std::max(w->counters[kMaxWarpLoadRequests], n);
+}
+
+
+// ------------------------------------------------------------------ schedules
+inline uint64_t next_random(Worker* w) {   // xorshift64*
+  uint64_t x = w->rng;
+  x ^= x >> 12;
+  x ^= x << 25;
+  x ^= x >> 27;
+  w->rng = x;
+  return x * 0x2545F4914F6CDD1Dull;
+}
+
+inline uint64_t mix64(uint64_t z) {   // splitmix64's finaliser
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// Schedule::Random: after a memory access, now and then let another thread of the block run,
+// so the interleavings inside a warp that a GPU may choose happen here too.
+inline void maybe_switch(Worker* w) {
+  if (w->cfg->schedule == uint32_t(Schedule::Random) && tf && (next_random(w) & 3) == 0) yield();
+}
+
+// ------------------------------------------------------------------ shared memory
+inline size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+// Under AddressSanitizer the arena's redzones are poisoned, so an overflow of a shared array
+// is a report there too.
+inline void asan_poison(Worker* w, size_t begin, size_t end, bool poison) {
+#ifdef ATTNGRAPH_EMU_ASAN
+  if (end <= begin) return;
+  if (poison) ASAN_POISON_MEMORY_REGION(w->arena.data() + begin, end - begin);
+  else ASAN_UNPOISON_MEMORY_REGION(w->arena.data() + begin, end - begin);
+#else
+  (void)w; (void)begin; (void)end; (void)poison;
+#endif
+}
+
+inline void mark(Worker* w, size_t begin, size_t end, uint8_t state) {
+  if (w->shadow.empty()) return;
+  for (size_t i = begin; i < end; ++i) w->shadow[i] = Shadow{Access{}, Access{}, Access{}, state};
+}
+
+// A new block: dynamic shared memory at the start of the arena, static arrays allocated as
+// their declarations run; everything poisoned (0xff: NaN for floats, -1 for integers).
+inline void reset_shared(Worker* w) {
+  const size_t dyn_end = kRedzone + round_up(w->dyn_smem_size, 16);
+  w->slots.clear();
+  w->static_bytes = 0;
+  w->arena_used = dyn_end + kRedzone;
+  w->dyn_smem = w->dyn_smem_size ? w->arena.data() + kRedzone : nullptr;
+  asan_poison(w, 0, w->arena.size(), false);
+  std::memset(w->arena.data(), 0xff, w->arena_used);
+  asan_poison(w, 0, kRedzone, true);
+  asan_poison(w, kRedzone + w->dyn_smem_size, w->arena.size(), true);
+  if (!w->shadow.empty()) {
+    mark(w, 0, w->arena_used, kRedzoneByte);
+    mark(w, kRedzone, kRedzone + w->dyn_smem_size, kUnwritten);
+  }
+}
+
+__attribute__((noinline)) inline char* allocate_static(Worker* w, int id, size_t size, size_t align,
+                                                       const char* name) {
+  const uint64_t limit = w->cfg->max_dynamic_smem ? w->cfg->smem_limit : kDefaultSmem;
+  const size_t offset = round_up(w->arena_used, std::max<size_t>(align, 16));
+  if (w->static_bytes + size > kDefaultSmem || w->static_bytes + size + w->dyn_smem_size > limit ||
+      w->slots.size() >= kMaxStaticSlots || offset + size + kRedzone > w->arena.size())
+    fail("too much shared memory for one block: static " + std::to_string(w->static_bytes + size) +
+         " bytes (with __shared__ `" + name + "`) + dynamic " + std::to_string(w->dyn_smem_size) +
+         " bytes > " + std::to_string(limit) + " (static shared memory is at most 49152 bytes; " +
+         "static + dynamic at most 49152 without the max_dynamic_shared_size_bytes attribute, " +
+         "else the architecture's limit " + std::to_string(w->cfg->smem_limit) + ")");
+  w->slots.push_back(StaticSlot{id, size, offset, name});
+  w->static_bytes += size;
+  asan_poison(w, offset, offset + size, false);
+  std::memset(w->arena.data() + offset, 0xff, size);
+  mark(w, w->arena_used, offset + size + kRedzone, kRedzoneByte);
+  mark(w, offset, offset + size, kUnwritten);
+  w->arena_used = offset + size + kRedzone;
+  return w->arena.data() + offset;
+}
+
+// A static `__shared__ T name;` of the running block (the builder rewrites declarations to
+// this): every thread of the block gets the same object, a new block a new, poisoned one.
+template <class T>
+inline T& static_shared(int id, const char* name, size_t align = alignof(T)) {
+  Worker* w = tw;
+  for (const StaticSlot& s : w->slots)
+    if (s.id == id && s.size == sizeof(T)) return *reinterpret_cast<T*>(w->arena.data() + s.offset);
+  return *reinterpret_cast<T*>(allocate_static(w, id, sizeof(T), std::max(align, alignof(T)), name));
+}
+
+inline void* dynamic_shared() { return tw->dyn_smem; }
+
+inline std::string hex(uint64_t v) {
+  char b[24];
+  std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
+  return b;
+}
+
+// Where byte `off` of the arena lies, in the kernel's terms.
+inline std::string shared_where(const Worker* w, size_t off) {
+  const size_t dyn = kRedzone, dyn_end = kRedzone + w->dyn_smem_size;
+  if (off >= dyn && off < dyn_end)
+    return "dynamic shared memory, byte " + std::to_string(off - dyn) + " of " +
+           std::to_string(w->dyn_smem_size);
+  for (const StaticSlot& s : w->slots)
+    if (off >= s.offset && off < s.offset + s.size)
+      return "__shared__ `" + std::string(s.name) + "`, byte " + std::to_string(off - s.offset) +
+             " of " + std::to_string(s.size);
+  // a redzone: name the array it follows or precedes
+  const StaticSlot* before = nullptr;
+  for (const StaticSlot& s : w->slots)
+    if (s.offset + s.size <= off && (!before || s.offset > before->offset)) before = &s;
+  if (before)
+    return std::to_string(off - before->offset - before->size) + " bytes past the end of __shared__ `" +
+           before->name + "` (" + std::to_string(before->size) + " bytes)";
+  if (off >= dyn_end)
+    return std::to_string(off - dyn_end) + " bytes past the end of the dynamic shared memory (" +
+           std::to_string(w->dyn_smem_size) + " bytes given at launch)";
+  return std::to_string(dyn - off) + " bytes before the start of shared memory";
+}
+
+enum AccessKind { kRead = 0, kWrite = 1, kAtomic = 2 };
+
+inline const char* verb(int kind) { return kind == kRead ? "reads" : kind == kWrite ? "writes" : "updates atomically"; }
+
+inline std::string hazard(Worker* w, const char* what, size_t off, const Fiber* f, int kind,
+                          uintptr_t pc, const Access& other, const char* other_verb) {
+  const bool same_warp = other.warp == f->warp;
+  return std::string(what) + " hazard on " + shared_where(w, off) + " (shared offset " +
+         hex(off - kRedzone) + ") in " + block_name(w) + ": " + thread_name(*f) + " " + verb(kind) +
+         " it at " + pc_token(pc) + ", " + thread_of(w, other.tid) + " " + other_verb + " it at " +
+         pc_token(other.pc) +
+         (same_warp ? ", with no __syncwarp() or warp collective between them (the lanes of a "
+                      "warp are not in lockstep)"
+                    : ", with no __syncthreads() between them");
+}
+
+// One access of `n` bytes at arena offset `off` by the running thread.
+__attribute__((no_sanitize_address)) inline void shared_access(Worker* w, size_t off, size_t n,
+                                                               int kind, uintptr_t pc,
+                                                               const Loc* loc = nullptr) {
+  auto at = [&] { return loc ? where(*loc) : pc_token(pc); };
+  Fiber* f = tf;
+  const uint32_t checks = w->cfg->checks;
+  const Access cur{w->epoch, f->vc[f->lane], static_cast<uint16_t>(f->tid),
+                   static_cast<uint16_t>(f->warp), pc};
+  auto ordered = [&](const Access& r) {
+    return r.epoch < w->epoch || r.tid == f->tid ||
+           (r.warp == f->warp && r.clock <= f->vc[r.tid % kWarp]);
+  };
+  for (size_t i = off; i < off + n; ++i) {
+    Shadow& sh = w->shadow[i];
+    if (sh.state == kRedzoneByte) {
+      if (checks & kMemcheck)
+        report(kMemcheck, std::string("invalid shared memory access: ") + thread_name(*f) + " in " +
+                              block_name(w) + " " + verb(kind) + " " + std::to_string(n) +
+                              " bytes at " + at() + ", " + shared_where(w, i) +
+                              " (shared offset " + hex(i - kRedzone) + ")");
+      continue;
+    }
+    if (kind != kWrite && sh.state == kUnwritten && (checks & kInitcheck))
+      report(kInitcheck, std::string("uninitialized shared memory read: ") + thread_name(*f) +
+                             " in " + block_name(w) + " " + verb(kind) + " " + std::to_string(n) +
+                             " bytes at " + at() + " of " + shared_where(w, i) +
+                             " (shared offset " + hex(i - kRedzone) +
+                             "), which no thread of the block has written");
+    if (kind != kRead) sh.state = kWritten;
+    if (kind == kAtomic || !(checks & kRacecheck)) continue;
+    if (sh.w.epoch && !ordered(sh.w))
+      report(kRacecheck, hazard(w, kind == kRead ? "read-after-write" : "write-after-write", i, f,
+                                kind, pc, sh.w, "wrote"));
+    if (kind == kRead) {
+      if (sh.r1.epoch && sh.r1.warp != f->warp) sh.r2 = sh.r1;
+      sh.r1 = cur;
+      continue;
+    }
+    const Access& other_warp = sh.r1.warp != f->warp ? sh.r1 : sh.r2;
+    if (sh.r1.epoch && !ordered(sh.r1))
+      report(kRacecheck, hazard(w, "write-after-read", i, f, kind, pc, sh.r1, "read"));
+    if (other_warp.epoch && !ordered(other_warp))
+      report(kRacecheck, hazard(w, "write-after-read", i, f, kind, pc, other_warp, "read"));
+    sh.w = cur;
+    sh.r1 = sh.r2 = Access{};
+  }
+}
+
+// Every instrumented memory access of kernel code arrives here (checked builds only).
+__attribute__((no_sanitize_address)) inline void on_access(uintptr_t a, size_t n, int kind,
+                                                           uintptr_t pc) {
+  Worker* w = tw;
+  if (!w || !tf || !w->cfg) return;
+  const uintptr_t off = a - reinterpret_cast<uintptr_t>(w->arena.data());
+  if (off >= w->arena.size()) return;   // not shared memory
+  if (!w->shadow.empty()) shared_access(w, off, n, kind, pc);
+  maybe_switch(w);
+}
+
+// memcheck of a global access made through ag_load / ag_store / the atomics: it must lie in
+// one of the buffers passed to the kernel.
+inline void check_global(const void* p, size_t n, int kind, const Loc& loc) {
+  Worker* w = tw;
+  if (!w->cfg || !(w->cfg->checks & kMemcheck) || !w->cfg->nranges) return;
+  const uint64_t a = reinterpret_cast<uintptr_t>(p);
+  if (a - reinterpret_cast<uintptr_t>(w->arena.data()) < w->arena.size()) return;
+  const uint64_t* r = w->cfg->ranges;
+  uint64_t best_gap = ~0ull;
+  uint32_t best = 0;
+  for (uint32_t i = 0; i < w->cfg->nranges; ++i) {
+    if (a >= r[2 * i] && a + n <= r[2 * i + 1]) return;
+    const uint64_t gap = a >= r[2 * i + 1] ? a - r[2 * i + 1] : r[2 * i] - a;
+    if (gap < best_gap) best_gap = gap, best = i;
+  }
+  const bool past = a >= r[2 * best + 1];
+  report(kMemcheck, std::string("invalid global ") + (kind == kRead ? "read" : kind == kWrite ? "write" : "atomic") +
+                        " of " + std::to_string(n) + " bytes at " + hex(a) + " by " + thread_name(*tf) +
+                        " in " + block_name(w) + " at " + where(loc) +
+                        ": outside every buffer passed to the kernel (nearest: pointer argument " +
+                        std::to_string(best) + ", " +
+                        std::to_string(past ? a - r[2 * best + 1] : r[2 * best] - a) + " bytes " +
+                        (past ? "past its end" : "before its start") + ")");
+}
+
+// An atomic on shared memory: it reads and writes, but is no hazard.
+inline void atomic_access(const void* p, size_t n, const Loc& loc) {
+  Worker* w = tw;
+  if (!w || !w->cfg) return;
+  const uintptr_t off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(w->arena.data());
+  if (off >= w->arena.size()) {
+    check_global(p, n, kAtomic, loc);
+    return;
+  }
+  if (!w->shadow.empty()) shared_access(w, off, n, kAtomic, 0, &loc);
 }
 
 // ------------------------------------------------------------------ block execution
@@ -600,17 +955,30 @@ inline bool run_block(Worker* w, uint3 bidx) {
     f.st = State::Runnable;
     f.fake_stack = nullptr;
     f.visits.clear();
+    std::memset(f.vc, 0, sizeof f.vc);
+    f.vc[f.lane] = 1;
+    f.barriers = 0;
     init_fiber(w, f, i);
   }
   w->live = n;
   w->at_barrier = 0;
-  if (w->dyn_smem_size) std::memset(w->dyn_smem, 0xff, w->dyn_smem_size);  // not zeroed on hardware
+  w->epoch = 1;
+  w->barrier_sites.clear();
+  reset_shared(w);
+  const uint64_t linear = bidx.x + uint64_t(w->gdim.x) * (bidx.y + uint64_t(w->gdim.y) * bidx.z);
+  w->rng = mix64(w->cfg->seed ^ mix64(linear)) | 1;
+  const auto schedule = static_cast<Schedule>(w->cfg->schedule);
+  std::vector<unsigned> order(n);
+  for (unsigned i = 0; i < n; ++i) order[i] = schedule == Schedule::Reverse ? n - 1 - i : i;
   for (;;) {
     bool ran = false;
-    for (unsigned i = 0; i < n && !w->failed; ++i) {
-      if (w->fibers[i].st != State::Runnable) continue;
+    if (schedule == Schedule::Random)   // a new order between every two synchronisation points
+      for (unsigned i = n; i > 1; --i) std::swap(order[i - 1], order[next_random(w) % i]);
+    for (unsigned j = 0; j < n && !w->failed; ++j) {
+      Fiber* f = &w->fibers[order[j]];
+      if (f->st != State::Runnable) continue;
       ran = true;
-      resume(w, &w->fibers[i]);
+      resume(w, f);
     }
     if (w->failed) return false;
     if (w->live == 0) break;
@@ -637,9 +1005,27 @@ inline bool run_block(Worker* w, uint3 bidx) {
                " for the lanes of its mask (" + missing.substr(1) + ");";
       }
     }
-    w->failed = true;
-    w->error = msg;
+    block_error(w, (w->cfg->checks & kSynccheck) ? kSynccheck : 0, msg);
     return false;
+  }
+  if (w->cfg->checks & kSynccheck) {
+    // The CUDA Programming Guide allows __syncthreads() in conditional code only when the
+    // condition is the same for the whole block: a thread that left before a barrier the
+    // others passed broke that rule (hardware since Volta lets exited threads through, so the
+    // emulator does too when synccheck is off).
+    for (const Fiber& g : w->fibers) {
+      if (g.barriers >= w->barrier_sites.size()) continue;
+      const Fiber* passed = nullptr;
+      for (const Fiber& o : w->fibers)
+        if (o.barriers > g.barriers) { passed = &o; break; }
+      block_error(w, kSynccheck,
+                  "divergent barrier in " + block_name(w) + ": " + thread_name(g) +
+                      " exited without reaching __syncthreads() at " +
+                      where(w->barrier_sites[g.barriers]) + ", which " + thread_name(*passed) +
+                      " reached (a barrier in conditional code must be reached by every thread "
+                      "of the block)");
+      return false;
+    }
   }
   if (w->counting) flush_groups(w);
   return true;
@@ -676,30 +1062,50 @@ inline size_t env_size(const char* name, size_t fallback) {
   return static_cast<size_t>(std::strtoull(v, nullptr, 10));
 }
 
-constexpr size_t kMaxDynamicSmem = 227 * 1024;   // sm_90's per-block opt-in maximum
+inline std::string launch_refused(const std::string& what) {
+  return "invalid configuration argument (a GPU refuses this launch): " + what;
+}
 
-// Validates the configuration like cudaLaunchKernel, then runs every block.
+// Validates the configuration like cudaLaunchKernel on the architecture of `cfg`, then runs
+// every block. Returns 0, 1 (refused launch), 2 (error while running) or 0x100 | the Tool of
+// a sanitizer finding.
 inline int launch(const unsigned* grid, const unsigned* block, uint64_t smem, int workers,
-                  int counting, uint64_t* counters_out, LaunchError err, Body body,
-                  void* closure) {
+                  int counting, uint64_t* counters_out, LaunchError err, const LaunchConfig* cfg,
+                  Body body, void* closure) {
   const uint64_t nthreads = uint64_t(block[0]) * block[1] * block[2];
+  auto dims = [](const unsigned* d) {
+    return "(" + std::to_string(d[0]) + "," + std::to_string(d[1]) + "," + std::to_string(d[2]) + ")";
+  };
   if (!grid[0] || !grid[1] || !grid[2] || !block[0] || !block[1] || !block[2]) {
-    err.set("invalid configuration argument: a grid or block dimension is 0");
+    err.set(launch_refused("a grid or block dimension is 0: grid " + dims(grid) + ", block " + dims(block)));
     return 1;
   }
-  if (nthreads > 1024 || block[2] > 64) {
-    err.set("invalid configuration argument: a block has at most 1024 threads and block.z <= 64, got (" +
-            std::to_string(block[0]) + "," + std::to_string(block[1]) + "," +
-            std::to_string(block[2]) + ")");
+  if (nthreads > 1024 || block[0] > 1024 || block[1] > 1024 || block[2] > 64) {
+    err.set(launch_refused("a block has at most 1024 threads and dimensions <= (1024,1024,64), got " +
+                           dims(block) + " = " + std::to_string(nthreads) + " threads"));
     return 1;
   }
   if (grid[0] > 0x7fffffffu || grid[1] > 65535 || grid[2] > 65535) {
-    err.set("invalid configuration argument: grid.x <= 2^31-1, grid.y and grid.z <= 65535");
+    err.set(launch_refused("grid.x <= 2^31-1, grid.y and grid.z <= 65535, got " + dims(grid)));
     return 1;
   }
-  if (smem > kMaxDynamicSmem) {
-    err.set("too much dynamic shared memory: " + std::to_string(smem) + " bytes > " +
-            std::to_string(kMaxDynamicSmem));
+  const uint64_t smem_max = cfg->max_dynamic_smem ? std::min(cfg->max_dynamic_smem, cfg->smem_limit)
+                                                  : kDefaultSmem;
+  if (smem > smem_max) {
+    err.set(launch_refused(
+        "too much dynamic shared memory: " + std::to_string(smem) + " bytes > " +
+        std::to_string(smem_max) +
+        (cfg->max_dynamic_smem
+             ? " (the kernel's max_dynamic_shared_size_bytes, within the architecture's " +
+                   std::to_string(cfg->smem_limit) + ")"
+             : " (48 KiB without opt-in: set the kernel's max_dynamic_shared_size_bytes "
+               "attribute, at most " + std::to_string(cfg->smem_limit) + " on this architecture)")));
+    return 1;
+  }
+  if (cfg->regs && cfg->regs * nthreads > 65536) {
+    err.set(launch_refused("too many resources requested: " + std::to_string(cfg->regs) +
+                           " registers x " + std::to_string(nthreads) + " threads = " +
+                           std::to_string(cfg->regs * nthreads) + " > 65536 registers per block"));
     return 1;
   }
   const uint64_t nblocks = uint64_t(grid[0]) * grid[1] * grid[2];
@@ -710,6 +1116,16 @@ inline int launch(const unsigned* grid, const unsigned* block, uint64_t smem, in
   const size_t default_stack = 64 * 1024;
 #endif
   const size_t stack = (env_size("ATTNGRAPH_EMU_STACK_KB", default_stack / 1024) * 1024 + 4095) & ~size_t(4095);
+  const bool shared_checks = cfg->checks & (kMemcheck | kRacecheck | kInitcheck);
+  // blocks in the schedule's order: b -> (a * b + c) mod nblocks, a permutation when a and
+  // nblocks are coprime
+  const auto schedule = static_cast<Schedule>(cfg->schedule);
+  uint64_t perm_a = 1, perm_c = 0;
+  if (schedule == Schedule::Random && nblocks > 1) {
+    perm_a = mix64(cfg->seed) % nblocks | 1;
+    while (std::gcd(perm_a, nblocks) != 1) perm_a = (perm_a + 2) % nblocks | 1;
+    perm_c = mix64(cfg->seed + 1) % nblocks;
+  }
 
   std::atomic<uint64_t> next{0};
   std::atomic<bool> stop{false};
@@ -723,14 +1139,19 @@ inline int launch(const unsigned* grid, const unsigned* block, uint64_t smem, in
     w->body = body;
     w->closure = closure;
     w->counting = counting != 0;
+    w->cfg = cfg;
     w->fibers.resize(nthreads);
-    std::vector<char> dyn(smem ? smem : 0);
-    w->dyn_smem = dyn.empty() ? nullptr : dyn.data();
     w->dyn_smem_size = smem;
+    w->arena.assign(2 * kRedzone + round_up(smem, 16) + kDefaultSmem +
+                    kMaxStaticSlots * (kRedzone + 16), 0);
+    if (shared_checks) w->shadow.assign(w->arena.size(), Shadow{});
     ensure_stacks(w, nthreads);
     while (!w->failed && !stop.load(std::memory_order_relaxed)) {
       uint64_t b = next.fetch_add(1);
       if (b >= nblocks) break;
+      if (schedule == Schedule::Reverse) b = nblocks - 1 - b;
+      else if (schedule == Schedule::Random) b = static_cast<uint64_t>(
+          (static_cast<unsigned __int128>(perm_a) * b + perm_c) % nblocks);
       uint3 bi{static_cast<unsigned>(b % grid[0]), static_cast<unsigned>((b / grid[0]) % grid[1]),
                static_cast<unsigned>(b / (uint64_t(grid[0]) * grid[1]))};
       if (!run_block(w, bi)) stop = true;
@@ -739,6 +1160,9 @@ inline int launch(const unsigned* grid, const unsigned* block, uint64_t smem, in
       w->counters[kWarps] += (nthreads + kWarp - 1) / kWarp;
     }
     release_stacks(w);
+    asan_poison(w, 0, w->arena.size(), false);
+    std::vector<char>().swap(w->arena);
+    std::vector<Shadow>().swap(w->shadow);
     tw = nullptr;
   };
   std::vector<std::thread> threads;
@@ -750,7 +1174,7 @@ inline int launch(const unsigned* grid, const unsigned* block, uint64_t smem, in
   for (auto& w : ws) {
     if (w.failed) {
       err.set(w.error);
-      return 2;
+      return w.error_tool ? 0x100 | static_cast<int>(w.error_tool) : 2;
     }
     for (int c = 0; c < kNumCounters; ++c)
       counters_out[c] = c == kMaxWarpLoadRequests ? std::max(counters_out[c], w.counters[c])
@@ -782,9 +1206,9 @@ struct Call {
 template <class... A>
 inline int launch_kernel(void (*k)(A...), const unsigned* grid, const unsigned* block,
                          uint64_t smem, int workers, int counting, uint64_t* counters,
-                         char* err, size_t errlen, void** args) {
+                         char* err, size_t errlen, const LaunchConfig* cfg, void** args) {
   Call<A...> call{k, args};
-  return launch(grid, block, smem, workers, counting, counters, LaunchError{err, errlen},
+  return launch(grid, block, smem, workers, counting, counters, LaunchError{err, errlen}, cfg,
                 &Call<A...>::run, &call);
 }
 
@@ -810,8 +1234,6 @@ inline const char* signature(void (*)(A...)) {
   }();
   return s.c_str();
 }
-
-inline void* dynamic_shared() { return tw->dyn_smem; }
 
 }  // namespace emu
 
@@ -872,41 +1294,48 @@ inline unsigned __match_any_sync(unsigned mask, T value, emu::Loc loc = emu::Loc
   return static_cast<unsigned>(emu::collective(emu::WarpOp::Match, mask, emu::to_bits(value), 0, 32, loc));
 }
 
-// Atomics: atomic across the worker threads (blocks run in parallel), counted as accesses.
+// Atomics: atomic across the worker threads (blocks run in parallel), counted as accesses;
+// not instrumented (an atomic is no hazard), checked by atomic_access.
+#define AG_ATOMIC __attribute__((no_sanitize_address))
 template <class T>
-inline T ag_atomic_add(T* p, T v, emu::Loc loc) {
+AG_ATOMIC inline T ag_atomic_add(T* p, T v, emu::Loc loc) {
   emu::touch(p, sizeof(T), 2, loc);
+  emu::atomic_access(p, sizeof(T), loc);
   return std::atomic_ref<T>(*p).fetch_add(v, std::memory_order_relaxed);
 }
-inline float atomicAdd(float* p, float v, emu::Loc loc = emu::Loc::current()) { return ag_atomic_add(p, v, loc); }
-inline double atomicAdd(double* p, double v, emu::Loc loc = emu::Loc::current()) { return ag_atomic_add(p, v, loc); }
-inline int atomicAdd(int* p, int v, emu::Loc loc = emu::Loc::current()) { return ag_atomic_add(p, v, loc); }
-inline unsigned atomicAdd(unsigned* p, unsigned v, emu::Loc loc = emu::Loc::current()) { return ag_atomic_add(p, v, loc); }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v, emu::Loc loc = emu::Loc::current()) {
+AG_ATOMIC inline float atomicAdd(float* p, float v, emu::Loc loc = emu::Loc::current()) { return ag_atomic_add(p, v, loc); }
+AG_ATOMIC inline double atomicAdd(double* p, double v, emu::Loc loc = emu::Loc::current()) { return ag_atomic_add(p, v, loc); }
+AG_ATOMIC inline int atomicAdd(int* p, int v, emu::Loc loc = emu::Loc::current()) { return ag_atomic_add(p, v, loc); }
+AG_ATOMIC inline unsigned atomicAdd(unsigned* p, unsigned v, emu::Loc loc = emu::Loc::current()) { return ag_atomic_add(p, v, loc); }
+AG_ATOMIC inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v, emu::Loc loc = emu::Loc::current()) {
   return ag_atomic_add(p, v, loc);
 }
 template <class T>
-inline T atomicCAS(T* p, T expected, T desired, emu::Loc loc = emu::Loc::current()) {
+AG_ATOMIC inline T atomicCAS(T* p, T expected, T desired, emu::Loc loc = emu::Loc::current()) {
   emu::touch(p, sizeof(T), 2, loc);
+  emu::atomic_access(p, sizeof(T), loc);
   std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired);
   return expected;
 }
 template <class T>
-inline T atomicExch(T* p, T v, emu::Loc loc = emu::Loc::current()) {
+AG_ATOMIC inline T atomicExch(T* p, T v, emu::Loc loc = emu::Loc::current()) {
   emu::touch(p, sizeof(T), 2, loc);
+  emu::atomic_access(p, sizeof(T), loc);
   return std::atomic_ref<T>(*p).exchange(v);
 }
 template <class T>
-inline T atomicMax(T* p, T v, emu::Loc loc = emu::Loc::current()) {
+AG_ATOMIC inline T atomicMax(T* p, T v, emu::Loc loc = emu::Loc::current()) {
   emu::touch(p, sizeof(T), 2, loc);
+  emu::atomic_access(p, sizeof(T), loc);
   std::atomic_ref<T> r(*p);
   T old = r.load();
   while (old < v && !r.compare_exchange_weak(old, v)) {}
   return old;
 }
 template <class T>
-inline T atomicMin(T* p, T v, emu::Loc loc = emu::Loc::current()) {
+AG_ATOMIC inline T atomicMin(T* p, T v, emu::Loc loc = emu::Loc::current()) {
   emu::touch(p, sizeof(T), 2, loc);
+  emu::atomic_access(p, sizeof(T), loc);
   std::atomic_ref<T> r(*p);
   T old = r.load();
   while (old > v && !r.compare_exchange_weak(old, v)) {}
@@ -964,14 +1393,48 @@ template <class T>
 inline T ag_load(const T* p, emu::Loc loc = emu::Loc::current()) {
   emu::check_aligned<T>(p, "load", loc);
   emu::touch(p, sizeof(T), 0, loc);
+  emu::check_global(p, sizeof(T), emu::kRead, loc);
+  emu::maybe_switch(emu::tw);
   return *p;
 }
 template <class T>
 inline void ag_store(T* p, T v, emu::Loc loc = emu::Loc::current()) {
   emu::check_aligned<T>(p, "store", loc);
   emu::touch(p, sizeof(T), 1, loc);
+  emu::check_global(p, sizeof(T), emu::kWrite, loc);
+  emu::maybe_switch(emu::tw);
   *p = v;
 }
+
+#ifdef ATTNGRAPH_EMU_CHECKED
+// Checked builds are compiled with -fsanitize=kernel-address and callbacks for every access:
+// these are the callbacks (no sanitizer runtime is linked), feeding racecheck, initcheck and
+// memcheck of shared memory and the random schedule's switches.
+#define AG_HOOK(bytes)                                                                        \
+  extern "C" __attribute__((no_sanitize_address, visibility("hidden"))) void                  \
+      __asan_load##bytes##_noabort(uintptr_t a) {                                             \
+    emu::on_access(a, bytes, emu::kRead, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));  \
+  }                                                                                           \
+  extern "C" __attribute__((no_sanitize_address, visibility("hidden"))) void                  \
+      __asan_store##bytes##_noabort(uintptr_t a) {                                            \
+    emu::on_access(a, bytes, emu::kWrite, reinterpret_cast<uintptr_t>(__builtin_return_address(0))); \
+  }
+AG_HOOK(1)
+AG_HOOK(2)
+AG_HOOK(4)
+AG_HOOK(8)
+AG_HOOK(16)
+#undef AG_HOOK
+extern "C" __attribute__((no_sanitize_address, visibility("hidden"))) void
+__asan_loadN_noabort(uintptr_t a, size_t n) {
+  emu::on_access(a, n, emu::kRead, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+}
+extern "C" __attribute__((no_sanitize_address, visibility("hidden"))) void
+__asan_storeN_noabort(uintptr_t a, size_t n) {
+  emu::on_access(a, n, emu::kWrite, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+}
+extern "C" __attribute__((visibility("hidden"))) void __asan_handle_no_return() {}
+#endif
 
 // Half and bfloat16 intrinsics that the CUDA headers declare for device code only.
 #include "attngraph_emu_fp16.h"

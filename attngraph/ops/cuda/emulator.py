@@ -40,7 +40,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["RawModule", "RawKernel", "EmulatorError", "LaunchStats", "count", "COUNTER_NAMES"]
+__all__ = ["RawModule", "RawKernel", "EmulatorError", "SanitizerError", "LaunchStats", "count",
+           "COUNTER_NAMES", "CHECK_TOOLS", "checks", "schedule", "poison"]
 
 HEADER = Path(__file__).resolve().parent / "attngraph_emu.h"
 
@@ -55,6 +56,63 @@ COUNTER_NAMES = (
 
 class EmulatorError(RuntimeError):
     """A kernel could not be built or failed while running under the emulator."""
+
+
+class SanitizerError(EmulatorError):
+    """A finding of one of the emulator's checks (``ATTNGRAPH_EMU_CHECK``): ``tool`` is
+    compute-sanitizer's name for it (``memcheck``, ``racecheck``, ``initcheck`` or
+    ``synccheck``)."""
+
+    def __init__(self, tool: str, message: str):
+        super().__init__(message)
+        self.tool = tool
+
+
+# compute-sanitizer's tool names, in the order of `enum Tool` in attngraph_emu.h (bit i).
+CHECK_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+SCHEDULES = ("forward", "reverse", "random")
+
+
+def checks() -> Tuple[str, ...]:
+    """The tools ``ATTNGRAPH_EMU_CHECK`` turns on (a comma list of :data:`CHECK_TOOLS`, or
+    ``all``); read at every launch, so tests may set it."""
+    raw = os.environ.get("ATTNGRAPH_EMU_CHECK", "").strip().lower()
+    if raw in ("", "0", "none", "off"):
+        return ()
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    if "all" in names:
+        return CHECK_TOOLS
+    bad = [n for n in names if n not in CHECK_TOOLS]
+    if bad:
+        raise ValueError(f"ATTNGRAPH_EMU_CHECK={raw!r}: unknown tool(s) {bad}; use a comma list "
+                         f"of {', '.join(CHECK_TOOLS)}, or 'all'")
+    return tuple(t for t in CHECK_TOOLS if t in names)
+
+
+def schedule() -> Tuple[str, int]:
+    """``ATTNGRAPH_EMU_SCHEDULE``: ``forward`` (default), ``reverse`` or ``random[:seed]`` ->
+    (kind, seed)."""
+    raw = os.environ.get("ATTNGRAPH_EMU_SCHEDULE", "").strip().lower() or "forward"
+    kind, _, seed = raw.partition(":")
+    if kind not in SCHEDULES or (seed and (kind != "random" or not seed.isdigit())):
+        raise ValueError(f"ATTNGRAPH_EMU_SCHEDULE={raw!r}: use 'forward', 'reverse' or "
+                         f"'random[:seed]' (seed a non-negative integer)")
+    return kind, int(seed) if seed else 0
+
+
+def _instrumented() -> bool:
+    """A build whose every memory access calls the emulator: for the shared-memory checks and
+    for the random schedule's switches inside a warp."""
+    return bool(set(checks()) - {"synccheck"}) or schedule()[0] == "random"
+
+
+def poison(t):
+    """Fill a freshly allocated output or workspace with a signalling pattern (NaN, or -1 for
+    integers) when initcheck is on, so a read of what no kernel wrote shows in the results;
+    otherwise return it as it is."""
+    if "initcheck" in checks() and t.device.type == "cpu" and t.numel():
+        t.fill_(float("nan") if t.is_floating_point() else -1)
+    return t
 
 
 @dataclass
@@ -123,6 +181,70 @@ def _rewrite_extern_shared(code: str) -> str:
     return "".join(out)
 
 
+_STATIC_SHARED = re.compile(
+    r"(?:\bstatic\s+)?\b__shared__\b(?P<body>(?:[^;{}()]|\([^()]*(?:\([^()]*\)[^()]*)*\))*);")
+_ALIGN = re.compile(r"\b(?:__align__|alignas)\s*\(\s*(?P<n>[^()]*)\)")
+_DECLARATOR = re.compile(r"^(?P<type>.*?)(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\]]*\]\s*)*)$", re.S)
+
+
+def _split_top(text: str) -> List[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([<":
+            depth += 1
+        elif ch in ")]>":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def _rewrite_static_shared(code: str) -> str:
+    """``__shared__ T name[N];`` -> a reference to the block's copy in the emulator's shared
+    memory arena (``emu::static_shared``), where each array has redzones around it and a
+    shadow for the checks. A declaration the pattern does not understand stays a
+    ``thread_local`` (correct, but unchecked)."""
+    out, pos, ident = [], 0, 0
+    for m in _STATIC_SHARED.finditer(code):
+        line_start = code.rfind("\n", 0, m.start()) + 1
+        if "//" in code[line_start:m.start()]:
+            continue
+        body = m.group("body")
+        align = _ALIGN.search(body)
+        body = _ALIGN.sub(" ", body)
+        parts = [p.strip() for p in _split_top(body)]
+        first = _DECLARATOR.match(parts[0])
+        if first is None or not first.group("type").strip():
+            continue
+        base = first.group("type").strip()
+        decls = [(first.group("name"), first.group("dims"))]
+        for part in parts[1:]:
+            d = _DECLARATOR.match(part)
+            if d is None:
+                break
+            decls.append((d.group("name"), (d.group("type").strip() + d.group("dims")).strip()))
+        else:
+            depth = _brace_depth(code, m.start())
+            repl = []
+            for name, dims in decls:
+                ptr = "".join(c for c in dims if c == "*")
+                dims = "".join(c for c in dims if c != "*").strip()
+                args = f'{ident}, "{name}"' + (f", {align.group('n')}" if align else "")
+                ref = f"::emu::static_shared<{base}{ptr} {dims}>({args})"
+                line = code.count("\n", 0, m.end()) + 1   # keep later lines' numbers
+                repl.append(f"auto& {name} = {ref};" if depth > 0
+                            else f"\n#define {name} ({ref})\n#line {line}\n")
+                ident += 1
+            out += [code[pos:m.start()], " ".join(repl)]
+            pos = m.end()
+    out.append(code[pos:])
+    return "".join(out)
+
+
 def _brace_depth(code: str, end: int) -> int:
     text = re.sub(r"//[^\n]*|/\*.*?\*/|\"(?:\\.|[^\"\\])*\"|'(?:\\.|[^'\\])*'", "",
                   code[:end], flags=re.S)
@@ -136,9 +258,10 @@ def _wrappers(name_expressions: Sequence[str]) -> str:
             f'extern "C" __attribute__((visibility("default"))) int attngraph_emu_launch_{i}('
             "const unsigned* grid, const unsigned* block, unsigned long long smem, int workers, "
             "int counting, unsigned long long* counters, char* err, unsigned long errlen, "
-            "void** args) {",
+            "const void* config, void** args) {",
             f"  return ::emu::launch_kernel(&{expr}, grid, block, smem, workers, counting, "
-            "reinterpret_cast<uint64_t*>(counters), err, errlen, args);",
+            "reinterpret_cast<uint64_t*>(counters), err, errlen, "
+            "static_cast<const ::emu::LaunchConfig*>(config), args);",
             "}",
             f'extern "C" __attribute__((visibility("default"))) const char* '
             f"attngraph_emu_signature_{i}() {{ return ::emu::signature(&{expr}); }}",
@@ -238,16 +361,28 @@ def build(code: str, options: Sequence[str], name_expressions: Sequence[str],
     sanitize = _sanitize()
     cmd_flags = ["-std=c++20", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
                  "-Wno-attributes", "-Wno-unknown-pragmas", f"-I{HEADER.parent}"]
+    if sanitize and sanitize != "address":
+        raise EmulatorError(f"ATTNGRAPH_EMU_SANITIZE={sanitize!r}: only 'address' is supported")
+    if sanitize and _instrumented():
+        raise EmulatorError("ATTNGRAPH_EMU_SANITIZE=address cannot be combined with the "
+                            "shared-memory checks or the random schedule (ATTNGRAPH_EMU_CHECK / "
+                            "ATTNGRAPH_EMU_SCHEDULE): use one or the other")
     if sanitize == "address":
         cmd_flags += ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
-    elif sanitize:
-        raise EmulatorError(f"ATTNGRAPH_EMU_SANITIZE={sanitize!r}: only 'address' is supported")
+    elif _instrumented():
+        # every load and store calls back into the emulator (no sanitizer runtime is linked:
+        # attngraph_emu.h defines the callbacks); -g lets findings name source lines
+        cmd_flags += ["-O2", "-g", "-DATTNGRAPH_EMU_CHECKED=1", "-fsanitize=kernel-address",
+                      "--param=asan-instrumentation-with-call-threshold=0",
+                      "--param=asan-stack=0", "--param=asan-globals=0",
+                      "-fno-sanitize-address-use-after-scope"]
     else:
         cmd_flags += ["-O2"]
     if os.environ.get("ATTNGRAPH_EMU_UCONTEXT"):
         cmd_flags += ["-DATTNGRAPH_EMU_UCONTEXT=1"]
     text = ("#define ATTNGRAPH_EMULATE 1\n#include \"attngraph_emu.h\"\n"
-            f"#line 1 \"{name}\"\n" + _rewrite_extern_shared(code) + _wrappers(name_expressions))
+            f"#line 1 \"{name}\"\n" + _rewrite_static_shared(_rewrite_extern_shared(code))
+            + _wrappers(name_expressions))
     key = hashlib.sha256("\0".join(
         [text, *_emulator_headers(), _compiler_id(cxx), *cmd_flags, *flags,
          *_local_includes(code, flags)]).encode()).hexdigest()[:24]
@@ -326,21 +461,118 @@ def _scalar(arg, kind: str, i: int, kernel: str):
     return ctypes.create_string_buffer(arg.tobytes(), size)
 
 
-class RawKernel:
-    """One kernel of a :class:`RawModule`: ``kernel(grid, block, args, shared_mem=0)``."""
+class _LaunchConfig(ctypes.Structure):
+    # keep in step with `struct LaunchConfig` in attngraph_emu.h
+    _fields_ = [("checks", ctypes.c_uint32), ("schedule", ctypes.c_uint32),
+                ("seed", ctypes.c_uint64), ("max_dynamic_smem", ctypes.c_uint64),
+                ("smem_limit", ctypes.c_uint64), ("regs", ctypes.c_uint32),
+                ("nranges", ctypes.c_uint32), ("ranges", ctypes.POINTER(ctypes.c_uint64))]
 
-    def __init__(self, lib: ctypes.CDLL, index: int, name: str):
+
+# Shared memory per block with the opt-in attribute (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
+DEFAULT_ARCH = "sm_80"
+REGISTERS_PER_BLOCK = 65536
+
+
+def _arch(options: Sequence[str]) -> str:
+    """The architecture the options name (``-arch=sm_90``, ``--gpu-architecture=...``), else
+    sm_80, the smallest the kernels target (its limits are the tighter ones)."""
+    for i, opt in enumerate(options):
+        for key in ("-arch=", "--gpu-architecture=", "-arch", "--gpu-architecture"):
+            if opt.startswith(key):
+                val = opt[len(key):] if key.endswith("=") else (
+                    options[i + 1] if opt == key and i + 1 < len(options) else "")
+                val = val.replace("compute_", "sm_")
+                if val in SMEM_LIMIT:
+                    return val
+    return DEFAULT_ARCH
+
+
+def _buffer_range(arg) -> Tuple[int, int]:
+    """[begin, end) of the memory a pointer argument may reach: its whole storage."""
+    import torch
+
+    if isinstance(arg, torch.Tensor) and arg.numel():
+        st = arg.untyped_storage()
+        return st.data_ptr(), st.data_ptr() + st.nbytes()
+    if isinstance(arg, np.ndarray) and arg.size:
+        base = arg
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        return base.ctypes.data, base.ctypes.data + base.nbytes
+    return 0, 0
+
+
+_PC = re.compile(r"\{pc:0x([0-9a-f]+)\}")
+
+
+def _symbolize(message: str, lib: Path) -> str:
+    """Replace the emulator's ``{pc:0x...}`` code addresses by source lines (addr2line)."""
+    pcs = sorted(set(_PC.findall(message)))
+    if not pcs:
+        return message
+    lines: Dict[str, str] = {}
+    tool = shutil.which("addr2line")
+    if tool:
+        try:
+            out = subprocess.run([tool, "-e", str(lib), "-i", *(f"0x{p}" for p in pcs)],
+                                 capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):  # pragma: no cover
+            out = ""
+        # with -i, each address prints its inline chain, innermost first, then a blank-free
+        # continuation; ask once per address to keep them apart
+        if out:
+            for p in pcs:
+                res = subprocess.run([tool, "-e", str(lib), "-i", f"0x{p}"], capture_output=True,
+                                     text=True, timeout=60).stdout.split()
+                first = next((r for r in res if not r.startswith("attngraph_emu")
+                              and not r.startswith("/") and ":" in r), res[0] if res else "")
+                if first and not first.startswith("??"):
+                    lines[p] = first.split(" ")[0]
+    return _PC.sub(lambda m: lines.get(m.group(1), f"<code offset 0x{m.group(1)}>"), message)
+
+
+class RawKernel:
+    """One kernel of a :class:`RawModule`: ``kernel(grid, block, args, shared_mem=0)``.
+
+    ``max_dynamic_shared_size_bytes`` is CuPy's kernel attribute: dynamic shared memory
+    beyond 48 KiB must be raised through it first, as on a GPU.
+    """
+
+    def __init__(self, module: "RawModule", lib: ctypes.CDLL, index: int, name: str):
         self.name = name
+        self._module = module
+        self.max_dynamic_shared_size_bytes = 0
         self._launch = getattr(lib, f"attngraph_emu_launch_{index}")
         self._launch.restype = ctypes.c_int
         self._launch.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
                                  ctypes.c_ulonglong, ctypes.c_int, ctypes.c_int,
                                  ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_char_p,
-                                 ctypes.c_ulong, ctypes.POINTER(ctypes.c_void_p)]
+                                 ctypes.c_ulong, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
         sig = getattr(lib, f"attngraph_emu_signature_{index}")
         sig.restype = ctypes.c_char_p
         raw = sig().decode()
         self.signature: Tuple[str, ...] = tuple(raw.split(",")) if raw else ()
+
+    def _config(self, args, nthreads: int):
+        tools = checks()
+        kind, seed = schedule()
+        ranges = []
+        if "memcheck" in tools:
+            for a, k in zip(args, self.signature):
+                ranges += _buffer_range(a) if k == "p" else (0, 0)
+        arr = (ctypes.c_uint64 * max(1, len(ranges)))(*ranges)
+        arch = self._module.arch
+        cfg = _LaunchConfig(
+            checks=sum(1 << CHECK_TOOLS.index(t) for t in tools),
+            schedule=SCHEDULES.index(kind), seed=seed,
+            max_dynamic_smem=int(self.max_dynamic_shared_size_bytes),
+            smem_limit=SMEM_LIMIT[arch],
+            # only a block of more than 256 threads can pass the limit at <= 255 registers
+            regs=self._module.registers(self.name) if nthreads > 256 else 0,
+            nranges=len(ranges) // 2, ranges=arr)
+        return cfg, arr
 
     def __call__(self, grid, block, args, shared_mem: int = 0, stream=None) -> None:
         grid, block = _dim3(grid, "grid"), _dim3(block, "block")
@@ -356,13 +588,18 @@ class RawKernel:
             *[ctypes.cast(ctypes.pointer(k), ctypes.c_void_p) if isinstance(k, ctypes.c_void_p)
               else ctypes.cast(k, ctypes.c_void_p) for k in keep])
         counters = (ctypes.c_ulonglong * len(COUNTER_NAMES))()
-        err = ctypes.create_string_buffer(4096)
+        err = ctypes.create_string_buffer(8192)
         launches = getattr(_recording, "launches", None)
+        cfg, _ranges = self._config(args, block[0] * block[1] * block[2])
         rc = self._launch((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
                           int(shared_mem), _workers(), int(launches is not None), counters,
-                          err, len(err), argv)
+                          err, len(err), ctypes.cast(ctypes.pointer(cfg), ctypes.c_void_p), argv)
         if rc != 0:
-            raise EmulatorError(f"{self.name}: {err.value.decode(errors='replace')}")
+            msg = _symbolize(err.value.decode(errors="replace"), self._module.path)
+            if rc & 0x100:
+                tool = CHECK_TOOLS[(rc & 0xff).bit_length() - 1]
+                raise SanitizerError(tool, f"{tool}: {self.name}: {msg}")
+            raise EmulatorError(f"{self.name}: {msg}")
         if launches is not None:
             launches.append(LaunchStats(self.name, grid, block, int(shared_mem),
                                         dict(zip(COUNTER_NAMES, map(int, counters)))))
@@ -385,6 +622,9 @@ class RawModule:
             raise ValueError("name_expressions must list the kernels to build, e.g. "
                              "('my_kernel', 'tmpl<float>')")
         self.name_expressions = tuple(name_expressions)
+        self._code, self._options, self._name = code, tuple(options), name
+        self.arch = _arch(self._options)
+        self._registers: Optional[Dict[str, int]] = None
         self.path, command = build(code, tuple(options), self.name_expressions, name)
         self.command = " ".join(command)   # how the host compiler builds it (diagnostics)
         self._lib = ctypes.CDLL(str(self.path))
@@ -397,5 +637,30 @@ class RawModule:
             except ValueError:
                 raise ValueError(f"{name!r} is not among this module's name_expressions "
                                  f"{self.name_expressions}") from None
-            self._kernels[name] = RawKernel(self._lib, index, name)
+            self._kernels[name] = RawKernel(self, self._lib, index, name)
         return self._kernels[name]
+
+    def registers(self, name: str) -> int:
+        """Registers per thread of kernel ``name`` on this module's architecture, from the
+        NVRTC compile gate (0 when NVRTC is not installed: the limit is then not checked)."""
+        if self._registers is None:
+            self._registers = _gate_registers(self._code, self.name_expressions, self._options,
+                                              self.arch, self._name)
+        return self._registers.get(name, 0)
+
+
+_GATE_CACHE: Dict[str, Dict[str, int]] = {}
+
+
+def _gate_registers(code: str, exprs: Tuple[str, ...], options: Tuple[str, ...], arch: str,
+                    name: str) -> Dict[str, int]:
+    key = hashlib.sha256("\0".join([code, *exprs, *options, arch]).encode()).hexdigest()
+    if key not in _GATE_CACHE:
+        from attngraph.ops.cuda import gate
+
+        try:
+            result = gate.compile_nvrtc(code, exprs, options, arch, filename=name)
+            _GATE_CACHE[key] = {e: u.registers for e, u in result.kernels.items()}
+        except (gate.GateUnavailable, gate.GateError):
+            _GATE_CACHE[key] = {}
+    return _GATE_CACHE[key]
