@@ -1,3 +1,263 @@
 // attngraph_emu_fp16.h -- host definitions of the cuda_fp16.h / cuda_bf16.h intrinsics that
 // the CUDA headers provide only for device code. Included at the end of attngraph_emu.h.
+//
+// cuda_fp16.h and cuda_bf16.h declare part of their intrinsics only when the compiler is nvcc
+// (inside `#if defined(__CUDACC__)`): in a host build kernels that call __hfma2, hexp or
+// __half2int_rn do not compile. Probed on the CUDA 12.9 (nvidia-cuda-runtime-cu12) and
+// CUDA 13.0 headers, the same set is missing on both:
+//   * fused multiply-add: __hfma, __hfma_sat, __hfma_relu, __hfma2, __hfma2_sat,
+//     __hfma2_relu, __hcmadd (half and bfloat16);
+//   * math: hceil hfloor hrint htrunc hsqrt hrsqrt hrcp hexp hexp2 hexp10 hlog hlog2 hlog10
+//     hsin hcos htanh htanh_approx and their h2* forms (half and bfloat16);
+//   * to integers rounding to nearest / down / up: __half2{short,ushort,int,uint,ll,ull}_{rn,rd,ru}
+//     and __bfloat162..._{rn,rd,ru} (the _rz forms exist on the host);
+//   * from integers to bfloat16 rounding toward zero / down / up:
+//     __{short,ushort,int,uint,ll,ull}2bfloat16_{rz,rd,ru}.
+// The arithmetic, comparison and float conversion intrinsics (__hadd, __hmul2, __heq2,
+// __float2half_rd, __low2half, ...) are defined for the host by those headers and are used
+// as they are.
+//
+// Every definition here is a function template. Where a header does declare a name for the
+// host (a newer CUDA), its non-template function is the better overload and wins; these
+// definitions then stay unused instead of clashing. `name<>(...)` selects the definition
+// here explicitly (the tests do, to check it against the header's host version).
+//
+// Semantics follow the hardware: operands are exact in fp32/fp64, results are rounded once to
+// half / bfloat16 (nearest even unless the name says _rz / _rd / _ru), subnormals are kept,
+// NaN results are the canonical NaN 0x7fff, overflow rounds to infinity or to the largest
+// finite value as the rounding direction says. The math functions are rounded from the fp64
+// libm result (the device's approximations aim at the correctly rounded value).
 #pragma once
+
+#include <bit>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace emu::fp16 {
+
+template <class T>
+concept scalar = std::same_as<T, __half> || std::same_as<T, __nv_bfloat16>;
+template <class T2>
+concept pair = std::same_as<T2, __half2> || std::same_as<T2, __nv_bfloat162>;
+
+template <scalar T> struct format;
+template <> struct format<__half> { static constexpr int man = 10, exp = 5; };
+template <> struct format<__nv_bfloat16> { static constexpr int man = 7, exp = 8; };
+
+constexpr uint16_t kNaN = 0x7fff;   // CUDART_NAN_FP16 and CUDART_NAN_BF16
+
+template <scalar T> inline uint16_t bits(T h) { return std::bit_cast<uint16_t>(h); }
+template <scalar T> inline T from_bits(uint16_t b) { return std::bit_cast<T>(b); }
+
+// The exact value of a half / bfloat16.
+template <scalar T> inline double value(T h) {
+  constexpr int M = format<T>::man, E = format<T>::exp, bias = (1 << (E - 1)) - 1;
+  const uint16_t b = bits(h);
+  const int ef = (b >> M) & ((1 << E) - 1), mf = b & ((1 << M) - 1);
+  double v;
+  if (ef == (1 << E) - 1) v = mf ? std::numeric_limits<double>::quiet_NaN() : HUGE_VAL;
+  else if (ef == 0) v = std::ldexp(mf, 1 - bias - M);
+  else v = std::ldexp(mf | (1 << M), ef - bias - M);
+  return (b & 0x8000) ? -v : v;
+}
+
+enum class Round { rn, rz, rd, ru };
+
+// `x` rounded once to T. x must carry the exact result, or one rounded to odd (see odd_sum):
+// both round the same way to a format of fewer than 52 bits.
+template <scalar T> inline T round(double x, Round mode) {
+  constexpr int M = format<T>::man, E = format<T>::exp, bias = (1 << (E - 1)) - 1;
+  constexpr uint32_t inf = ((1u << E) - 1) << M;
+  if (std::isnan(x)) return from_bits<T>(kNaN);
+  const bool neg = std::signbit(x);
+  const uint16_t sign = neg ? 0x8000 : 0;
+  const double a = std::fabs(x);
+  if (a == 0) return from_bits<T>(sign);
+  int e = 0;
+  std::frexp(a, &e);
+  e = std::max(e - 1, 1 - bias);               // a < 2^(e+1); subnormals share the least e
+  uint32_t b = inf;
+  if (e <= bias && !std::isinf(a)) {
+    const double m = std::ldexp(a, M - e);     // on the grid of T's significand: exact
+    double n = std::floor(m);
+    const double frac = m - n;
+    switch (mode) {
+      case Round::rn: n += frac > 0.5 || (frac == 0.5 && std::fmod(n, 2.0) != 0); break;
+      case Round::rz: break;
+      case Round::rd: n += neg && frac > 0; break;
+      case Round::ru: n += !neg && frac > 0; break;
+    }
+    b = (uint32_t(e + bias - 1) << M) + uint32_t(n);   // a carry out of n bumps the exponent
+  }
+  if (b >= inf) {                               // overflow: infinity or the largest finite
+    const bool to_inf = mode == Round::rn || (mode == Round::ru && !neg) || (mode == Round::rd && neg);
+    b = to_inf ? inf : inf - 1;
+  }
+  return from_bits<T>(uint16_t(sign | b));
+}
+
+template <scalar T> inline T rn(double x) { return round<T>(x, Round::rn); }
+
+// p + c rounded to odd (to the neighbour with an odd last bit when inexact): rounding that
+// again to a format of at most 51 bits gives the correctly rounded p + c.
+inline double odd_sum(double p, double c) {
+  double s = p + c;
+  if (!std::isfinite(s)) return s;
+  const double bb = s - p, err = (p - (s - bb)) + (c - bb);   // TwoSum: p + c == s + err
+  if (err != 0 && (std::bit_cast<uint64_t>(s) & 1) == 0) s = std::nextafter(s, err > 0 ? HUGE_VAL : -HUGE_VAL);
+  return s;
+}
+
+// a * b + c with one rounding (the product of two halves or bfloat16s is exact in fp64).
+template <scalar T> inline T fma(T a, T b, T c) { return rn<T>(odd_sum(value(a) * value(b), value(c))); }
+
+template <scalar T> inline T relu(T r) {           // NaN stays (canonical) NaN; -0 becomes +0
+  const double v = value(r);
+  return std::isnan(v) ? from_bits<T>(kNaN) : v > 0 ? r : from_bits<T>(0);
+}
+template <scalar T> inline T sat(T r) {            // clamp to [0, 1]; NaN becomes +0
+  const double v = value(r);
+  return !(v > 0) ? from_bits<T>(0) : v < 1 ? r : rn<T>(1.0);
+}
+
+// Round to an integral value (the value stays a double), as cvt.rni / rmi / rpi / rzi do.
+inline double integral(double v, Round mode) {
+  if (!std::isfinite(v)) return v;
+  double r = std::trunc(v);
+  const double frac = v - r;                    // exact
+  switch (mode) {
+    case Round::rn:
+      if (std::fabs(frac) > 0.5 || (std::fabs(frac) == 0.5 && std::fmod(r, 2.0) != 0)) r += frac > 0 ? 1 : -1;
+      break;
+    case Round::rz: break;
+    case Round::rd: r -= frac < 0; break;
+    case Round::ru: r += frac > 0; break;
+  }
+  return std::copysign(r, v);                   // -0.3 rounds to -0
+}
+
+// To an integer type, saturating; NaN gives 0, or 0x8000000000000000 for 64-bit types (as the
+// headers' host _rz forms).
+template <class I, scalar T> inline I to_int(T h, Round mode) {
+  const double v = value(h);
+  if (std::isnan(v)) return sizeof(I) == 8 ? I(1ull << 63) : I(0);
+  const double r = integral(v, mode);
+  if (r <= double(std::numeric_limits<I>::min())) return std::numeric_limits<I>::min();
+  if (r >= double(std::numeric_limits<I>::max())) return std::numeric_limits<I>::max();
+  return I(r);
+}
+
+// From an integer: |i| rounded to odd at 53 bits if wider, then rounded once to T.
+template <scalar T, std::integral I> inline T from_int(I i, Round mode) {
+  const bool neg = i < 0;
+  unsigned long long m = neg ? 0ull - static_cast<unsigned long long>(i) : static_cast<unsigned long long>(i);
+  int shift = 0;
+  unsigned long long sticky = 0;
+  while (m >> 53) { sticky |= m & 1; m >>= 1; ++shift; }
+  const double a = std::ldexp(double(m | sticky), shift);
+  return round<T>(neg ? -a : a, mode);
+}
+
+template <scalar T, class F> inline T map(T a, F f) { return rn<T>(f(value(a))); }
+
+}  // namespace emu::fp16
+
+// ------------------------------------------------------------------ fused multiply-add
+template <emu::fp16::scalar T> inline T __hfma(T a, T b, T c) { return emu::fp16::fma(a, b, c); }
+template <emu::fp16::scalar T> inline T __hfma_sat(T a, T b, T c) { return emu::fp16::sat(emu::fp16::fma(a, b, c)); }
+template <emu::fp16::scalar T> inline T __hfma_relu(T a, T b, T c) { return emu::fp16::relu(emu::fp16::fma(a, b, c)); }
+template <emu::fp16::pair T2> inline T2 __hfma2(T2 a, T2 b, T2 c) { return T2(__hfma(a.x, b.x, c.x), __hfma(a.y, b.y, c.y)); }
+template <emu::fp16::pair T2> inline T2 __hfma2_sat(T2 a, T2 b, T2 c) { return T2(__hfma_sat(a.x, b.x, c.x), __hfma_sat(a.y, b.y, c.y)); }
+template <emu::fp16::pair T2> inline T2 __hfma2_relu(T2 a, T2 b, T2 c) { return T2(__hfma_relu(a.x, b.x, c.x), __hfma_relu(a.y, b.y, c.y)); }
+// Complex a * b + c as the device computes it: four fused multiply-adds.
+template <emu::fp16::pair T2> inline T2 __hcmadd(T2 a, T2 b, T2 c) {
+  return T2(__hfma(__hneg(a.y), b.y, __hfma(a.x, b.x, c.x)), __hfma(a.y, b.x, __hfma(a.x, b.y, c.y)));
+}
+
+// ------------------------------------------------------------------ math, scalar and 2-wide
+#define AG_FP16_MATH(name, name2, expr)                                                              \
+  template <emu::fp16::scalar T> inline T name(T a) { return emu::fp16::map(a, [](double x) { return expr; }); } \
+  template <emu::fp16::pair T2> inline T2 name2(T2 a) { return T2(name(a.x), name(a.y)); }
+
+AG_FP16_MATH(hrint, h2rint, emu::fp16::integral(x, emu::fp16::Round::rn))
+AG_FP16_MATH(htrunc, h2trunc, emu::fp16::integral(x, emu::fp16::Round::rz))
+AG_FP16_MATH(hfloor, h2floor, emu::fp16::integral(x, emu::fp16::Round::rd))
+AG_FP16_MATH(hceil, h2ceil, emu::fp16::integral(x, emu::fp16::Round::ru))
+AG_FP16_MATH(hsqrt, h2sqrt, std::sqrt(x))
+AG_FP16_MATH(hrsqrt, h2rsqrt, 1.0 / std::sqrt(x))
+AG_FP16_MATH(hrcp, h2rcp, 1.0 / x)
+AG_FP16_MATH(hexp, h2exp, std::exp(x))
+AG_FP16_MATH(hexp2, h2exp2, std::exp2(x))
+AG_FP16_MATH(hexp10, h2exp10, std::pow(10.0, x))
+AG_FP16_MATH(hlog, h2log, std::log(x))
+AG_FP16_MATH(hlog2, h2log2, std::log2(x))
+AG_FP16_MATH(hlog10, h2log10, std::log10(x))
+AG_FP16_MATH(hsin, h2sin, std::sin(x))
+AG_FP16_MATH(hcos, h2cos, std::cos(x))
+AG_FP16_MATH(htanh, h2tanh, std::tanh(x))
+AG_FP16_MATH(htanh_approx, h2tanh_approx, std::tanh(x))
+
+#undef AG_FP16_MATH
+
+// ------------------------------------------------------------------ to integers (_rn, _rd, _ru)
+#define AG_FP16_TO_INT(T, prefix, to, I)                                                              \
+  template <class = void> inline I prefix##2##to##_rn(T h) { return emu::fp16::to_int<I>(h, emu::fp16::Round::rn); } \
+  template <class = void> inline I prefix##2##to##_rd(T h) { return emu::fp16::to_int<I>(h, emu::fp16::Round::rd); } \
+  template <class = void> inline I prefix##2##to##_ru(T h) { return emu::fp16::to_int<I>(h, emu::fp16::Round::ru); }
+
+AG_FP16_TO_INT(__half, __half, short, short)
+AG_FP16_TO_INT(__half, __half, ushort, unsigned short)
+AG_FP16_TO_INT(__half, __half, int, int)
+AG_FP16_TO_INT(__half, __half, uint, unsigned int)
+AG_FP16_TO_INT(__half, __half, ll, long long)
+AG_FP16_TO_INT(__half, __half, ull, unsigned long long)
+AG_FP16_TO_INT(__nv_bfloat16, __bfloat16, short, short)
+AG_FP16_TO_INT(__nv_bfloat16, __bfloat16, ushort, unsigned short)
+AG_FP16_TO_INT(__nv_bfloat16, __bfloat16, int, int)
+AG_FP16_TO_INT(__nv_bfloat16, __bfloat16, uint, unsigned int)
+AG_FP16_TO_INT(__nv_bfloat16, __bfloat16, ll, long long)
+AG_FP16_TO_INT(__nv_bfloat16, __bfloat16, ull, unsigned long long)
+
+#undef AG_FP16_TO_INT
+
+// ------------------------------------------------------------------ integers to bfloat16 (_rz, _rd, _ru)
+#define AG_INT_TO_BF16(from, I)                                                                        \
+  template <class = void> inline __nv_bfloat16 __##from##2bfloat16_rz(I i) { return emu::fp16::from_int<__nv_bfloat16>(i, emu::fp16::Round::rz); } \
+  template <class = void> inline __nv_bfloat16 __##from##2bfloat16_rd(I i) { return emu::fp16::from_int<__nv_bfloat16>(i, emu::fp16::Round::rd); } \
+  template <class = void> inline __nv_bfloat16 __##from##2bfloat16_ru(I i) { return emu::fp16::from_int<__nv_bfloat16>(i, emu::fp16::Round::ru); }
+
+AG_INT_TO_BF16(short, short)
+AG_INT_TO_BF16(ushort, unsigned short)
+AG_INT_TO_BF16(int, int)
+AG_INT_TO_BF16(uint, unsigned int)
+AG_INT_TO_BF16(ll, long long)
+AG_INT_TO_BF16(ull, unsigned long long)
+
+#undef AG_INT_TO_BF16
+
+// ------------------------------------------------------------------ shuffles of __half2 / __nv_bfloat162
+// The pair types have a user-provided assignment operator, so they are not trivially copyable
+// and the emulator's generic shuffles refuse them; these move the 32-bit pattern instead.
+namespace emu::fp16 {
+template <pair T2> inline uint32_t pair_bits(T2 v) { uint32_t b; std::memcpy(&b, &v, sizeof b); return b; }
+template <pair T2> inline T2 pair_from_bits(uint32_t b) { T2 v; std::memcpy(&v, &b, sizeof b); return v; }
+}  // namespace emu::fp16
+
+#define AG_FP16_SHUFFLES(T2)                                                                           \
+  inline T2 __shfl_sync(unsigned mask, T2 v, int src, int width = 32, emu::Loc loc = emu::Loc::current()) { \
+    return emu::fp16::pair_from_bits<T2>(__shfl_sync(mask, emu::fp16::pair_bits(v), src, width, loc)); } \
+  inline T2 __shfl_up_sync(unsigned mask, T2 v, unsigned delta, int width = 32, emu::Loc loc = emu::Loc::current()) { \
+    return emu::fp16::pair_from_bits<T2>(__shfl_up_sync(mask, emu::fp16::pair_bits(v), delta, width, loc)); } \
+  inline T2 __shfl_down_sync(unsigned mask, T2 v, unsigned delta, int width = 32, emu::Loc loc = emu::Loc::current()) { \
+    return emu::fp16::pair_from_bits<T2>(__shfl_down_sync(mask, emu::fp16::pair_bits(v), delta, width, loc)); } \
+  inline T2 __shfl_xor_sync(unsigned mask, T2 v, int lane_mask, int width = 32, emu::Loc loc = emu::Loc::current()) { \
+    return emu::fp16::pair_from_bits<T2>(__shfl_xor_sync(mask, emu::fp16::pair_bits(v), lane_mask, width, loc)); }
+
+AG_FP16_SHUFFLES(__half2)
+AG_FP16_SHUFFLES(__nv_bfloat162)
+
+#undef AG_FP16_SHUFFLES
