@@ -8,6 +8,7 @@ rounding in numpy. Inputs: every half / bfloat16 bit pattern for the one-operand
 and for the others random values plus the awkward ones (subnormals, near overflow, ties,
 signed zeros, infinities, NaN).
 """
+import functools
 import shutil
 
 import numpy as np
@@ -86,6 +87,11 @@ def assert_same(got, want, what=""):
 # ----------------------------------------------------------------------------- inputs
 def every_value(dtype):
     """All 65536 bit patterns of ``dtype``, as float64."""
+    return _every_value(dtype).copy()
+
+
+@functools.lru_cache(maxsize=None)
+def _every_value(dtype):
     return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).double().numpy()
 
 
@@ -173,7 +179,6 @@ FMA = {
     "hfma_relu": ("__hfma_relu(x, y, z)",
                   lambda d, x, y, z: (lambda r: np.where(r > 0, r, np.where(np.isnan(r), r, 0.0)))(
                       exact_fma(x, y, z, d))),
-    "hfma_explicit": ("__hfma<>(x, y, z)", lambda d, x, y, z: exact_fma(x, y, z, d)),
 }
 
 
@@ -223,8 +228,39 @@ MODES = ("rn", "rz", "rd", "ru")
 FLOAT_MODES = ("rn", "rz", "rd", "ru")
 
 
+def explicit(expr):
+    """``__hadd(x, y)`` -> ``__hadd<>(x, y)``: only the definitions of attngraph_emu_fp16.h
+    (templates) are candidates, not the header's host function of the same name."""
+    return expr.replace("(", "<>(", 1)
+
+
 def _switch(ops, store):
+    """Case i: the intrinsic called by name; case len(ops) + i: its fallback, explicitly."""
+    ops = list(ops) + [explicit(e) for e in ops]
     return "\n".join(f"      case {i}: {store.format(expr=e)}; break;" for i, e in enumerate(ops))
+
+
+def op_index(table, name, form):
+    return list(table).index(name) + (len(table) if form == "fallback" else 0)
+
+
+FROM_INT = (("short", "short"), ("ushort", "unsigned short"), ("int", "int"), ("uint", "unsigned"),
+            ("ll", "long long"), ("ull", "unsigned long long"))
+
+
+def lanes_body(p, e):
+    """Moving lanes, floats and bit patterns (e: "" or "<>")."""
+    h, h2 = p, p + "2"
+    return f"""
+      o[0] = as_float(__low2{h}{e}(x)); o[1] = as_float(__high2{h}{e}(x));
+      put2(o + 2, __halves2{h2}{e}(__low2{h}{e}(x), __high2{h}{e}(y)));
+      put2(o + 4, __{h}2{h2}{e}(__high2{h}{e}(x)));
+      put2(o + 6, __low2{h2}{e}(x)); put2(o + 8, __high2{h2}{e}(x));
+      put2(o + 10, __lows2{h2}{e}(x, y)); put2(o + 12, __highs2{h2}{e}(x, y));
+      put2(o + 14, __lowhigh2highlow{e}(x));
+      const float2 f = __{h2}2float2{e}(x); o[16] = f.x; o[17] = f.y;
+      put2(o + 18, __float22{h2}_rn{e}(make_float2(as_float(y.x) * 3.3f, as_float(y.y) / 7.1f)));
+      o[20] = float(__{h}_as_ushort{e}(x.x)); o[21] = as_float(__ushort_as_{h}{e}(__{h}_as_ushort{e}(x.y)));"""
 
 
 def kernel_source():
@@ -236,11 +272,9 @@ def kernel_source():
     f2 = [e for e, _ in FMA2.values()] + ["__hcmadd(x, y, z)"]
     conv = []
     for dtype in FORMATS:
-        t, p = CTYPE[dtype], PREFIX[dtype]
+        t, t2, p = CTYPE[dtype], CTYPE2[dtype], PREFIX[dtype]
         to_int = [f"__{p}2{i}_{m}(x)" for i in INTS for m in MODES]
-        from_int = [f"__{i}2{p}_{m}(({c}) v)" for i, c in (("short", "short"), ("ushort", "unsigned short"),
-                    ("int", "int"), ("uint", "unsigned"), ("ll", "long long"), ("ull", "unsigned long long"))
-                    for m in MODES]
+        from_int = [f"__{i}2{p}_{m}(({c}) v)" for i, c in FROM_INT for m in MODES]
         from_float = [f"__float2{p}_{m}(f)" for m in FLOAT_MODES]
         conv.append(f"""
 __global__ void to_int_{p}(int op, const {t}* a, long long* out, int n) {{
@@ -256,6 +290,15 @@ __global__ void from_int_{p}(int op, const long long* a, float* out, int n) {{
     const long long v = a[i];
     switch (op) {{
 {_switch(from_int, "out[i] = as_float({expr})")}
+    }}
+  }}
+}}
+__global__ void lanes_{p}(int form, const {t2}* a, const {t2}* b, float* out, int n) {{
+  GRID_LOOP(i, n) {{
+    float* o = out + 22 * i;
+    const {t2} x = a[i], y = b[i];
+    if (form == 0) {{{lanes_body(p, "")}
+    }} else {{{lanes_body(p, "<>")}
     }}
   }}
 }}
@@ -360,13 +403,26 @@ __global__ void scalar_product(const half2* a, const half2* b, float* results, i
 
 KERNELS = tuple(f"{k}<{t}>" for k in ("unary", "binary", "ternary") for t in CTYPE.values()) + \
     tuple(f"{k}<{t}>" for k in ("unary2", "binary2", "ternary2") for t in CTYPE2.values()) + \
-    tuple(f"{k}_{p}" for p in PREFIX.values() for k in ("to_int", "from_int", "from_float")) + \
+    tuple(f"{k}_{p}" for p in PREFIX.values() for k in ("to_int", "from_int", "from_float", "lanes")) + \
     ("scalar_product",)
 
 
 @pytest.fixture(scope="module")
 def mod():
     return RawModule(code=kernel_source(), name_expressions=KERNELS, name="fp16_intrinsics.cu")
+
+
+def with_forms(names, fallback=None):
+    """(name, form) parameters: every name called by name; the names in ``fallback`` (default
+    all) also through the fallback definition, explicitly."""
+    fallback = names if fallback is None else fallback
+    return [pytest.param(n, "name", id=n) for n in names] + \
+        [pytest.param(n, "fallback", id=f"{n}-fallback") for n in names if n in fallback]
+
+
+# The headers of CUDA 12.2+ declare these for the host, 12.0 / 12.1 do not: the fallbacks are
+# checked explicitly (the others are the fallbacks whatever the form).
+HOST_SINCE_12_2 = {"hneg", "habs", "hneg2", "habs2"}
 
 
 def launch(mod, name, op, inputs, out_dtype=torch.float32, width=1):
@@ -390,54 +446,59 @@ def test_reference_rounding_matches_numpy_half():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", list(UNARY))
-def test_unary(mod, dtype, name):
+@pytest.mark.parametrize("name,form", with_forms(list(UNARY), HOST_SINCE_12_2))
+def test_unary(mod, dtype, name, form):
     x = every_value(dtype)
-    got = launch(mod, f"unary<{CTYPE[dtype]}>", list(UNARY).index(name), [as_tensor(x, dtype)])
+    got = launch(mod, f"unary<{CTYPE[dtype]}>", op_index(UNARY, name, form), [as_tensor(x, dtype)])
     with np.errstate(all="ignore"):
         assert_same(got, UNARY[name][1](dtype, x), name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", list(UNARY2))
-def test_unary_2wide(mod, dtype, name):
+@pytest.mark.parametrize("name,form", with_forms(list(UNARY2), HOST_SINCE_12_2))
+def test_unary_2wide(mod, dtype, name, form):
     x = np.roll(every_value(dtype), 7)
-    got = launch(mod, f"unary2<{CTYPE2[dtype]}>", list(UNARY2).index(name), [as_tensor(x, dtype)], width=2)
+    got = launch(mod, f"unary2<{CTYPE2[dtype]}>", op_index(UNARY2, name, form), [as_tensor(x, dtype)], width=2)
     with np.errstate(all="ignore"):
         assert_same(got, UNARY2[name][1](dtype, x), name)
 
 
-HEADER_HOST_ZEROS = ("the bfloat16 __hmin_nan / __hmax_nan of cuda_bf16.h's host path return the "
-                     "second operand for +0 vs -0; the half ones and the device order -0 below +0")
+HEADER_HOST_ZEROS = ("the bfloat16 __hmin_nan / __hmax_nan of cuda_bf16.h's host path (CUDA 12.2+) "
+                     "return the second operand for +0 vs -0; the half ones and the device order "
+                     "-0 below +0")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", list(ARITH))
-def test_binary(mod, dtype, name, request):
-    if dtype == torch.bfloat16 and name in ("hmin_nan", "hmax_nan"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=HEADER_HOST_ZEROS))
+@pytest.mark.parametrize("name,form", with_forms(list(ARITH)))
+def test_binary(mod, dtype, name, form, request):
+    if dtype == torch.bfloat16 and name in ("hmin_nan", "hmax_nan") and form == "name":
+        request.applymarker(pytest.mark.xfail(reason=HEADER_HOST_ZEROS))
     x, y = operands(dtype, 2, 4096, seed=1)
     s = awkward(dtype)
     x, y = np.concatenate([x, np.repeat(s, len(s))]), np.concatenate([y, np.tile(s, len(s))])
-    got = launch(mod, f"binary<{CTYPE[dtype]}>", list(ARITH).index(name), [as_tensor(x, dtype), as_tensor(y, dtype)])
+    got = launch(mod, f"binary<{CTYPE[dtype]}>", op_index(ARITH, name, form), [as_tensor(x, dtype), as_tensor(y, dtype)])
     assert_same(got, ARITH[name][1](dtype, x, y), name)
 
 
+BINARY2 = {**ARITH2, **BOOL2}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", list(ARITH2))
-def test_binary_2wide(mod, dtype, name):
+@pytest.mark.parametrize("name,form", with_forms(list(ARITH2)))
+def test_binary_2wide(mod, dtype, name, form):
     x, y = operands(dtype, 2, 4096, seed=2)
-    got = launch(mod, f"binary2<{CTYPE2[dtype]}>", list(ARITH2).index(name), [as_tensor(x, dtype), as_tensor(y, dtype)], width=2)
+    got = launch(mod, f"binary2<{CTYPE2[dtype]}>", op_index(BINARY2, name, form),
+                 [as_tensor(x, dtype), as_tensor(y, dtype)], width=2)
     assert_same(got, ARITH2[name][1](dtype, x, y), name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", list(BOOL2))
-def test_both_lanes_compare(mod, dtype, name):
+@pytest.mark.parametrize("name,form", with_forms(list(BOOL2)))
+def test_both_lanes_compare(mod, dtype, name, form):
     x, y = operands(dtype, 2, 4096, seed=3)
     y[::3] = x[::3]                                    # some pairs equal in both lanes
     y[1::2][::5] = x[1::2][::5]
-    got = launch(mod, f"binary2<{CTYPE2[dtype]}>", len(ARITH2) + list(BOOL2).index(name),
+    got = launch(mod, f"binary2<{CTYPE2[dtype]}>", op_index(BINARY2, name, form),
                  [as_tensor(x, dtype), as_tensor(y, dtype)], width=2)
     lane = ARITH[name.replace("hb", "h")[:-1]][1](dtype, x, y).reshape(-1, 2)
     assert_same(got, np.repeat(lane.min(axis=1), 2), name)
@@ -489,22 +550,28 @@ def _to_int_ref(x, kind, mode):
     """Saturating conversion as stored through long long; NaN gives 0, or 0x8000000000000000
     for the 64-bit types."""
     info = np.iinfo(INTS[kind])
-    out = []
-    for v in _integral(mode)(x):
-        if np.isnan(v):
-            out.append(-(1 << 63) if info.bits == 64 else 0)
-        else:
-            i = min(max(int(v) if np.isfinite(v) else (info.max if v > 0 else info.min), int(info.min)), int(info.max))
-            out.append(i - (1 << 64) if i >= 1 << 63 else i)
-    return torch.tensor(out, dtype=torch.int64)
+    r = _integral(mode)(x)
+    with np.errstate(invalid="ignore"):
+        low, high = r <= float(info.min), r >= float(info.max)
+        inside = np.where(np.isnan(r) | low | high, 0.0, r)
+    wide = np.uint64 if info.min == 0 else np.int64
+    out = inside.astype(wide)
+    out = np.where(low, wide(info.min), np.where(high, wide(info.max), out))
+    nan = (np.uint64(1 << 63) if info.min == 0 else np.int64(-(1 << 63))) if info.bits == 64 else wide(0)
+    out = np.where(np.isnan(r), nan, out)
+    return torch.from_numpy(out.astype(wide).view(np.int64).copy())
+
+
+CONVERSION_FORMS = [pytest.param(m, "name", id=m) for m in MODES] + \
+    [pytest.param(m, "fallback", id=f"{m}-fallback") for m in MODES]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode,form", CONVERSION_FORMS)
 @pytest.mark.parametrize("kind", list(INTS))
-def test_to_integer(mod, dtype, kind, mode):
+def test_to_integer(mod, dtype, kind, mode, form):
     x = every_value(dtype)
-    op = list(INTS).index(kind) * len(MODES) + MODES.index(mode)
+    op = list(INTS).index(kind) * len(MODES) + MODES.index(mode) + (len(INTS) * len(MODES) if form == "fallback" else 0)
     got = launch(mod, f"to_int_{PREFIX[dtype]}", op, [as_tensor(x, dtype)], out_dtype=torch.int64)
     want = _to_int_ref(x, kind, mode)
     assert torch.equal(got, want), f"{kind}_{mode}: {(got != want).sum()} differ"
@@ -528,9 +595,9 @@ def round_int(x, dtype, mode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode,form", CONVERSION_FORMS)
 @pytest.mark.parametrize("kind", list(INTS))
-def test_from_integer(mod, dtype, kind, mode):
+def test_from_integer(mod, dtype, kind, mode, form):
     info = np.iinfo(INTS[kind])
     g = np.random.default_rng(6)
     v = [int(info.min), int(info.max), 0, 1, -1, 255, 257, 2049, 2051, 4097, 65504, 65519, 65520,
@@ -539,7 +606,7 @@ def test_from_integer(mod, dtype, kind, mode):
     v += [int(x) >> int(s) for x, s in zip(g.integers(-2 ** 62, 2 ** 62, 2000), g.integers(0, 62, 2000))]
     v = [x for x in v if info.min <= x <= info.max]
     stored = torch.tensor([x - (1 << 64) if x >= 1 << 63 else x for x in v], dtype=torch.int64)
-    op = list(INTS).index(kind) * len(MODES) + MODES.index(mode)
+    op = list(INTS).index(kind) * len(MODES) + MODES.index(mode) + (len(INTS) * len(MODES) if form == "fallback" else 0)
     got = launch(mod, f"from_int_{PREFIX[dtype]}", op, [stored])
     assert_same(got, [round_int(x, dtype, mode) for x in v], f"{kind}2{PREFIX[dtype]}_{mode}")
 
@@ -558,6 +625,25 @@ def test_from_float(mod, dtype, mode):
     assert_same(got, want, f"__float2{PREFIX[dtype]}_{mode}")
     if mode == "rn":
         assert_same(got, torch.from_numpy(f).to(dtype).double().numpy(), "torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["name", "fallback"])
+def test_lanes_floats_and_bits(mod, dtype, form):
+    x, y = (v[:4096] for v in operands(dtype, 2, 4096, seed=9))
+    xt, yt = as_tensor(x, dtype), as_tensor(y, dtype)
+    n = len(x) // 2
+    out = torch.zeros(n * 22)
+    mod.get_function(f"lanes_{PREFIX[dtype]}")((8,), (128,), (np.int32(form == "fallback"), xt, yt, out, np.int32(n)))
+    ax, ay, bx, by = x[0::2], x[1::2], y[0::2], y[1::2]
+    f32 = np.float32
+    with np.errstate(all="ignore"):
+        scaled = [round_to((bx.astype(f32) * f32(3.3)).astype(np.float64), dtype),
+                  round_to((by.astype(f32) / f32(7.1)).astype(np.float64), dtype)]
+    raw = xt.view(torch.int16).numpy().astype(np.uint16).astype(np.float64)
+    want = np.stack([ax, ay, ax, by, ay, ay, ax, ax, ay, ay, ax, bx, ay, by, ay, ax, ax, ay,
+                     *scaled, raw[0::2], ay], axis=1)
+    assert_same(out.numpy(), want.ravel(), f"lanes ({form})")
 
 
 def test_fallbacks_called_by_name_and_explicitly():

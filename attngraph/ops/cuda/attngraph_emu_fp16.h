@@ -3,24 +3,27 @@
 //
 // cuda_fp16.h and cuda_bf16.h declare part of their intrinsics only when the compiler is nvcc
 // (inside `#if defined(__CUDACC__)`): in a host build kernels that call __hfma2, hexp or
-// __half2int_rn do not compile. Probed on the CUDA 12.9 (nvidia-cuda-runtime-cu12) and
-// CUDA 13.0 headers, the same set is missing on both:
-//   * fused multiply-add: __hfma, __hfma_sat, __hfma_relu, __hfma2, __hfma2_sat,
-//     __hfma2_relu, __hcmadd (half and bfloat16);
-//   * math: hceil hfloor hrint htrunc hsqrt hrsqrt hrcp hexp hexp2 hexp10 hlog hlog2 hlog10
-//     hsin hcos htanh htanh_approx and their h2* forms (half and bfloat16);
-//   * to integers rounding to nearest / down / up: __half2{short,ushort,int,uint,ll,ull}_{rn,rd,ru}
-//     and __bfloat162..._{rn,rd,ru} (the _rz forms exist on the host);
-//   * from integers to bfloat16 rounding toward zero / down / up:
-//     __{short,ushort,int,uint,ll,ull}2bfloat16_{rz,rd,ru}.
-// The arithmetic, comparison and float conversion intrinsics (__hadd, __hmul2, __heq2,
-// __float2half_rd, __low2half, ...) are defined for the host by those headers and are used
-// as they are.
+// __half2int_rn do not compile. Probed by declaration, for half and bfloat16 alike:
+//   * missing with the CUDA 12.9 (nvidia-cuda-runtime-cu12) and the CUDA 13.0 headers:
+//     - fused multiply-add: __hfma, __hfma_sat, __hfma_relu, __hfma2, __hfma2_sat,
+//       __hfma2_relu, __hcmadd;
+//     - math: hceil hfloor hrint htrunc hsqrt hrsqrt hrcp hexp hexp2 hexp10 hlog hlog2 hlog10
+//       hsin hcos htanh htanh_approx and their h2* forms;
+//     - to integers rounding to nearest / down / up: __half2{short,ushort,int,uint,ll,ull}_{rn,rd,ru},
+//       __bfloat162..._{rn,rd,ru};
+//     - integers to bfloat16 rounding toward zero / down / up: __{short,...,ull}2bfloat16_{rz,rd,ru};
+//   * missing too with the CUDA 12.0 headers (host versions came with 12.2): the arithmetic
+//     (__hadd, __hmul2, __h2div, _rn and _sat forms, __hneg, __habs, __hmin, __hmax, _nan
+//     forms), the comparisons (__heq ... __hgeu, 2-wide, _mask and __hb forms, __hisnan,
+//     __hisinf), the lane moves (__low2half, __halves2half2, __lows2half2, __lowhigh2highlow,
+//     ...), __half22float2 / __float22half2_rn, the bit casts and the other integer
+//     conversions.
+// (Not here: the cache-hinted loads and stores __ldcg ... __stwt, and atomicAdd on half types.)
 //
 // Every definition here is a function template. Where a header does declare a name for the
-// host (a newer CUDA), its non-template function is the better overload and wins; these
-// definitions then stay unused instead of clashing. `name<>(...)` selects the definition
-// here explicitly (the tests do, to check it against the header's host version).
+// host, its non-template function is the better overload and wins; these definitions then stay
+// unused instead of clashing. `name<>(...)` selects the definition here explicitly (the tests
+// do, to check it whatever the header version).
 //
 // Semantics follow the hardware: operands are exact in fp32/fp64, results are rounded once to
 // half / bfloat16 (nearest even unless the name says _rz / _rd / _ru), subnormals are kept,
@@ -36,6 +39,9 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#include <vector_functions.h>   // float2, make_float2 (not declared for the host by CUDA 12.0's cuda_fp16.h)
+#include <vector_types.h>
 
 namespace emu::fp16 {
 
@@ -166,6 +172,139 @@ template <scalar T, class F> inline T map(T a, F f) { return rn<T>(f(value(a)));
 
 }  // namespace emu::fp16
 
+// ------------------------------------------------------------------ arithmetic, comparisons, lanes
+// Declared for the host by the CUDA 12.2+ headers (the 12.0 / 12.1 headers declare them for
+// device code only): used from the header where it has them.
+namespace emu::fp16 {
+template <pair T2> using lane_t = decltype(T2().x);
+
+template <scalar T> inline T canonical(T a) { return std::isnan(value(a)) ? from_bits<T>(kNaN) : a; }
+// min / max ordering -0 below +0; `nan`: a NaN operand gives NaN, else the other operand wins.
+template <scalar T> inline T min(T a, T b, bool nan) {
+  const double x = value(a), y = value(b);
+  if (std::isnan(x) || std::isnan(y)) return (nan || (std::isnan(x) && std::isnan(y))) ? from_bits<T>(kNaN) : std::isnan(x) ? b : a;
+  if (x == y) return (bits(a) & 0x8000) ? a : b;
+  return x < y ? a : b;
+}
+template <scalar T> inline T max(T a, T b, bool nan) {
+  const double x = value(a), y = value(b);
+  if (std::isnan(x) || std::isnan(y)) return (nan || (std::isnan(x) && std::isnan(y))) ? from_bits<T>(kNaN) : std::isnan(x) ? b : a;
+  if (x == y) return (bits(a) & 0x8000) ? b : a;
+  return x > y ? a : b;
+}
+template <scalar T> inline bool unordered(T a, T b) { return std::isnan(value(a)) || std::isnan(value(b)); }
+template <pair T2, class F> inline T2 lanes(T2 a, T2 b, F f) { return T2(f(a.x, b.x), f(a.y, b.y)); }
+template <pair T2> inline T2 truth(bool lo, bool hi) { return T2(rn<lane_t<T2>>(lo), rn<lane_t<T2>>(hi)); }
+inline unsigned mask(bool lo, bool hi) { return (lo ? 0xffffu : 0u) | (hi ? 0xffff0000u : 0u); }
+}  // namespace emu::fp16
+
+#define AG_FP16_T template <emu::fp16::scalar T> inline
+#define AG_FP16_T2 template <emu::fp16::pair T2> inline
+AG_FP16_T T __hadd(T a, T b) { return emu::fp16::rn<T>(emu::fp16::value(a) + emu::fp16::value(b)); }
+AG_FP16_T T __hsub(T a, T b) { return emu::fp16::rn<T>(emu::fp16::value(a) - emu::fp16::value(b)); }
+AG_FP16_T T __hmul(T a, T b) { return emu::fp16::rn<T>(emu::fp16::value(a) * emu::fp16::value(b)); }
+AG_FP16_T T __hdiv(T a, T b) { return emu::fp16::rn<T>(emu::fp16::value(a) / emu::fp16::value(b)); }
+AG_FP16_T T __hadd_rn(T a, T b) { return __hadd<>(a, b); }
+AG_FP16_T T __hsub_rn(T a, T b) { return __hsub<>(a, b); }
+AG_FP16_T T __hmul_rn(T a, T b) { return __hmul<>(a, b); }
+AG_FP16_T T __hadd_sat(T a, T b) { return emu::fp16::sat(__hadd<>(a, b)); }
+AG_FP16_T T __hsub_sat(T a, T b) { return emu::fp16::sat(__hsub<>(a, b)); }
+AG_FP16_T T __hmul_sat(T a, T b) { return emu::fp16::sat(__hmul<>(a, b)); }
+AG_FP16_T T __hneg(T a) { return emu::fp16::from_bits<T>(emu::fp16::bits(a) ^ 0x8000); }
+AG_FP16_T T __habs(T a) { return emu::fp16::from_bits<T>(emu::fp16::bits(a) & 0x7fff); }
+AG_FP16_T T __hmin(T a, T b) { return emu::fp16::min(a, b, false); }
+AG_FP16_T T __hmax(T a, T b) { return emu::fp16::max(a, b, false); }
+AG_FP16_T T __hmin_nan(T a, T b) { return emu::fp16::min(a, b, true); }
+AG_FP16_T T __hmax_nan(T a, T b) { return emu::fp16::max(a, b, true); }
+AG_FP16_T bool __hisnan(T a) { return std::isnan(emu::fp16::value(a)); }
+AG_FP16_T int __hisinf(T a) { const double x = emu::fp16::value(a); return std::isinf(x) ? (x < 0 ? -1 : 1) : 0; }
+// Ordered comparisons are false and unordered ones (`u`) true when an operand is NaN.
+AG_FP16_T bool __heq(T a, T b) { return emu::fp16::value(a) == emu::fp16::value(b); }
+AG_FP16_T bool __hne(T a, T b) { return !emu::fp16::unordered(a, b) && emu::fp16::value(a) != emu::fp16::value(b); }
+AG_FP16_T bool __hlt(T a, T b) { return emu::fp16::value(a) < emu::fp16::value(b); }
+AG_FP16_T bool __hle(T a, T b) { return emu::fp16::value(a) <= emu::fp16::value(b); }
+AG_FP16_T bool __hgt(T a, T b) { return emu::fp16::value(a) > emu::fp16::value(b); }
+AG_FP16_T bool __hge(T a, T b) { return emu::fp16::value(a) >= emu::fp16::value(b); }
+AG_FP16_T bool __hequ(T a, T b) { return emu::fp16::unordered(a, b) || __heq<>(a, b); }
+AG_FP16_T bool __hneu(T a, T b) { return emu::fp16::value(a) != emu::fp16::value(b); }
+AG_FP16_T bool __hltu(T a, T b) { return emu::fp16::unordered(a, b) || __hlt<>(a, b); }
+AG_FP16_T bool __hleu(T a, T b) { return emu::fp16::unordered(a, b) || __hle<>(a, b); }
+AG_FP16_T bool __hgtu(T a, T b) { return emu::fp16::unordered(a, b) || __hgt<>(a, b); }
+AG_FP16_T bool __hgeu(T a, T b) { return emu::fp16::unordered(a, b) || __hge<>(a, b); }
+
+// 2-wide: lane by lane; comparisons give 1.0 / 0.0 per lane, `_mask` 0xffff per lane, `hb`
+// whether both lanes hold.
+#define AG_FP16_LANES2(name2, name) \
+  AG_FP16_T2 T2 name2(T2 a, T2 b) { return emu::fp16::lanes(a, b, [](auto x, auto y) { return name<>(x, y); }); }
+AG_FP16_LANES2(__hadd2, __hadd)
+AG_FP16_LANES2(__hsub2, __hsub)
+AG_FP16_LANES2(__hmul2, __hmul)
+AG_FP16_LANES2(__h2div, __hdiv)
+AG_FP16_LANES2(__hadd2_rn, __hadd)
+AG_FP16_LANES2(__hsub2_rn, __hsub)
+AG_FP16_LANES2(__hmul2_rn, __hmul)
+AG_FP16_LANES2(__hadd2_sat, __hadd_sat)
+AG_FP16_LANES2(__hsub2_sat, __hsub_sat)
+AG_FP16_LANES2(__hmul2_sat, __hmul_sat)
+AG_FP16_LANES2(__hmin2, __hmin)
+AG_FP16_LANES2(__hmax2, __hmax)
+AG_FP16_LANES2(__hmin2_nan, __hmin_nan)
+AG_FP16_LANES2(__hmax2_nan, __hmax_nan)
+#undef AG_FP16_LANES2
+AG_FP16_T2 T2 __hneg2(T2 a) { return T2(__hneg<>(a.x), __hneg<>(a.y)); }
+AG_FP16_T2 T2 __habs2(T2 a) { return T2(__habs<>(a.x), __habs<>(a.y)); }
+AG_FP16_T2 T2 __hisnan2(T2 a) { return emu::fp16::truth<T2>(__hisnan<>(a.x), __hisnan<>(a.y)); }
+AG_FP16_T2 T2 __lowhigh2highlow(T2 a) { return T2(a.y, a.x); }
+AG_FP16_T2 float __low2float(T2 a) { return float(emu::fp16::value(a.x)); }
+AG_FP16_T2 float __high2float(T2 a) { return float(emu::fp16::value(a.y)); }
+
+#define AG_FP16_COMPARE2(c)                                                                                 \
+  AG_FP16_T2 T2 __h##c##2(T2 a, T2 b) { return emu::fp16::truth<T2>(__h##c<>(a.x, b.x), __h##c<>(a.y, b.y)); } \
+  AG_FP16_T2 unsigned __h##c##2_mask(T2 a, T2 b) { return emu::fp16::mask(__h##c<>(a.x, b.x), __h##c<>(a.y, b.y)); } \
+  AG_FP16_T2 bool __hb##c##2(T2 a, T2 b) { return __h##c<>(a.x, b.x) && __h##c<>(a.y, b.y); }
+AG_FP16_COMPARE2(eq)
+AG_FP16_COMPARE2(ne)
+AG_FP16_COMPARE2(lt)
+AG_FP16_COMPARE2(le)
+AG_FP16_COMPARE2(gt)
+AG_FP16_COMPARE2(ge)
+AG_FP16_COMPARE2(equ)
+AG_FP16_COMPARE2(neu)
+AG_FP16_COMPARE2(ltu)
+AG_FP16_COMPARE2(leu)
+AG_FP16_COMPARE2(gtu)
+AG_FP16_COMPARE2(geu)
+#undef AG_FP16_COMPARE2
+
+// Lanes, floats and bit patterns, per type (half: __low2half, bfloat16: __low2bfloat16, ...).
+#define AG_FP16_LANE_CONVERSIONS(T, T2, h, h2)                                                        \
+  template <class = void> inline float2 __##h2##2float2(T2 a) { return make_float2(float(emu::fp16::value(a.x)), float(emu::fp16::value(a.y))); } \
+  template <class = void> inline T2 __float22##h2##_rn(float2 f) { return T2(emu::fp16::rn<T>(f.x), emu::fp16::rn<T>(f.y)); } \
+  template <class = void> inline T2 __##h##2##h2(T a) { return T2(a, a); }                           \
+  template <class = void> inline T2 __halves2##h2(T lo, T hi) { return T2(lo, hi); }                  \
+  template <class = void> inline T __low2##h(T2 a) { return a.x; }                                     \
+  template <class = void> inline T __high2##h(T2 a) { return a.y; }                                    \
+  template <class = void> inline T2 __low2##h2(T2 a) { return T2(a.x, a.x); }                          \
+  template <class = void> inline T2 __high2##h2(T2 a) { return T2(a.y, a.y); }                         \
+  template <class = void> inline T2 __lows2##h2(T2 a, T2 b) { return T2(a.x, b.x); }                   \
+  template <class = void> inline T2 __highs2##h2(T2 a, T2 b) { return T2(a.y, b.y); }                  \
+  template <class = void> inline short __##h##_as_short(T a) { return static_cast<short>(emu::fp16::bits(a)); } \
+  template <class = void> inline unsigned short __##h##_as_ushort(T a) { return emu::fp16::bits(a); }  \
+  template <class = void> inline T __short_as_##h(short i) { return emu::fp16::from_bits<T>(static_cast<uint16_t>(i)); } \
+  template <class = void> inline T __ushort_as_##h(unsigned short i) { return emu::fp16::from_bits<T>(i); } \
+  template <class = void> inline float __##h##2float(T a) { return float(emu::fp16::value(a)); }         \
+  template <class = void> inline T __float2##h(float f) { return emu::fp16::rn<T>(f); }                 \
+  template <class = void> inline T __float2##h##_rn(float f) { return emu::fp16::rn<T>(f); }            \
+  template <class = void> inline T __float2##h##_rz(float f) { return emu::fp16::round<T>(f, emu::fp16::Round::rz); } \
+  template <class = void> inline T __float2##h##_rd(float f) { return emu::fp16::round<T>(f, emu::fp16::Round::rd); } \
+  template <class = void> inline T __float2##h##_ru(float f) { return emu::fp16::round<T>(f, emu::fp16::Round::ru); } \
+  template <class = void> inline T __double2##h(double d) { return emu::fp16::rn<T>(d); }               \
+  template <class = void> inline T2 __float2##h2##_rn(float f) { return T2(emu::fp16::rn<T>(f), emu::fp16::rn<T>(f)); } \
+  template <class = void> inline T2 __floats2##h2##_rn(float lo, float hi) { return T2(emu::fp16::rn<T>(lo), emu::fp16::rn<T>(hi)); }
+AG_FP16_LANE_CONVERSIONS(__half, __half2, half, half2)
+AG_FP16_LANE_CONVERSIONS(__nv_bfloat16, __nv_bfloat162, bfloat16, bfloat162)
+#undef AG_FP16_LANE_CONVERSIONS
+
 // ------------------------------------------------------------------ fused multiply-add
 template <emu::fp16::scalar T> inline T __hfma(T a, T b, T c) { return emu::fp16::fma(a, b, c); }
 template <emu::fp16::scalar T> inline T __hfma_sat(T a, T b, T c) { return emu::fp16::sat(emu::fp16::fma(a, b, c)); }
@@ -203,41 +342,39 @@ AG_FP16_MATH(htanh_approx, h2tanh_approx, std::tanh(x))
 
 #undef AG_FP16_MATH
 
-// ------------------------------------------------------------------ to integers (_rn, _rd, _ru)
-#define AG_FP16_TO_INT(T, prefix, to, I)                                                              \
-  template <class = void> inline I prefix##2##to##_rn(T h) { return emu::fp16::to_int<I>(h, emu::fp16::Round::rn); } \
-  template <class = void> inline I prefix##2##to##_rd(T h) { return emu::fp16::to_int<I>(h, emu::fp16::Round::rd); } \
-  template <class = void> inline I prefix##2##to##_ru(T h) { return emu::fp16::to_int<I>(h, emu::fp16::Round::ru); }
+// ------------------------------------------------------------------ to and from integers
+// Missing on the host: to integers _rn / _rd / _ru, from integers to bfloat16 _rz / _rd / _ru;
+// the others only before CUDA 12.2.
+#define AG_FP16_TO_INT(T, h, to, I)                                                                   \
+  template <class = void> inline I __##h##2##to##_rn(T x) { return emu::fp16::to_int<I>(x, emu::fp16::Round::rn); } \
+  template <class = void> inline I __##h##2##to##_rz(T x) { return emu::fp16::to_int<I>(x, emu::fp16::Round::rz); } \
+  template <class = void> inline I __##h##2##to##_rd(T x) { return emu::fp16::to_int<I>(x, emu::fp16::Round::rd); } \
+  template <class = void> inline I __##h##2##to##_ru(T x) { return emu::fp16::to_int<I>(x, emu::fp16::Round::ru); }
+#define AG_FP16_FROM_INT(T, h, from, I)                                                               \
+  template <class = void> inline T __##from##2##h##_rn(I i) { return emu::fp16::from_int<T>(i, emu::fp16::Round::rn); } \
+  template <class = void> inline T __##from##2##h##_rz(I i) { return emu::fp16::from_int<T>(i, emu::fp16::Round::rz); } \
+  template <class = void> inline T __##from##2##h##_rd(I i) { return emu::fp16::from_int<T>(i, emu::fp16::Round::rd); } \
+  template <class = void> inline T __##from##2##h##_ru(I i) { return emu::fp16::from_int<T>(i, emu::fp16::Round::ru); }
+#define AG_FP16_INTEGERS(T, h)                                                                        \
+  AG_FP16_TO_INT(T, h, short, short)                                                                  \
+  AG_FP16_TO_INT(T, h, ushort, unsigned short)                                                        \
+  AG_FP16_TO_INT(T, h, int, int)                                                                      \
+  AG_FP16_TO_INT(T, h, uint, unsigned int)                                                            \
+  AG_FP16_TO_INT(T, h, ll, long long)                                                                 \
+  AG_FP16_TO_INT(T, h, ull, unsigned long long)                                                       \
+  AG_FP16_FROM_INT(T, h, short, short)                                                                \
+  AG_FP16_FROM_INT(T, h, ushort, unsigned short)                                                      \
+  AG_FP16_FROM_INT(T, h, int, int)                                                                    \
+  AG_FP16_FROM_INT(T, h, uint, unsigned int)                                                          \
+  AG_FP16_FROM_INT(T, h, ll, long long)                                                               \
+  AG_FP16_FROM_INT(T, h, ull, unsigned long long)
 
-AG_FP16_TO_INT(__half, __half, short, short)
-AG_FP16_TO_INT(__half, __half, ushort, unsigned short)
-AG_FP16_TO_INT(__half, __half, int, int)
-AG_FP16_TO_INT(__half, __half, uint, unsigned int)
-AG_FP16_TO_INT(__half, __half, ll, long long)
-AG_FP16_TO_INT(__half, __half, ull, unsigned long long)
-AG_FP16_TO_INT(__nv_bfloat16, __bfloat16, short, short)
-AG_FP16_TO_INT(__nv_bfloat16, __bfloat16, ushort, unsigned short)
-AG_FP16_TO_INT(__nv_bfloat16, __bfloat16, int, int)
-AG_FP16_TO_INT(__nv_bfloat16, __bfloat16, uint, unsigned int)
-AG_FP16_TO_INT(__nv_bfloat16, __bfloat16, ll, long long)
-AG_FP16_TO_INT(__nv_bfloat16, __bfloat16, ull, unsigned long long)
+AG_FP16_INTEGERS(__half, half)
+AG_FP16_INTEGERS(__nv_bfloat16, bfloat16)
 
+#undef AG_FP16_INTEGERS
+#undef AG_FP16_FROM_INT
 #undef AG_FP16_TO_INT
-
-// ------------------------------------------------------------------ integers to bfloat16 (_rz, _rd, _ru)
-#define AG_INT_TO_BF16(from, I)                                                                        \
-  template <class = void> inline __nv_bfloat16 __##from##2bfloat16_rz(I i) { return emu::fp16::from_int<__nv_bfloat16>(i, emu::fp16::Round::rz); } \
-  template <class = void> inline __nv_bfloat16 __##from##2bfloat16_rd(I i) { return emu::fp16::from_int<__nv_bfloat16>(i, emu::fp16::Round::rd); } \
-  template <class = void> inline __nv_bfloat16 __##from##2bfloat16_ru(I i) { return emu::fp16::from_int<__nv_bfloat16>(i, emu::fp16::Round::ru); }
-
-AG_INT_TO_BF16(short, short)
-AG_INT_TO_BF16(ushort, unsigned short)
-AG_INT_TO_BF16(int, int)
-AG_INT_TO_BF16(uint, unsigned int)
-AG_INT_TO_BF16(ll, long long)
-AG_INT_TO_BF16(ull, unsigned long long)
-
-#undef AG_INT_TO_BF16
 
 // ------------------------------------------------------------------ shuffles of __half2 / __nv_bfloat162
 // The pair types have a user-provided assignment operator, so they are not trivially copyable
@@ -261,3 +398,6 @@ AG_FP16_SHUFFLES(__half2)
 AG_FP16_SHUFFLES(__nv_bfloat162)
 
 #undef AG_FP16_SHUFFLES
+
+#undef AG_FP16_T2
+#undef AG_FP16_T
