@@ -114,7 +114,8 @@ inline double odd_sum(double p, double c) {
   double s = p + c;
   if (!std::isfinite(s)) return s;
   const double bb = s - p, err = (p - (s - bb)) + (c - bb);   // TwoSum: p + c == s + err
-  if (err != 0 && (std::bit_cast<uint64_t>(s) & 1) == 0) s = std::nextafter(s, err > 0 ? HUGE_VAL : -HUGE_VAL);
+  if (err != 0 && (std::bit_cast<uint64_t>(s) & 1) == 0)
+    s = std::nextafter(s, err > 0 ? HUGE_VAL : -HUGE_VAL);
   return s;
 }
 
@@ -137,7 +138,8 @@ inline double integral(double v, Round mode) {
   const double frac = v - r;                    // exact
   switch (mode) {
     case Round::rn:
-      if (std::fabs(frac) > 0.5 || (std::fabs(frac) == 0.5 && std::fmod(r, 2.0) != 0)) r += frac > 0 ? 1 : -1;
+      if (std::fabs(frac) > 0.5 || (std::fabs(frac) == 0.5 && std::fmod(r, 2.0) != 0))
+        r += frac > 0 ? 1 : -1;
       break;
     case Round::rz: break;
     case Round::rd: r -= frac < 0; break;
@@ -160,7 +162,8 @@ template <class I, scalar T> inline I to_int(T h, Round mode) {
 // From an integer: |i| rounded to odd at 53 bits if wider, then rounded once to T.
 template <scalar T, std::integral I> inline T from_int(I i, Round mode) {
   const bool neg = i < 0;
-  unsigned long long m = neg ? 0ull - static_cast<unsigned long long>(i) : static_cast<unsigned long long>(i);
+  const auto u = static_cast<unsigned long long>(i);
+  unsigned long long m = neg ? 0ull - u : u;
   int shift = 0;
   unsigned long long sticky = 0;
   while (m >> 53) { sticky |= m & 1; m >>= 1; ++shift; }
@@ -178,19 +181,14 @@ template <scalar T, class F> inline T map(T a, F f) { return rn<T>(f(value(a)));
 namespace emu::fp16 {
 template <pair T2> using lane_t = decltype(T2().x);
 
-template <scalar T> inline T canonical(T a) { return std::isnan(value(a)) ? from_bits<T>(kNaN) : a; }
-// min / max ordering -0 below +0; `nan`: a NaN operand gives NaN, else the other operand wins.
-template <scalar T> inline T min(T a, T b, bool nan) {
+// min / max with -0 below +0. A NaN operand gives NaN with `nan` (the _nan forms), else the
+// other operand (NaN, canonical, only if both are).
+template <scalar T> inline T minmax(T a, T b, bool take_max, bool nan) {
   const double x = value(a), y = value(b);
-  if (std::isnan(x) || std::isnan(y)) return (nan || (std::isnan(x) && std::isnan(y))) ? from_bits<T>(kNaN) : std::isnan(x) ? b : a;
-  if (x == y) return (bits(a) & 0x8000) ? a : b;
-  return x < y ? a : b;
-}
-template <scalar T> inline T max(T a, T b, bool nan) {
-  const double x = value(a), y = value(b);
-  if (std::isnan(x) || std::isnan(y)) return (nan || (std::isnan(x) && std::isnan(y))) ? from_bits<T>(kNaN) : std::isnan(x) ? b : a;
-  if (x == y) return (bits(a) & 0x8000) ? b : a;
-  return x > y ? a : b;
+  if (std::isnan(x) && std::isnan(y)) return from_bits<T>(kNaN);
+  if (std::isnan(x) || std::isnan(y)) return nan ? from_bits<T>(kNaN) : std::isnan(x) ? b : a;
+  if (x == y) return ((bits(a) & 0x8000) != 0) == take_max ? b : a;
+  return (x < y) == take_max ? b : a;
 }
 template <scalar T> inline bool unordered(T a, T b) { return std::isnan(value(a)) || std::isnan(value(b)); }
 template <pair T2, class F> inline T2 lanes(T2 a, T2 b, F f) { return T2(f(a.x, b.x), f(a.y, b.y)); }
@@ -212,10 +210,10 @@ AG_FP16_T T __hsub_sat(T a, T b) { return emu::fp16::sat(__hsub<>(a, b)); }
 AG_FP16_T T __hmul_sat(T a, T b) { return emu::fp16::sat(__hmul<>(a, b)); }
 AG_FP16_T T __hneg(T a) { return emu::fp16::from_bits<T>(emu::fp16::bits(a) ^ 0x8000); }
 AG_FP16_T T __habs(T a) { return emu::fp16::from_bits<T>(emu::fp16::bits(a) & 0x7fff); }
-AG_FP16_T T __hmin(T a, T b) { return emu::fp16::min(a, b, false); }
-AG_FP16_T T __hmax(T a, T b) { return emu::fp16::max(a, b, false); }
-AG_FP16_T T __hmin_nan(T a, T b) { return emu::fp16::min(a, b, true); }
-AG_FP16_T T __hmax_nan(T a, T b) { return emu::fp16::max(a, b, true); }
+AG_FP16_T T __hmin(T a, T b) { return emu::fp16::minmax(a, b, false, false); }
+AG_FP16_T T __hmax(T a, T b) { return emu::fp16::minmax(a, b, true, false); }
+AG_FP16_T T __hmin_nan(T a, T b) { return emu::fp16::minmax(a, b, false, true); }
+AG_FP16_T T __hmax_nan(T a, T b) { return emu::fp16::minmax(a, b, true, true); }
 AG_FP16_T bool __hisnan(T a) { return std::isnan(emu::fp16::value(a)); }
 AG_FP16_T int __hisinf(T a) { const double x = emu::fp16::value(a); return std::isinf(x) ? (x < 0 ? -1 : 1) : 0; }
 // Ordered comparisons are false and unordered ones (`u`) true when an operand is NaN.
@@ -306,21 +304,21 @@ AG_FP16_LANE_CONVERSIONS(__nv_bfloat16, __nv_bfloat162, bfloat16, bfloat162)
 #undef AG_FP16_LANE_CONVERSIONS
 
 // ------------------------------------------------------------------ fused multiply-add
-template <emu::fp16::scalar T> inline T __hfma(T a, T b, T c) { return emu::fp16::fma(a, b, c); }
-template <emu::fp16::scalar T> inline T __hfma_sat(T a, T b, T c) { return emu::fp16::sat(emu::fp16::fma(a, b, c)); }
-template <emu::fp16::scalar T> inline T __hfma_relu(T a, T b, T c) { return emu::fp16::relu(emu::fp16::fma(a, b, c)); }
-template <emu::fp16::pair T2> inline T2 __hfma2(T2 a, T2 b, T2 c) { return T2(__hfma(a.x, b.x, c.x), __hfma(a.y, b.y, c.y)); }
-template <emu::fp16::pair T2> inline T2 __hfma2_sat(T2 a, T2 b, T2 c) { return T2(__hfma_sat(a.x, b.x, c.x), __hfma_sat(a.y, b.y, c.y)); }
-template <emu::fp16::pair T2> inline T2 __hfma2_relu(T2 a, T2 b, T2 c) { return T2(__hfma_relu(a.x, b.x, c.x), __hfma_relu(a.y, b.y, c.y)); }
+AG_FP16_T T __hfma(T a, T b, T c) { return emu::fp16::fma(a, b, c); }
+AG_FP16_T T __hfma_sat(T a, T b, T c) { return emu::fp16::sat(emu::fp16::fma(a, b, c)); }
+AG_FP16_T T __hfma_relu(T a, T b, T c) { return emu::fp16::relu(emu::fp16::fma(a, b, c)); }
+AG_FP16_T2 T2 __hfma2(T2 a, T2 b, T2 c) { return T2(__hfma(a.x, b.x, c.x), __hfma(a.y, b.y, c.y)); }
+AG_FP16_T2 T2 __hfma2_sat(T2 a, T2 b, T2 c) { return T2(__hfma_sat(a.x, b.x, c.x), __hfma_sat(a.y, b.y, c.y)); }
+AG_FP16_T2 T2 __hfma2_relu(T2 a, T2 b, T2 c) { return T2(__hfma_relu(a.x, b.x, c.x), __hfma_relu(a.y, b.y, c.y)); }
 // Complex a * b + c as the device computes it: four fused multiply-adds.
-template <emu::fp16::pair T2> inline T2 __hcmadd(T2 a, T2 b, T2 c) {
+AG_FP16_T2 T2 __hcmadd(T2 a, T2 b, T2 c) {
   return T2(__hfma(__hneg(a.y), b.y, __hfma(a.x, b.x, c.x)), __hfma(a.y, b.x, __hfma(a.x, b.y, c.y)));
 }
 
 // ------------------------------------------------------------------ math, scalar and 2-wide
-#define AG_FP16_MATH(name, name2, expr)                                                              \
-  template <emu::fp16::scalar T> inline T name(T a) { return emu::fp16::map(a, [](double x) { return expr; }); } \
-  template <emu::fp16::pair T2> inline T2 name2(T2 a) { return T2(name(a.x), name(a.y)); }
+#define AG_FP16_MATH(name, name2, expr)                                                       \
+  AG_FP16_T T name(T a) { return emu::fp16::map(a, [](double x) { return expr; }); }         \
+  AG_FP16_T2 T2 name2(T2 a) { return T2(name(a.x), name(a.y)); }
 
 AG_FP16_MATH(hrint, h2rint, emu::fp16::integral(x, emu::fp16::Round::rn))
 AG_FP16_MATH(htrunc, h2trunc, emu::fp16::integral(x, emu::fp16::Round::rz))
