@@ -4,14 +4,15 @@
 #   2. compute-sanitizer's memcheck, racecheck, initcheck and synccheck, each over a small
 #      fused forward + backward (benchmarks/gpu_sanitize_case.py);
 #   3. the `gpu` benchmark preset at N = 64k (the fused kernels and FlexAttention) beside the
-#      traffic model's predicted times (benchmarks/results/model/model.json).
+#      traffic model's predicted times (benchmarks/results/model/model.json);
+#   4. if time is left, the NVRTC compile gate for the machine's own architecture.
 # Every step has its own time limit and log; a failing step does not stop the others. The
 # last screen is a table: step, status, seconds, the key line of its log.
 #
 # Usage, at the repository root of a machine with one NVIDIA GPU:
 #   bash benchmarks/gpu_check.sh
 # Environment: OUT (results folder; default benchmarks/results/gpu_check/<UTC date>),
-# PYTHON (default python3), BUDGET_S (whole run, default 470), SANITIZER_KERNELS (a kernel
+# PYTHON (default python3), BUDGET_S (whole run, default 450), SANITIZER_KERNELS (a kernel
 # name substring for compute-sanitizer to check, e.g. attn; default: every kernel),
 # BENCH_ARGS (replaces the benchmark's flags after --preset gpu).
 set -uo pipefail
@@ -20,7 +21,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py="${PYTHON:-python3}"
 out="${OUT:-benchmarks/results/gpu_check/$(date -u +%Y%m%d-%H%M%S)}"
-budget="${BUDGET_S:-470}"
+budget="${BUDGET_S:-450}"
 mkdir -p "$out" || exit 2
 
 rows=()
@@ -150,6 +151,12 @@ if worst:
 else:
     print("no record matched a model row (same mask, D, N, H): nothing to compare")
 EOF
+
+# ---------------------------------------------------------------- 4. NVRTC gate, this arch
+reserve=0
+run_step nvrtc-gate 60 '(kernel instantiations|[Ee]rror)' bash -c "
+  arch=\$($py -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f\"sm_{m}{n}\")') || exit 1
+  $py -m attngraph.ops.cuda --arch \$arch --fail-on-spill"
 
 # ---------------------------------------------------------------- summary
 {

@@ -57,13 +57,27 @@ def test_every_step_runs_and_is_summarised(tmp_path):
     rows = {line.split()[0]: line for line in table}
     assert list(rows) == ["env", "pytest-gpu", "sanitizer-memcheck", "sanitizer-racecheck",
                           "sanitizer-initcheck", "sanitizer-synccheck", "bench-gpu",
-                          "bench-vs-model"]
+                          "bench-vs-model", "nvrtc-gate"]
     assert "PASS" in rows["pytest-gpu"] and "3 passed, 10 deselected" in rows["pytest-gpu"]
     assert all("PASS" in rows[f"sanitizer-{t}"] and "ERROR SUMMARY: 0 errors" in rows[f"sanitizer-{t}"]
                for t in ("memcheck", "racecheck", "initcheck", "synccheck"))
     assert "FAIL(rc=3)" in rows["bench-gpu"]
     assert "FAIL(rc=1)" in rows["bench-vs-model"] and "no benchmark results" in rows["bench-vs-model"]
     assert (out / "pytest-gpu.log").is_file() and (out / "sanitizer-racecheck.log").is_file()
+
+
+def test_steps_past_the_budget_are_skipped(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(FAKE_PYTHON.replace('"-m pytest") echo', '"-m pytest") sleep 3; echo'))
+    (bin_dir / "python3").chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               PYTHON=str(bin_dir / "python3"), OUT=str(out), BUDGET_S="18")
+    subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True,
+                   timeout=120)
+    summary = (out / "summary.txt").read_text()
+    assert "SKIPPED" in summary and "no time left in the 18 s budget" in summary
 
 
 def test_sanitizer_case_runs_on_cpu(capsys, monkeypatch):
