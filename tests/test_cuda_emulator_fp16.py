@@ -142,6 +142,10 @@ def _sat(r):
     return np.where(np.isnan(r), 0.0, np.clip(r, 0.0, 1.0)) + 0.0
 
 
+def _relu(r):
+    return np.where(r > 0, r, np.where(np.isnan(r), r, 0.0))
+
+
 def _cmp(fn, unordered):
     def ref(dtype, x, y):
         with np.errstate(invalid="ignore"):
@@ -157,6 +161,7 @@ ARITH = {
     "hmul": ("__hmul(x, y)", lambda d, x, y: half_ops(d, torch.mul, x, y)),
     "hdiv": ("__hdiv(x, y)", lambda d, x, y: half_ops(d, torch.div, x, y)),
     "hadd_rn": ("__hadd_rn(x, y)", lambda d, x, y: half_ops(d, torch.add, x, y)),
+    "hsub_rn": ("__hsub_rn(x, y)", lambda d, x, y: half_ops(d, torch.sub, x, y)),
     "hmul_rn": ("__hmul_rn(x, y)", lambda d, x, y: half_ops(d, torch.mul, x, y)),
     "hadd_sat": ("__hadd_sat(x, y)", lambda d, x, y: _sat(half_ops(d, torch.add, x, y))),
     "hsub_sat": ("__hsub_sat(x, y)", lambda d, x, y: _sat(half_ops(d, torch.sub, x, y))),
@@ -176,16 +181,12 @@ ARITH = {
 FMA = {
     "hfma": ("__hfma(x, y, z)", lambda d, x, y, z: exact_fma(x, y, z, d)),
     "hfma_sat": ("__hfma_sat(x, y, z)", lambda d, x, y, z: _sat(exact_fma(x, y, z, d))),
-    "hfma_relu": ("__hfma_relu(x, y, z)",
-                  lambda d, x, y, z: (lambda r: np.where(r > 0, r, np.where(np.isnan(r), r, 0.0)))(
-                      exact_fma(x, y, z, d))),
+    "hfma_relu": ("__hfma_relu(x, y, z)", lambda d, x, y, z: _relu(exact_fma(x, y, z, d))),
 }
 
 
 def _integral(mode):
-    def f(x):
-        return {"rn": np.rint, "rz": np.trunc, "rd": np.floor, "ru": np.ceil}[mode](x)
-    return f
+    return {"rn": np.rint, "rz": np.trunc, "rd": np.floor, "ru": np.ceil}[mode]
 
 
 MATH = {   # name -> float64 function; results are the float64 value rounded to the dtype
@@ -198,23 +199,30 @@ MATH = {   # name -> float64 function; results are the float64 value rounded to 
 UNARY = {
     "hneg": ("__hneg(x)", lambda d, x: -x),
     "habs": ("__habs(x)", lambda d, x: np.abs(x)),
+    "hisnan": ("__hisnan(x)", lambda d, x: np.isnan(x).astype(np.float64)),
+    "hisinf": ("__hisinf(x)", lambda d, x: np.where(np.isinf(x), np.sign(x), 0.0)),
     **{name: (f"{name}(x)", lambda d, x, f=f: round_to(f(x), d)) for name, f in MATH.items()},
 }
 UNARY2 = {  # 2-wide forms: the same reference per lane
     "hneg2": ("__hneg2(x)", UNARY["hneg"][1]), "habs2": ("__habs2(x)", UNARY["habs"][1]),
+    "hisnan2": ("__hisnan2(x)", UNARY["hisnan"][1]),
     **{"h2" + name[1:]: (f"h2{name[1:]}(x)", UNARY[name][1]) for name in MATH},
 }
 ARITH2 = {
     "hadd2": ("__hadd2(x, y)", ARITH["hadd"][1]), "hsub2": ("__hsub2(x, y)", ARITH["hsub"][1]),
     "hmul2": ("__hmul2(x, y)", ARITH["hmul"][1]), "h2div": ("__h2div(x, y)", ARITH["hdiv"][1]),
+    "hadd2_rn": ("__hadd2_rn(x, y)", ARITH["hadd"][1]), "hsub2_rn": ("__hsub2_rn(x, y)", ARITH["hsub"][1]),
+    "hmul2_rn": ("__hmul2_rn(x, y)", ARITH["hmul"][1]),
     "hadd2_sat": ("__hadd2_sat(x, y)", ARITH["hadd_sat"][1]),
+    "hsub2_sat": ("__hsub2_sat(x, y)", ARITH["hsub_sat"][1]),
+    "hmul2_sat": ("__hmul2_sat(x, y)", ARITH["hmul_sat"][1]),
     "hmin2": ("__hmin2(x, y)", ARITH["hmin"][1]), "hmax2": ("__hmax2(x, y)", ARITH["hmax"][1]),
     "hmin2_nan": ("__hmin2_nan(x, y)", ARITH["hmin_nan"][1]),
     "hmax2_nan": ("__hmax2_nan(x, y)", ARITH["hmax_nan"][1]),
     **{f"h{c}2": (f"__h{c}2(x, y)", ARITH[f"h{c}"][1])
        for c in ("eq", "ne", "lt", "le", "gt", "ge", "equ", "neu", "ltu", "leu", "gtu", "geu")},
     **{f"h{c}2_mask": (f"__h{c}2_mask(x, y)", lambda d, x, y, c=c: 65535.0 * ARITH[f"h{c}"][1](d, x, y))
-       for c in ("eq", "ne", "lt", "gtu")},
+       for c in ("eq", "ne", "lt", "le", "gt", "ge", "equ", "neu", "ltu", "leu", "gtu", "geu")},
 }
 BOOL2 = {f"hb{c}2": f"__hb{c}2(x, y)"
          for c in ("eq", "ne", "lt", "le", "gt", "ge", "equ", "neu", "ltu", "leu", "gtu", "geu")}
@@ -225,7 +233,6 @@ FMA2 = {"hfma2": ("__hfma2(x, y, z)", FMA["hfma"][1]),
 INTS = {"short": np.int16, "ushort": np.uint16, "int": np.int32, "uint": np.uint32,
         "ll": np.int64, "ull": np.uint64}
 MODES = ("rn", "rz", "rd", "ru")
-FLOAT_MODES = ("rn", "rz", "rd", "ru")
 
 
 def explicit(expr):
@@ -275,7 +282,7 @@ def kernel_source():
         t, t2, p = CTYPE[dtype], CTYPE2[dtype], PREFIX[dtype]
         to_int = [f"__{p}2{i}_{m}(x)" for i in INTS for m in MODES]
         from_int = [f"__{i}2{p}_{m}(({c}) v)" for i, c in FROM_INT for m in MODES]
-        from_float = [f"__float2{p}_{m}(f)" for m in FLOAT_MODES]
+        from_float = [f"__float2{p}_{m}(f)" for m in MODES]
         conv.append(f"""
 __global__ void to_int_{p}(int op, const {t}* a, long long* out, int n) {{
   GRID_LOOP(i, n) {{
@@ -372,6 +379,7 @@ HEADER = r"""
 __device__ inline float as_float(__half h) { return __half2float(h); }
 __device__ inline float as_float(__nv_bfloat16 h) { return __bfloat162float(h); }
 __device__ inline float as_float(bool b) { return b ? 1.0f : 0.0f; }
+__device__ inline float as_float(int i) { return float(i); }
 __device__ inline void put2(float* o, __half2 r) { const float2 f = __half22float2(r); o[0] = f.x; o[1] = f.y; }
 __device__ inline void put2(float* o, __nv_bfloat162 r) { const float2 f = __bfloat1622float2(r); o[0] = f.x; o[1] = f.y; }
 __device__ inline void put2(float* o, bool b) { o[0] = o[1] = as_float(b); }
@@ -422,7 +430,7 @@ def with_forms(names, fallback=None):
 
 # The headers of CUDA 12.2+ declare these for the host, 12.0 / 12.1 do not: the fallbacks are
 # checked explicitly (the others are the fallbacks whatever the form).
-HOST_SINCE_12_2 = {"hneg", "habs", "hneg2", "habs2"}
+HOST_SINCE_12_2 = {"hneg", "habs", "hisnan", "hisinf", "hneg2", "habs2", "hisnan2"}
 
 
 def launch(mod, name, op, inputs, out_dtype=torch.float32, width=1):
@@ -612,15 +620,16 @@ def test_from_integer(mod, dtype, kind, mode, form):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", FLOAT_MODES)
-def test_from_float(mod, dtype, mode):
+@pytest.mark.parametrize("mode,form", CONVERSION_FORMS)
+def test_from_float(mod, dtype, mode, form):
     g = np.random.default_rng(7)
     with np.errstate(over="ignore"):
         f = (g.standard_normal(20000) * np.exp2(g.uniform(-140, 130, 20000))).astype(np.float32)
     edges = np.concatenate([awkward(dtype), awkward(dtype) * (1 + 2.0 ** -20), awkward(dtype) * (1 - 2.0 ** -20),
                             [65519.996, 65520.0, 3.4e38, 1e-8, -1e-8, 2.0 ** -25, 2.0 ** -24 * 1.5]])
     f = np.concatenate([f, edges.astype(np.float32)])
-    got = launch(mod, f"from_float_{PREFIX[dtype]}", FLOAT_MODES.index(mode), [torch.from_numpy(f)])
+    op = MODES.index(mode) + (len(MODES) if form == "fallback" else 0)
+    got = launch(mod, f"from_float_{PREFIX[dtype]}", op, [torch.from_numpy(f)])
     want = round_to(f.astype(np.float64), dtype, mode)
     assert_same(got, want, f"__float2{PREFIX[dtype]}_{mode}")
     if mode == "rn":

@@ -82,12 +82,12 @@ template <scalar T> inline T round(double x, Round mode) {
   const bool neg = std::signbit(x);
   const uint16_t sign = neg ? 0x8000 : 0;
   const double a = std::fabs(x);
-  if (a == 0) return from_bits<T>(sign);
+  if (a == 0 || std::isinf(a)) return from_bits<T>(uint16_t(sign | (a == 0 ? 0 : inf)));
   int e = 0;
   std::frexp(a, &e);
   e = std::max(e - 1, 1 - bias);               // a < 2^(e+1); subnormals share the least e
   uint32_t b = inf;
-  if (e <= bias && !std::isinf(a)) {
+  if (e <= bias) {
     const double m = std::ldexp(a, M - e);     // on the grid of T's significand: exact
     double n = std::floor(m);
     const double frac = m - n;
