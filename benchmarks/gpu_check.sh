@@ -53,6 +53,7 @@ run_step() {
   local key
   key=$(tail -n +2 "$log" | grep -E "$key_re" | tail -n 1 | sed -E 's/^[= ]+//' | cut -c1-90)
   [[ -z $key ]] && key=$(tail -n +2 "$log" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-90)
+  [[ -z $key ]] && key="(no output)"
   rows+=("$name|$status|$((SECONDS - t0))|${key//|//}")
   echo "-- $name: $status in $((SECONDS - t0)) s"
 }
@@ -74,9 +75,12 @@ filter=()
 if [[ -n ${SANITIZER_KERNELS:-} ]]; then
   filter=(--kernel-name "kns=$SANITIZER_KERNELS")
 fi
+# Without torch's caching allocator every tensor is its own allocation, so memcheck sees an
+# access past a tensor's end (inside a cached block it would not).
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck initcheck synccheck; do
     run_step "sanitizer-$tool" 50 '(SUMMARY|[Ee]rror|not finite)' \
+      env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 "${filter[@]}" \
       "$py" benchmarks/gpu_sanitize_case.py --device cuda
   done
