@@ -13,7 +13,7 @@ PIP    := $(PY) -m pip
 HAVE_GPU   := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAVE_GPU),torch>=2.4,torch==2.13.0)
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench sanitize clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,20 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(PY) -m benchmarks --preset cpu
+
+# The emulated kernel suites under every sanitizer check, then under the reverse and two
+# random schedules (README: "Checking kernels without a GPU"). CI runs a subset of this in
+# tests/test_cuda_sanitizer.py.
+SANITIZE_TESTS := tests/test_cuda_emulator.py tests/test_cuda_emulator_fp16.py \
+	tests/test_cuda_sanitizer.py tests/test_cuda_stages.py tests/test_cuda_fused.py \
+	tests/test_implicit.py::test_fused_kernels_compute_keys_from_the_rule \
+	tests/test_implicit.py::test_int32_graphs_on_the_emulated_kernels \
+	tests/test_implicit.py::test_dispatch_reasons
+sanitize: $(VENV)/.test
+	ATTNGRAPH_EMU_CHECK=all $(PY) -m pytest -q $(SANITIZE_TESTS)
+	ATTNGRAPH_EMU_SCHEDULE=reverse $(PY) -m pytest -q $(SANITIZE_TESTS)
+	ATTNGRAPH_EMU_SCHEDULE=random:1 $(PY) -m pytest -q $(SANITIZE_TESTS)
+	ATTNGRAPH_EMU_SCHEDULE=random:2 $(PY) -m pytest -q $(SANITIZE_TESTS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info attngraph-demo

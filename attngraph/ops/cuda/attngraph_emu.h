@@ -45,7 +45,7 @@
 #include <ucontext.h>
 #endif
 
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__SANITIZE_ADDRESS__) && !defined(ATTNGRAPH_EMU_CHECKED)   // not kernel-address
 #define ATTNGRAPH_EMU_ASAN 1
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
@@ -241,7 +241,6 @@ struct Worker {
   std::vector<Shadow> shadow;   // sized like the arena when a check needs it
   uint32_t epoch = 1;           // barrier intervals of the running block
   std::vector<Loc> barrier_sites;
-  bool checked = false;         // racecheck / initcheck / memcheck on shared memory
   // schedule
   uint64_t rng = 0;
   // counting
@@ -409,12 +408,12 @@ inline void block_error(Worker* w, uint32_t tool, const std::string& msg) {
 }
 
 // A code address inside this module, as a token Python resolves to a source line.
+// (No function-local static here: an inline function's statics are one object across every
+// module the process loads.)
 inline std::string pc_token(uintptr_t pc) {
-  static const uintptr_t base = [] {
-    Dl_info info{};
-    dladdr(reinterpret_cast<void*>(&attngraph_emu_fiber_main), &info);
-    return reinterpret_cast<uintptr_t>(info.dli_fbase);
-  }();
+  Dl_info info{};
+  dladdr(reinterpret_cast<void*>(pc), &info);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(info.dli_fbase);
   char buf[40];
   std::snprintf(buf, sizeof buf, "{pc:0x%lx}", static_cast<unsigned long>(pc - base - 1));
   return buf;
@@ -544,7 +543,7 @@ inline void complete_collective(Worker* w, Fiber* me) {
     }
     g.st = State::Runnable;
   }
-  if (w->checked && checking(kRacecheck)) {   // the lanes of the mask now know each other
+  if (!w->shadow.empty() && checking(kRacecheck)) {   // the lanes of the mask now know each other
     uint32_t join[kWarp] = {};
     for (unsigned l = 0; l < kWarp; ++l)
       if (mask >> l & 1u)

@@ -41,7 +41,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["RawModule", "RawKernel", "EmulatorError", "SanitizerError", "LaunchStats", "count",
-           "COUNTER_NAMES", "CHECK_TOOLS", "checks", "schedule", "poison"]
+           "COUNTER_NAMES", "CHECK_TOOLS", "checks", "schedule", "poison", "build_variant"]
 
 HEADER = Path(__file__).resolve().parent / "attngraph_emu.h"
 
@@ -104,6 +104,11 @@ def _instrumented() -> bool:
     """A build whose every memory access calls the emulator: for the shared-memory checks and
     for the random schedule's switches inside a warp."""
     return bool(set(checks()) - {"synccheck"}) or schedule()[0] == "random"
+
+
+def build_variant() -> Tuple[bool, str]:
+    """What the environment changes in a build: (instrumented, ATTNGRAPH_EMU_SANITIZE)."""
+    return _instrumented(), _sanitize()
 
 
 def poison(t):
@@ -508,28 +513,23 @@ _PC = re.compile(r"\{pc:0x([0-9a-f]+)\}")
 
 
 def _symbolize(message: str, lib: Path) -> str:
-    """Replace the emulator's ``{pc:0x...}`` code addresses by source lines (addr2line)."""
-    pcs = sorted(set(_PC.findall(message)))
-    if not pcs:
-        return message
+    """Replace the emulator's ``{pc:0x...}`` code addresses by source lines (addr2line on the
+    checked build, which carries debug information)."""
     lines: Dict[str, str] = {}
     tool = shutil.which("addr2line")
-    if tool:
+    for pc in sorted(set(_PC.findall(message))) if tool else ():
         try:
-            out = subprocess.run([tool, "-e", str(lib), "-i", *(f"0x{p}" for p in pcs)],
-                                 capture_output=True, text=True, timeout=60).stdout
+            out = subprocess.run([tool, "-e", str(lib), "-i", f"0x{pc}"], capture_output=True,
+                                 text=True, timeout=60).stdout.split()
         except (OSError, subprocess.SubprocessError):  # pragma: no cover
-            out = ""
-        # with -i, each address prints its inline chain, innermost first, then a blank-free
-        # continuation; ask once per address to keep them apart
-        if out:
-            for p in pcs:
-                res = subprocess.run([tool, "-e", str(lib), "-i", f"0x{p}"], capture_output=True,
-                                     text=True, timeout=60).stdout.split()
-                first = next((r for r in res if not r.startswith("attngraph_emu")
-                              and not r.startswith("/") and ":" in r), res[0] if res else "")
-                if first and not first.startswith("??"):
-                    lines[p] = first.split(" ")[0]
+            continue
+        # -i lists the inline chain innermost first: the first frame in kernel source
+        frames = [f.split(" ")[0] for f in out if ":" in f and not f.startswith("??")]
+        kernel = [f for f in frames if not Path(f.rsplit(":", 1)[0]).name.startswith("attngraph_emu")]
+        if kernel or frames:
+            file, _, line = (kernel or frames)[0].rpartition(":")
+            # a `#line` name (the kernel's .cu file) comes back joined to the build directory
+            lines[pc] = f"{file if Path(file).is_file() else Path(file).name}:{line}"
     return _PC.sub(lambda m: lines.get(m.group(1), f"<code offset 0x{m.group(1)}>"), message)
 
 

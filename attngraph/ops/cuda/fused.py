@@ -170,10 +170,10 @@ def _forward_items(q, k, v, w: WorkItems, col: Tensor, rule: Optional[Tensor], s
     nt = _lanes(max(D, Dv))
     gq = loader.group_heads(H // Hk, nt)
     T = _kernel_dtype(q)
-    out = q.new_empty(R, H, Dv)
-    lse = torch.empty(R, H, dtype=torch.float32, device=dev)
-    part_ml = torch.empty(w.num_slots, H, 2, dtype=torch.float32, device=dev)
-    part_acc = torch.empty(w.num_slots, H, Dv, dtype=torch.float32, device=dev)
+    out = loader.poison(q.new_empty(R, H, Dv))
+    lse = loader.poison(torch.empty(R, H, dtype=torch.float32, device=dev))
+    part_ml = loader.poison(torch.empty(w.num_slots, H, 2, dtype=torch.float32, device=dev))
+    part_acc = loader.poison(torch.empty(w.num_slots, H, Dv, dtype=torch.float32, device=dev))
     vec = loader.vec_layout(T, D, Dv, H // Hk) if _aligned(q, k, v) else None
     if vec is not None:    # whole 16-byte vectors per lane, several edges per warp step
         lpe, gq = vec
@@ -218,7 +218,7 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
     delta = _delta(out, dout, lse, dlse)
     _check_items(p.cols, a.num_src, dev)
     # every (edge, head) is written by the dQ kernel (each edge lies in exactly one item)
-    ds = (torch.empty(a.num_edges, H, dtype=torch.float32, device=dev)
+    ds = (loader.poison(torch.empty(a.num_edges, H, dtype=torch.float32, device=dev))
           if need_bias_grad else None)
     dq = _backward_dq(q, k, v, dout, lse, delta, p.rows, a.col, None, scale, bias, bc, ds)
     dk, dv = _backward_dkdv(q, k, v, dout, lse, delta, p, scale, bias, bc)
@@ -259,8 +259,8 @@ def _backward_dq(q, k, v, dout, lse, delta, rows: WorkItems, col: Tensor,
     dev = q.device
     _check_items(rows, R, dev)
     dq_name, _, gq = _backward_kernels(q, k, v, dout)
-    dq = torch.empty_like(q)
-    part_dq = torch.empty(rows.num_slots, H, D, dtype=torch.float32, device=dev)
+    dq = loader.poison(torch.empty_like(q))
+    part_dq = loader.poison(torch.empty(rows.num_slots, H, D, dtype=torch.float32, device=dev))
     if R and H:
         _kernel(dq_name, dev)(
             _grid(rows.num_items, H // gq, dev), (THREADS,),
@@ -279,9 +279,9 @@ def _backward_dkdv(q, k, v, dout, lse, delta, p: Plan, scale: float, bias,
     Hk, Dv = k.size(1), v.size(2)
     dev = q.device
     _, dkdv_name, _ = _backward_kernels(q, k, v, dout)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    part_dk = torch.empty(cols.num_slots, Hk, D, dtype=torch.float32, device=dev)
-    part_dv = torch.empty(cols.num_slots, Hk, Dv, dtype=torch.float32, device=dev)
+    dk, dv = loader.poison(torch.empty_like(k)), loader.poison(torch.empty_like(v))
+    part_dk = loader.poison(torch.empty(cols.num_slots, Hk, D, dtype=torch.float32, device=dev))
+    part_dv = loader.poison(torch.empty(cols.num_slots, Hk, Dv, dtype=torch.float32, device=dev))
     if a.num_src and Hk:
         _kernel(dkdv_name, dev)(
             _grid(cols.num_items, Hk, dev), (THREADS,),
@@ -503,8 +503,8 @@ class _ImplicitFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, graph, scale):
         _check_implicit(q, k, v, graph)
-        out = q.new_empty(q.size(0), q.size(1), v.size(-1))
-        lse = torch.empty(q.size(0), q.size(1), dtype=torch.float32, device=q.device)
+        out = loader.poison(q.new_empty(q.size(0), q.size(1), v.size(-1)))
+        lse = loader.poison(torch.empty(q.size(0), q.size(1), dtype=torch.float32, device=q.device))
         for r0, r1, ri in _rule_chunks(graph):
             out[r0:r1], lse[r0:r1] = _forward_items(q[r0:r1], k, v, ri.rows, ri.table,
                                                     ri.rule, scale, None, 1)
@@ -517,7 +517,7 @@ class _ImplicitFused(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
         delta = _delta(out, dout, lse, dlse)
-        dq = torch.empty_like(q)
+        dq = loader.poison(torch.empty_like(q))
         for r0, r1, ri in _rule_chunks(ctx.graph):              # dQ from the rule
             dq[r0:r1] = _backward_dq(q[r0:r1], k, v, dout[r0:r1], lse[r0:r1],
                                      delta[r0:r1], ri.rows, ri.table, ri.rule, ctx.scale,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 __all__ = ["KernelModule", "MODULES", "SOURCE_DIR", "source", "cuda_include_dirs",
-           "emulation_enabled", "module", "register_module"]
+           "emulation_enabled", "module", "register_module", "poison"]
 
 SOURCE_DIR = Path(__file__).resolve().parent
 
@@ -64,6 +64,17 @@ def emulation_enabled() -> bool:
     """``ATTNGRAPH_CUDA_EMULATE`` is read at call time, so tests and users may flip it."""
     return os.environ.get("ATTNGRAPH_CUDA_EMULATE", "").strip().lower() not in (
         "", "0", "false", "no", "off")
+
+
+def poison(t):
+    """An output or workspace the launch glue just allocated: under the emulator's initcheck
+    filled with NaN (or -1), so that a read of what no kernel wrote shows in the results
+    (``emulator.poison``); unchanged otherwise, and always on a GPU."""
+    if t.device.type != "cpu":
+        return t
+    from attngraph.ops.cuda import emulator
+
+    return emulator.poison(t)
 
 
 def _site_dirs() -> List[Path]:
@@ -135,11 +146,15 @@ def module(name: str, device=None):
     if device.type == "cuda":
         return _cupy_module(name, device.index if device.index is not None
                             else torch.cuda.current_device())
-    return _emulated_module(name)
+    from attngraph.ops.cuda import emulator
+
+    return _emulated_module(name, emulator.build_variant())
 
 
 @lru_cache(maxsize=None)
-def _emulated_module(name: str):
+def _emulated_module(name: str, variant: Tuple[bool, str]):
+    """``variant``: the build the emulator's settings ask for (a checked build is another
+    module)."""
     from attngraph.ops.cuda import emulator
 
     mod = MODULES[name]

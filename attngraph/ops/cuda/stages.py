@@ -154,7 +154,7 @@ def row_dot(a: Tensor, b: Tensor, g: GraphArrays, scale: float) -> Tensor:
     _expect("b", b, (g.num_src, Hk, D), a.dtype, a.device)
     if Hk == 0 or H % Hk:
         raise ValueError(f"heads ({H}) must be a multiple of kv heads ({Hk})")
-    out = a.new_empty(g.num_edges, H)
+    out = loader.poison(a.new_empty(g.num_edges, H))
     _launch(f"row_dot<{_kernel_dtype(a)}, {_lanes(D)}>", R,
             (a, b, g.ptr, g.col, out, np.int64(R), np.int32(H), np.int32(H // Hk),
              np.int32(D), np.float32(scale)), a.device)
@@ -171,7 +171,7 @@ def row_gather(w: Tensor, x: Tensor, g: GraphArrays, scale: float) -> Tensor:
     _expect("x", x, (g.num_src, Hk, C), x.dtype, x.device)
     if Hk == 0 or H % Hk:
         raise ValueError(f"heads ({H}) must be a multiple of kv heads ({Hk})")
-    out = x.new_empty(g.num_dst, H, C)
+    out = loader.poison(x.new_empty(g.num_dst, H, C))
     _launch(f"row_gather<{_kernel_dtype(x)}, {_lanes(C)}>", g.num_dst,
             (w, x, g.ptr, g.col, out, np.int64(g.num_dst), np.int32(H), np.int32(H // Hk),
              np.int32(C), np.float32(scale)), x.device)
@@ -187,7 +187,7 @@ def col_gather(w: Tensor, y: Tensor, g: GraphArrays, kv_heads: int, scale: float
     _expect("y", y, (g.num_dst, H, C), y.dtype, y.device)
     if kv_heads == 0 or H % kv_heads:
         raise ValueError(f"heads ({H}) must be a multiple of kv heads ({kv_heads})")
-    out = y.new_empty(g.num_src, kv_heads, C)
+    out = loader.poison(y.new_empty(g.num_src, kv_heads, C))
     _launch(f"col_gather<{_kernel_dtype(y)}, {_lanes(C)}>", g.num_src,
             (w, y, g.kptr, g.krow, g.perm, out, np.int64(g.num_src), np.int32(H),
              np.int32(H // kv_heads), np.int32(C), np.float32(scale)), y.device)
@@ -201,8 +201,9 @@ def row_softmax(s: Tensor, g: GraphArrays, *, with_lse: bool = False
     H = s.size(1)
     _check_arrays(g, s.device)
     _expect("s", s, (g.num_edges, H), s.dtype, s.device)
-    p = torch.empty_like(s)
-    lse = torch.empty(g.num_dst, H, dtype=torch.float32, device=s.device) if with_lse else None
+    p = loader.poison(torch.empty_like(s))
+    lse = (loader.poison(torch.empty(g.num_dst, H, dtype=torch.float32, device=s.device)) if with_lse
+           else None)
     _launch(f"row_softmax<{_kernel_dtype(s)}>", g.num_dst,
             (s, g.ptr, p, lse, np.int64(g.num_dst), np.int32(H)), s.device)
     return p, lse
@@ -214,7 +215,7 @@ def row_softmax_bwd(p: Tensor, dp: Tensor, g: GraphArrays) -> Tensor:
     _check_arrays(g, p.device)
     _expect("p", p, (g.num_edges, H), p.dtype, p.device)
     _expect("dp", dp, (g.num_edges, H), p.dtype, p.device)
-    ds = torch.empty_like(p)
+    ds = loader.poison(torch.empty_like(p))
     _launch(f"row_softmax_bwd<{_kernel_dtype(p)}>", g.num_dst,
             (p, dp, g.ptr, ds, np.int64(g.num_dst), np.int32(H)), p.device)
     return ds
