@@ -235,8 +235,8 @@ struct Worker {
   // shared memory: one arena per worker, [redzone][dynamic][redzone] then static arrays,
   // each followed by a redzone; refilled for every block (nothing carries over)
   const LaunchConfig* cfg = nullptr;
-  std::vector<char> arena;
-  size_t arena_used = 0, static_bytes = 0;
+  char* arena = nullptr;         // this worker's slice of the launch's arenas
+  size_t arena_size = 0, arena_used = 0, static_bytes = 0;
   std::vector<StaticSlot> slots;
   std::vector<Shadow> shadow;   // sized like the arena when a check needs it
   uint32_t epoch = 1;           // barrier intervals of the running block
@@ -543,7 +543,8 @@ inline void complete_collective(Worker* w, Fiber* me) {
     }
     g.st = State::Runnable;
   }
-  if (!w->shadow.empty() && checking(kRacecheck)) {   // the lanes of the mask now know each other
+  if (!w->shadow.empty() && checking(kRacecheck) && (w->dyn_smem_size || !w->slots.empty())) {
+    // the lanes of the mask now know each other (only shared memory can race)
     uint32_t join[kWarp] = {};
     for (unsigned l = 0; l < kWarp; ++l)
       if (mask >> l & 1u)
@@ -658,6 +659,11 @@ inline uint64_t mix64(uint64_t z) {   // splitmix64's finaliser
 
 // Schedule::Random: after a memory access, now and then let another thread of the block run,
 // so the interleavings inside a warp that a GPU may choose happen here too.
+// Every arena of the running launch lies in [g_shared_lo, g_shared_lo + g_shared_size): the
+// callbacks of checked builds reject other addresses without thread-local storage. `static`:
+// one pair per module.
+static uintptr_t g_shared_lo = 0, g_shared_size = 0;
+
 inline void maybe_switch(Worker* w) {
   if (w->cfg->schedule == uint32_t(Schedule::Random) && tf && (next_random(w) & 3) == 0) yield();
 }
@@ -670,8 +676,8 @@ inline size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 inline void asan_poison(Worker* w, size_t begin, size_t end, bool poison) {
 #ifdef ATTNGRAPH_EMU_ASAN
   if (end <= begin) return;
-  if (poison) ASAN_POISON_MEMORY_REGION(w->arena.data() + begin, end - begin);
-  else ASAN_UNPOISON_MEMORY_REGION(w->arena.data() + begin, end - begin);
+  if (poison) ASAN_POISON_MEMORY_REGION(w->arena + begin, end - begin);
+  else ASAN_UNPOISON_MEMORY_REGION(w->arena + begin, end - begin);
 #else
   (void)w; (void)begin; (void)end; (void)poison;
 #endif
@@ -689,11 +695,11 @@ inline void reset_shared(Worker* w) {
   w->slots.clear();
   w->static_bytes = 0;
   w->arena_used = dyn_end + kRedzone;
-  w->dyn_smem = w->dyn_smem_size ? w->arena.data() + kRedzone : nullptr;
-  asan_poison(w, 0, w->arena.size(), false);
-  std::memset(w->arena.data(), 0xff, w->arena_used);
+  w->dyn_smem = w->dyn_smem_size ? w->arena + kRedzone : nullptr;
+  asan_poison(w, 0, w->arena_size, false);
+  std::memset(w->arena, 0xff, w->arena_used);
   asan_poison(w, 0, kRedzone, true);
-  asan_poison(w, kRedzone + w->dyn_smem_size, w->arena.size(), true);
+  asan_poison(w, kRedzone + w->dyn_smem_size, w->arena_size, true);
   if (!w->shadow.empty()) {
     mark(w, 0, w->arena_used, kRedzoneByte);
     mark(w, kRedzone, kRedzone + w->dyn_smem_size, kUnwritten);
@@ -705,7 +711,7 @@ __attribute__((noinline)) inline char* allocate_static(Worker* w, int id, size_t
   const uint64_t limit = w->cfg->max_dynamic_smem ? w->cfg->smem_limit : kDefaultSmem;
   const size_t offset = round_up(w->arena_used, std::max<size_t>(align, 16));
   if (w->static_bytes + size > kDefaultSmem || w->static_bytes + size + w->dyn_smem_size > limit ||
-      w->slots.size() >= kMaxStaticSlots || offset + size + kRedzone > w->arena.size())
+      w->slots.size() >= kMaxStaticSlots || offset + size + kRedzone > w->arena_size)
     fail("too much shared memory for one block: static " + std::to_string(w->static_bytes + size) +
          " bytes (with __shared__ `" + name + "`) + dynamic " + std::to_string(w->dyn_smem_size) +
          " bytes > " + std::to_string(limit) + " (static shared memory is at most 49152 bytes; " +
@@ -714,11 +720,11 @@ __attribute__((noinline)) inline char* allocate_static(Worker* w, int id, size_t
   w->slots.push_back(StaticSlot{id, size, offset, name});
   w->static_bytes += size;
   asan_poison(w, offset, offset + size, false);
-  std::memset(w->arena.data() + offset, 0xff, size);
+  std::memset(w->arena + offset, 0xff, size);
   mark(w, w->arena_used, offset + size + kRedzone, kRedzoneByte);
   mark(w, offset, offset + size, kUnwritten);
   w->arena_used = offset + size + kRedzone;
-  return w->arena.data() + offset;
+  return w->arena + offset;
 }
 
 // A static `__shared__ T name;` of the running block (the builder rewrites declarations to
@@ -727,7 +733,7 @@ template <class T>
 inline T& static_shared(int id, const char* name, size_t align = alignof(T)) {
   Worker* w = tw;
   for (const StaticSlot& s : w->slots)
-    if (s.id == id && s.size == sizeof(T)) return *reinterpret_cast<T*>(w->arena.data() + s.offset);
+    if (s.id == id && s.size == sizeof(T)) return *reinterpret_cast<T*>(w->arena + s.offset);
   return *reinterpret_cast<T*>(allocate_static(w, id, sizeof(T), std::max(align, alignof(T)), name));
 }
 
@@ -830,10 +836,11 @@ __attribute__((no_sanitize_address)) inline void shared_access(Worker* w, size_t
 // Every instrumented memory access of kernel code arrives here (checked builds only).
 __attribute__((no_sanitize_address)) inline void on_access(uintptr_t a, size_t n, int kind,
                                                            uintptr_t pc) {
+  if (a - g_shared_lo >= g_shared_size) return;   // not shared memory
   Worker* w = tw;
   if (!w || !tf || !w->cfg) return;
-  const uintptr_t off = a - reinterpret_cast<uintptr_t>(w->arena.data());
-  if (off >= w->arena.size()) return;   // not shared memory
+  const uintptr_t off = a - reinterpret_cast<uintptr_t>(w->arena);
+  if (off >= w->arena_size) return;   // not shared memory
   if (!w->shadow.empty()) shared_access(w, off, n, kind, pc);
   maybe_switch(w);
 }
@@ -844,7 +851,7 @@ inline void check_global(const void* p, size_t n, int kind, const Loc& loc) {
   Worker* w = tw;
   if (!w->cfg || !(w->cfg->checks & kMemcheck) || !w->cfg->nranges) return;
   const uint64_t a = reinterpret_cast<uintptr_t>(p);
-  if (a - reinterpret_cast<uintptr_t>(w->arena.data()) < w->arena.size()) return;
+  if (a - reinterpret_cast<uintptr_t>(w->arena) < w->arena_size) return;
   const uint64_t* r = w->cfg->ranges;
   uint64_t best_gap = ~0ull;
   uint32_t best = 0;
@@ -867,8 +874,8 @@ inline void check_global(const void* p, size_t n, int kind, const Loc& loc) {
 inline void atomic_access(const void* p, size_t n, const Loc& loc) {
   Worker* w = tw;
   if (!w || !w->cfg) return;
-  const uintptr_t off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(w->arena.data());
-  if (off >= w->arena.size()) {
+  const uintptr_t off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(w->arena);
+  if (off >= w->arena_size) {
     check_global(p, n, kAtomic, loc);
     return;
   }
@@ -1129,6 +1136,11 @@ inline int launch(const unsigned* grid, const unsigned* block, uint64_t smem, in
   std::atomic<uint64_t> next{0};
   std::atomic<bool> stop{false};
   std::vector<Worker> ws(nw);
+  const size_t arena_size = 2 * kRedzone + round_up(smem, 16) + kDefaultSmem +
+                            kMaxStaticSlots * (kRedzone + 16);
+  std::vector<char> arenas(arena_size * nw);
+  g_shared_lo = reinterpret_cast<uintptr_t>(arenas.data());
+  g_shared_size = arenas.size();
   auto work = [&](Worker* w) {
     tw = w;
     w->gdim = dim3(grid[0], grid[1], grid[2]);
@@ -1141,9 +1153,9 @@ inline int launch(const unsigned* grid, const unsigned* block, uint64_t smem, in
     w->cfg = cfg;
     w->fibers.resize(nthreads);
     w->dyn_smem_size = smem;
-    w->arena.assign(2 * kRedzone + round_up(smem, 16) + kDefaultSmem +
-                    kMaxStaticSlots * (kRedzone + 16), 0);
-    if (shared_checks) w->shadow.assign(w->arena.size(), Shadow{});
+    w->arena = arenas.data() + (w - ws.data()) * arena_size;
+    w->arena_size = arena_size;
+    if (shared_checks) w->shadow.assign(w->arena_size, Shadow{});
     ensure_stacks(w, nthreads);
     while (!w->failed && !stop.load(std::memory_order_relaxed)) {
       uint64_t b = next.fetch_add(1);
@@ -1159,8 +1171,7 @@ inline int launch(const unsigned* grid, const unsigned* block, uint64_t smem, in
       w->counters[kWarps] += (nthreads + kWarp - 1) / kWarp;
     }
     release_stacks(w);
-    asan_poison(w, 0, w->arena.size(), false);
-    std::vector<char>().swap(w->arena);
+    asan_poison(w, 0, w->arena_size, false);
     std::vector<Shadow>().swap(w->shadow);
     tw = nullptr;
   };
@@ -1168,6 +1179,7 @@ inline int launch(const unsigned* grid, const unsigned* block, uint64_t smem, in
   for (int i = 1; i < nw; ++i) threads.emplace_back(work, &ws[i]);
   work(&ws[0]);
   for (auto& t : threads) t.join();
+  g_shared_size = 0;
 
   std::unordered_set<uint64_t> unique[2];
   for (auto& w : ws) {
