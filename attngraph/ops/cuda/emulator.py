@@ -17,8 +17,20 @@ Example::
 Arguments follow CuPy: tensors (CPU) and numpy arrays pass as pointers, ``None`` as a null
 pointer, numpy scalars by value; each is checked against the kernel's parameter types.
 
+The emulator is also a sanitizer. ``ATTNGRAPH_EMU_CHECK`` (a comma list of ``memcheck``,
+``racecheck``, ``initcheck``, ``synccheck``, or ``all``: compute-sanitizer's names) turns on
+checks whose findings raise :class:`SanitizerError`; ``ATTNGRAPH_EMU_SCHEDULE`` (``forward``,
+``reverse`` or ``random[:seed]``) sets the order of a block's threads and of blocks. Both are
+read at every launch. Shared memory lives in a per-block arena with redzones (static
+``__shared__`` declarations are rewritten to it), poisoned at the start of every block. The
+shared-memory checks and the random schedule need a build whose every load and store calls
+back into the emulator (``-fsanitize=kernel-address`` with the callbacks attngraph_emu.h
+defines); :func:`build_variant` tells which build the environment asks for. Launch limits
+(threads and dimensions, grid, shared memory with the ``max_dynamic_shared_size_bytes``
+opt-in, registers x threads from the NVRTC gate) are always checked, as on a GPU.
+
 Builds are cached under ``$ATTNGRAPH_CACHE_DIR`` (default ``~/.cache/attngraph``) by a hash
-of the source, the header, the options and the compiler, so a module is compiled once.
+of the source, the headers, the options and the compiler, so a module is compiled once.
 Environment: ``CXX`` (compiler), ``ATTNGRAPH_EMU_THREADS`` (worker threads, default: the
 usable cores), ``ATTNGRAPH_EMU_SANITIZE=address`` (build with AddressSanitizer; the
 process must preload libasan), ``ATTNGRAPH_EMU_STACK_KB`` (fiber stack size).
@@ -169,8 +181,8 @@ def _rewrite_extern_shared(code: str) -> str:
     """``extern __shared__ T name[];`` -> a pointer to the launch's dynamic shared memory.
 
     In CUDA every such array aliases the block's dynamic buffer; here each becomes a pointer
-    to that buffer (a per-block allocation of exactly ``shared_mem`` bytes, so an overflow is
-    an AddressSanitizer report). Namespace-scope declarations become a macro.
+    to that buffer (``shared_mem`` bytes of the block's arena, between redzones that memcheck
+    and AddressSanitizer watch). Namespace-scope declarations become a macro.
     """
     out, pos = [], 0
     for m in _EXTERN_SHARED.finditer(code):
@@ -179,7 +191,9 @@ def _rewrite_extern_shared(code: str) -> str:
         if depth > 0:
             repl = f"{t}* const {name} = reinterpret_cast<{t}*>(::emu::dynamic_shared());"
         else:
-            repl = f"\n#define {name} (reinterpret_cast<{t}*>(::emu::dynamic_shared()))\n"
+            line = code.count("\n", 0, m.end()) + 1   # keep later lines' numbers
+            repl = (f"\n#define {name} (reinterpret_cast<{t}*>(::emu::dynamic_shared()))\n"
+                    f"#line {line}\n")
         out += [code[pos:m.start()], repl]
         pos = m.end()
     out.append(code[pos:])

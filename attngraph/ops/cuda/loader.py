@@ -30,6 +30,9 @@ SOURCE_DIR = Path(__file__).resolve().parent
 # Options shared by every module (NVRTC spelling; the emulator maps what it understands).
 COMMON_OPTIONS: Tuple[str, ...] = ("--std=c++17",)
 
+# Dynamic shared memory a launch may use without raising max_dynamic_shared_size_bytes.
+DEFAULT_SHARED_MEM = 48 * 1024
+
 # Storage types of the kernels' float arguments, as the CUDA sources spell them.
 DTYPE_NAMES = ("float", "__half", "__nv_bfloat16")
 
@@ -215,6 +218,10 @@ class _CupyKernel:
                 conv.append(a)
         stream = torch.cuda.current_stream(self._device).cuda_stream
         with cupy.cuda.Device(self._device), cupy.cuda.ExternalStream(stream):
+            if (shared_mem > DEFAULT_SHARED_MEM
+                    and self._fn.max_dynamic_shared_size_bytes < shared_mem):
+                # beyond 48 KiB a launch needs the opt-in attribute first (cudaFuncSetAttribute)
+                self._fn.max_dynamic_shared_size_bytes = shared_mem
             self._fn(tuple(grid), tuple(block), tuple(conv), shared_mem=shared_mem)
 
 
