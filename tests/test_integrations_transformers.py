@@ -112,7 +112,8 @@ def run(model, ids, *, weights, valid, **kwargs):
     logits = model(ids, **kwargs).logits
     loss = (logits * weights)[valid].sum()
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone()       # a compiled model's names
+             for n, p in model.named_parameters() if p.grad is not None}
     return logits, grads
 
 
@@ -265,13 +266,43 @@ def test_unsupported_features_are_value_errors():
         ours(ids)
 
 
-def test_compiled_model_equals_eager_mode():
+@pytest.fixture
+def fresh_dynamo():
     torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_model_with_an_explicit_graph_compiles_fullgraph(fresh_dynamo):
     ours, _ = make_models("llama", 2)
     ids = torch.randint(0, 61, (B, L))
     g = masks.sliding_window(L, 3, causal=True)
-    want = ours(ids, attention_graph=g).logits
-    compiled = torch.compile(ours, backend="aot_eager")
-    got = compiled(ids, attention_graph=g).logits
-    assert_close(got, want)
+    assert torch._dynamo.explain(ours)(ids, attention_graph=g).graph_break_count == 0
     torch._dynamo.reset()
+    weights = torch.randn(B, L, 61, dtype=torch.float64)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    want, want_grads = run(ours, ids, weights=weights, valid=valid, attention_graph=g)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    got, got_grads = run(compiled, ids, weights=weights, valid=valid, attention_graph=g)
+    assert_close(got, want)
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name])
+
+
+COMPILED_CASES = {
+    "no-graph": {},
+    "implicit": {"attention_graph": masks.sliding_window(L, 3, causal=True, implicit=True)},
+    "per-head-stack": {"attention_graph": masks.stack([masks.causal(L)] * H)},
+    "padded": {"attention_mask": PADDING["left-and-right-padded"]},
+}
+
+
+@pytest.mark.parametrize("case", list(COMPILED_CASES), ids=list(COMPILED_CASES))
+def test_compiled_model_equals_eager_mode(fresh_dynamo, case):
+    """What graph_attention does not trace runs eagerly between compiled pieces."""
+    ours, _ = make_models("llama", 2)
+    ids = torch.randint(0, 61, (B, L))
+    kwargs = COMPILED_CASES[case]
+    want = ours(ids, **kwargs).logits
+    got = torch.compile(ours, backend="aot_eager")(ids, **kwargs).logits
+    assert_close(got, want)

@@ -40,10 +40,13 @@ model's own mask variations are not applied: packed sequences found from
 (static caches); express such masks as ``attention_graph``, e.g.
 ``masks.document(lengths, causal=True)`` for packed sequences.
 
-``torch.compile`` of the model traces the attention as :func:`attngraph.graph_attention`
-(``torch.library`` custom ops); building the per-sequence padding graphs is
-data-dependent and runs between compiled pieces (a graph break) when a padding mask is
-given.
+``torch.compile`` of the model: with an explicit :class:`~attngraph.TokenGraph` and no
+``attention_mask`` the whole model compiles as one graph (``fullgraph=True``), the
+attention as
+:func:`attngraph.graph_attention`'s ``torch.library`` ops. ``graph_attention`` does not
+trace implicit graphs or stacks, and building the default or padded graphs is
+data-dependent: in those cases each layer's attention runs eagerly between compiled
+pieces (a graph break per layer) and the rest of the model is compiled.
 """
 from __future__ import annotations
 
@@ -143,16 +146,29 @@ def graph_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
     B, H, L_q = query.shape[:3]
     L_k = key.size(2)
     keep = _check_padding(attention_mask, B, L_k)
-    if attention_graph is None:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        graph = _default_graph(L_q, L_k, bool(causal), sliding_window, query.device, keep)
-    else:
+    if attention_graph is not None:
         _check_graph(attention_graph, B, H, L_q, L_k, query.device)
-        graph = attention_graph if keep is None else _cached(
-            keep, attention_graph, lambda: drop_keys(attention_graph, keep))
-    out = graph_attention(query.transpose(1, 2), key.transpose(1, 2),
-                          value.transpose(1, 2), graph, scale=scaling)
-    return out, None
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if keep is None and isinstance(attention_graph, TokenGraph) and \
+            not attention_graph.is_implicit:
+        return graph_attention(q, k, v, attention_graph, scale=scaling), None
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return _attend(q, k, v, attention_graph, keep, bool(causal), sliding_window,
+                   scaling), None
+
+
+# graph_attention traces (torch.compile) on an explicit TokenGraph only: the default and
+# padded graphs are built here, and implicit graphs and stacks run here too, eagerly
+# between the compiled pieces of a compiled model.
+@torch.compiler.disable
+def _attend(q: Tensor, k: Tensor, v: Tensor, graph: Optional[Graph], keep: Optional[Tensor],
+            causal: bool, window: Optional[int], scale: Optional[float]) -> Tensor:
+    L_q, L_k = q.size(1), k.size(1)
+    if graph is None:
+        graph = _default_graph(L_q, L_k, causal, window, q.device, keep)
+    elif keep is not None:
+        graph = _cached(keep, graph, lambda: drop_keys(graph, keep))
+    return graph_attention(q, k, v, graph, scale=scale)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -237,8 +253,6 @@ def _default_graph(L_q: int, L_k: int, causal: bool, window: Optional[int],
 
 def _cached(keep: Tensor, graph: Optional[Graph], build) -> Graph:
     """``build()``, kept on the padding mask for the other layers of the same forward."""
-    if torch.compiler.is_compiling():
-        return build()
     key = None if graph is None else (
         graph.graph if isinstance(graph, StackedGraph) else graph,
         graph.shape if isinstance(graph, StackedGraph) else None)
