@@ -62,7 +62,8 @@ from attngraph.ops.functional import graph_attention
 from attngraph.stacked import StackedGraph
 
 try:
-    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("attngraph.integrations.transformers needs transformers >= 4.53 "
                       "(AttentionInterface and AttentionMaskInterface): "
