@@ -159,8 +159,8 @@ def test_no_dense_mask_is_built():
     """The model hands the attention function its 2-D padding mask, sliced to the keys,
     or None when nothing is padded: never a [B, 1, L, L] mask."""
     pad = PADDING["left-and-right-padded"].bool()
-    assert hf.padding_mask(B, attention_mask=pad, kv_length=L) is pad or torch.equal(
-        hf.padding_mask(B, attention_mask=pad, kv_length=L), pad)
+    assert torch.equal(hf.padding_mask(B, attention_mask=pad, kv_length=L), pad)
+    assert torch.equal(hf.padding_mask(B, attention_mask=pad, kv_length=L - 4), pad[:, 4:])
     assert hf.padding_mask(B, attention_mask=torch.ones(B, L, dtype=torch.bool),
                            kv_length=L) is None
     assert hf.padding_mask(B, attention_mask=None, kv_length=L) is None
@@ -175,10 +175,14 @@ def test_no_dense_mask_is_built():
     ours, _ = make_models("llama", 2)
     transformers.AttentionInterface.register("attngraph-spy", spy)
     transformers.AttentionMaskInterface.register("attngraph-spy", hf.padding_mask)
-    ours.set_attn_implementation("attngraph-spy")
-    ids = torch.randint(0, 61, (B, L))
-    ours(ids)
-    ours(ids, attention_mask=PADDING["left-and-right-padded"])
+    try:
+        ours.set_attn_implementation("attngraph-spy")
+        ids = torch.randint(0, 61, (B, L))
+        ours(ids)
+        ours(ids, attention_mask=PADDING["left-and-right-padded"])
+    finally:
+        for interface in (transformers.AttentionInterface, transformers.AttentionMaskInterface):
+            interface._global_mapping.pop("attngraph-spy", None)
     assert seen[:2] == [None, None]
     assert all(m.shape == (B, L) and m.dtype == torch.bool for m in seen[2:])
 

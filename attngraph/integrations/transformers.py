@@ -11,7 +11,8 @@ attention function, which reads the graph there::
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attngraph")
     model(input_ids, attention_graph=g)          # g: the mask of every layer
 
-``attention_graph`` (shared by all layers) is one of:
+``attention_graph`` replaces the model's own mask in every layer (sliding-window layers
+included) and is one of:
 
 * a :class:`~attngraph.TokenGraph` over the ``L`` tokens (``num_dst = num_src = L``),
   shared by every sequence and head, explicit or implicit (``implicit=True``);
@@ -69,7 +70,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
                       "(AttentionInterface and AttentionMaskInterface): "
                       "pip install 'attngraph[hf]'") from e
 
-__all__ = ["NAME", "graph_attention_forward", "padding_mask"]
+__all__ = ["NAME", "graph_attention_forward", "padding_mask", "drop_keys"]
 
 NAME = "attngraph"
 
