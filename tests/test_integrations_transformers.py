@@ -277,6 +277,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_model_with_an_explicit_graph_compiles_fullgraph(fresh_dynamo):
     ours, _ = make_models("llama", 2)
     ids = torch.randint(0, 61, (B, L))
@@ -301,6 +302,7 @@ COMPILED_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(COMPILED_CASES), ids=list(COMPILED_CASES))
 def test_compiled_model_equals_eager_mode(fresh_dynamo, case):
     """What graph_attention does not trace runs eagerly between compiled pieces."""

@@ -81,7 +81,7 @@ Graph = Union[TokenGraph, StackedGraph]
 _CACHE_ATTR = "_attngraph_padded_graphs"
 
 
-def padding_mask(batch_size: int = None, *, attention_mask: Optional[Tensor] = None,
+def padding_mask(batch_size: Optional[int] = None, *, attention_mask: Optional[Tensor] = None,
                  kv_length: Optional[int] = None, **kwargs) -> Optional[Tensor]:
     """The mask a model builds for ``"attngraph"``: its 2-D padding mask, or ``None``.
 
