@@ -155,6 +155,36 @@ def test_logits_and_gradients_equal_eager(arch, kv_heads, graph_name, padding):
         assert_close(got_grads[name], want_grads[name])
 
 
+def test_full_and_sliding_layers_keep_their_own_masks():
+    """Without a graph each layer runs the model's mask for it: Qwen2 with a full layer
+    then a sliding-window one, against eager's own masks."""
+    torch.manual_seed(0)
+    models = []
+    for impl in ("attngraph", "eager"):
+        config = transformers.Qwen2Config(
+            vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=H, num_key_value_heads=2, use_sliding_window=True,
+            sliding_window=WINDOW, max_window_layers=1, attn_implementation=impl)
+        models.append(transformers.AutoModelForCausalLM.from_config(
+            config, attn_implementation=impl).double())
+    ours, eager = models
+    eager.load_state_dict(ours.state_dict())
+    assert ours.config.layer_types == ["full_attention", "sliding_attention"]
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 61, (B, L), generator=gen)
+    weights = torch.randn(B, L, 61, generator=gen, dtype=torch.float64)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    got, got_grads = run(ours, ids, weights=weights, valid=valid)
+    want, want_grads = run(eager, ids, weights=weights, valid=valid)
+    assert_close(got, want)
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name])
+    # and the window matters: causal everywhere would differ
+    ours.config.layer_types = ["full_attention", "full_attention"]
+    ours.model.layers[1].self_attn.sliding_window = None
+    assert not torch.allclose(ours(ids).logits, want)
+
+
 def test_no_dense_mask_is_built():
     """The model hands the attention function its 2-D padding mask, sliced to the keys,
     or None when nothing is padded: never a [B, 1, L, L] mask."""
