@@ -185,6 +185,38 @@ def test_full_and_sliding_layers_keep_their_own_masks():
     assert not torch.allclose(ours(ids).logits, want)
 
 
+def _positions(*lengths):
+    return torch.cat([torch.arange(n) for n in lengths])
+
+
+PACKINGS = {
+    "one-packing": torch.stack([_positions(10, 9, 5)] * B),
+    "a-packing-per-sequence": torch.stack([_positions(10, 14), _positions(3, 8, 13)]),
+    "shared-row": _positions(7, 17).unsqueeze(0),
+}
+
+
+@pytest.mark.parametrize("packing", list(PACKINGS), ids=list(PACKINGS))
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_packed_sequences_attend_within_their_document(arch, packing):
+    """Restarting position ids without padding or cache: as eager's own masks, each
+    packed sequence attends causally to itself only (within the window, for Mistral)."""
+    ours, eager = make_models(arch, 2)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 61, (B, L), generator=gen)
+    weights = torch.randn(B, L, 61, generator=gen, dtype=torch.float64)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    kwargs = {"position_ids": PACKINGS[packing], "use_cache": False}
+    got, got_grads = run(ours, ids, weights=weights, valid=valid, **kwargs)
+    want, want_grads = run(eager, ids, weights=weights, valid=valid, **kwargs)
+    assert_close(got, want)
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name])
+    unpacked = ours(ids, position_ids=PACKINGS[packing], use_cache=False,
+                    attention_graph=masks.causal(L)).logits
+    assert not torch.allclose(unpacked, want)
+
+
 def test_no_dense_mask_is_built():
     """The model hands the attention function its 2-D padding mask, sliced to the keys,
     or None when nothing is padded: never a [B, 1, L, L] mask."""

@@ -33,13 +33,16 @@ and shared by the layers: for the default causal mask it stays a rule (a per-seq
 :func:`~attngraph.masks.qk_drop`, ``O(B L)`` memory); a given graph is materialised as
 ``B x H_g`` explicit graphs (``B`` times its edges).
 
+Packed sequences: as transformers' own masks do, without a graph, a padding mask or a
+cache, ``position_ids`` that restart (a step other than +1) split each row into
+documents, and the default mask becomes causal within each
+(:func:`~attngraph.masks.document`).
+
 Not supported, each raising ``ValueError``: attention dropout in training (set the
 config's ``attention_dropout`` to 0), logit soft-capping, attention sinks, 4-D masks
 (give them as ``attention_graph``). ``output_attentions`` returns ``None`` weights. The
-model's own mask variations are not applied: packed sequences found from
-``position_ids``, image-token overlays, caches that return more keys than tokens seen
-(static caches); express such masks as ``attention_graph``, e.g.
-``masks.document(lengths, causal=True)`` for packed sequences.
+model's other mask variations are not applied: image-token overlays, caches that return
+more keys than tokens seen (static caches); express such masks as ``attention_graph``.
 
 ``torch.compile`` of the model: with an explicit :class:`~attngraph.TokenGraph` and no
 ``attention_mask`` the whole model compiles as one graph (``fullgraph=True``), the
@@ -155,8 +158,14 @@ def graph_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
             not attention_graph.is_implicit:
         return graph_attention(q, k, v, attention_graph, scale=scaling), None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # As transformers' own masks: restarting position ids without a padding mask or a
+    # cache are packed sequences, each attending only to itself.
+    position_ids = kwargs.get("position_ids")
+    packed = (position_ids if attention_graph is None and keep is None and L_q == L_k
+              and isinstance(position_ids, Tensor) and position_ids.dim() == 2
+              and position_ids.size(1) == L_q and not kwargs.get("use_cache") else None)
     return _attend(q, k, v, attention_graph, keep, bool(causal), sliding_window,
-                   scaling), None
+                   scaling, packed), None
 
 
 # graph_attention traces (torch.compile) on an explicit TokenGraph only: the default and
@@ -164,8 +173,12 @@ def graph_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
 # between the compiled pieces of a compiled model.
 @torch.compiler.disable
 def _attend(q: Tensor, k: Tensor, v: Tensor, graph: Optional[Graph], keep: Optional[Tensor],
-            causal: bool, window: Optional[int], scale: Optional[float]) -> Tensor:
+            causal: bool, window: Optional[int], scale: Optional[float],
+            position_ids: Optional[Tensor] = None) -> Tensor:
     L_q, L_k = q.size(1), k.size(1)
+    if graph is None and position_ids is not None:
+        graph = _cached(position_ids, (causal, window),
+                        lambda: _packed_graph(position_ids, q.size(0), causal, window))
     if graph is None:
         graph = _default_graph(L_q, L_k, causal, window, q.device, keep)
     elif keep is not None:
@@ -246,29 +259,62 @@ def _default_graph(L_q: int, L_k: int, causal: bool, window: Optional[int],
         return _default_unpadded(L_q, L_k, causal, window, device)
     if L_q == L_k and window is None:
         # Stays a rule: each sequence's kept keys, and each query's prefix of them.
-        return _cached(keep, None, lambda: qk_drop(
+        return _cached(keep, ("qk_drop", causal), lambda: qk_drop(
             torch.ones_like(keep).unsqueeze(1), keep.unsqueeze(1), causal=causal,
             implicit=True))
     base = _default_unpadded(L_q, L_k, causal, window, device)
     return _cached(keep, base, lambda: drop_keys(base, keep))
 
 
-def _cached(keep: Tensor, graph: Optional[Graph], build) -> Graph:
-    """``build()``, kept on the padding mask for the other layers of the same forward."""
-    key = None if graph is None else (
-        graph.graph if isinstance(graph, StackedGraph) else graph,
-        graph.shape if isinstance(graph, StackedGraph) else None)
-    entries = getattr(keep, _CACHE_ATTR, None)
+def _cached(carrier: Tensor, graph, build):
+    """``build()``, kept on ``carrier`` (the padding mask or the position ids of one
+    forward) for the other layers; ``graph``: the graph it derives from (compared by
+    identity), or the settings it depends on (compared by value), or None."""
+    if isinstance(graph, StackedGraph):
+        key = (graph.graph, graph.shape)
+    elif isinstance(graph, TokenGraph):
+        key = (graph, None)
+    else:
+        key = (None, graph)
+    entries = getattr(carrier, _CACHE_ATTR, None)
     if entries is None:
         entries = []
-        setattr(keep, _CACHE_ATTR, entries)
+        setattr(carrier, _CACHE_ATTR, entries)
     for k, result in entries:
-        if k is key or (k is not None and key is not None and k[0] is key[0]
-                        and k[1] == key[1]):
+        if k[0] is key[0] and k[1] == key[1]:
             return result
     result = build()
     entries.append((key, result))
     return result
+
+
+def _packed_graph(position_ids: Tensor, B: int, causal: bool,
+                  window: Optional[int]) -> Optional[Graph]:
+    """The documents of packed sequences, from ``position_ids [1 or B, L]`` that restart
+    (a step other than +1 starts a document); None where no sequence restarts."""
+    from attngraph.masks import document, stack
+
+    pos = position_ids.expand(B, -1)
+    L = pos.size(1)
+    starts = torch.ones(B, L, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    if L < 2 or not bool(starts[:, 1:].any()):
+        return None
+    rows = []
+    for b in range(B):
+        first = starts[b].nonzero().view(-1).cpu()
+        rows.append(torch.diff(first, append=torch.tensor([L])))
+
+    def docs(lengths):
+        g = document(lengths, causal=causal, implicit=window is None)
+        if window is not None and window < L:
+            g = g & sliding_window(L, max(window - 1, 0) if causal else window,
+                                   causal=causal)
+        return g.to(pos.device)
+
+    if all(torch.equal(r, rows[0]) for r in rows):
+        return docs(rows[0])
+    return stack([docs(r).materialize() for r in rows], shape=(B, 1))
 
 
 def drop_keys(graph: Graph, keep: Tensor) -> StackedGraph:
