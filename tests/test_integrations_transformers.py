@@ -285,6 +285,22 @@ def test_a_cached_forward_equals_the_full_forward(arch):
     assert_close(step, full[:, -2:])
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_greedy_generation_with_left_padding_equals_eager(arch):
+    """generate(): a padded prefill, then one query per step over the cache."""
+    ours, eager = make_models(arch, 2)
+    ours, eager = ours.float().eval(), eager.float().eval()
+    ids = torch.randint(1, 61, (B, 12))
+    pad = torch.ones(B, 12, dtype=torch.long)
+    pad[0, :4] = 0
+    outs = [m.generate(ids, attention_mask=pad, max_new_tokens=6, do_sample=False,
+                       pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+            for m in (ours, eager)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for got, want in zip(outs[0].scores, outs[1].scores):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_a_bipartite_graph_runs_over_a_cache():
     ours, _ = make_models("llama", 2)
     ids = torch.randint(0, 61, (B, L))
