@@ -46,11 +46,10 @@ more keys than tokens seen (static caches); express such masks as ``attention_gr
 
 ``torch.compile`` of the model: with an explicit :class:`~attngraph.TokenGraph` and no
 ``attention_mask`` the whole model compiles as one graph (``fullgraph=True``), the
-attention as
-:func:`attngraph.graph_attention`'s ``torch.library`` ops. ``graph_attention`` does not
-trace implicit graphs or stacks, and building the default or padded graphs is
-data-dependent: in those cases each layer's attention runs eagerly between compiled
-pieces (a graph break per layer) and the rest of the model is compiled.
+attention as :func:`attngraph.graph_attention`'s ``torch.library`` ops.
+``graph_attention`` does not trace implicit graphs or stacks, and building the default,
+padded or packed graphs is data-dependent: in those cases each layer's attention runs
+eagerly between compiled pieces (graph breaks) and the rest of the model is compiled.
 """
 from __future__ import annotations
 
