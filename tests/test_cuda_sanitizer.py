@@ -161,6 +161,12 @@ __global__ void exchange(const float* x, float* out) {
   ag_store(out + base + t, buf[(t + 7) % n] + v);
 }
 
+// Counts the runs of every block.
+__global__ void block_runs(int* runs) {
+  if (threadIdx.x == 0)
+    atomicAdd(runs + blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z), 1);
+}
+
 // A warp exchange ordered by __syncwarp(), in dynamic shared memory.
 __global__ void warp_exchange(const float* x, float* out) {
   extern __shared__ float dyn[];
@@ -183,7 +189,7 @@ def _line(src: str, tag: str) -> int:
 BUG_NAMES = ("raw_across_warps", "war_across_warps", "race_in_warp", "uninitialized_read",
              "half_barrier", "shuffle_in_branch", "outside_mask", "past_dynamic", "past_static",
              "past_tensor", "big_dynamic", "shared_atomics", "early_exit")
-CLEAN_NAMES = ("block_sum", "exchange", "warp_exchange")
+CLEAN_NAMES = ("block_sum", "exchange", "warp_exchange", "block_runs")
 
 
 @pytest.fixture
@@ -454,6 +460,15 @@ def test_clean_kernels_pass_every_tool_and_schedule_bitwise(env, check, schedule
         assert torch.equal(a, b)
     x = torch.randn(4 * 128, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(want[0], x.view(4, 128).sum(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["reverse", "random:1", "random:2", "random:5"])
+@pytest.mark.parametrize("grid", [(1,), (2,), (3,), (9,), (5, 2), (7, 3, 2)])
+def test_every_schedule_runs_every_block_once(env, schedule, grid):
+    _, clean = env("", schedule)
+    runs = torch.zeros(int(np.prod(grid)), dtype=torch.int32)
+    clean.get_function("block_runs")(grid, (32,), (runs,))
+    assert (runs == 1).all()
 
 
 def test_a_race_shows_as_a_schedule_dependent_result(env):

@@ -1128,8 +1128,8 @@ inline int launch(const unsigned* grid, const unsigned* block, uint64_t smem, in
   const auto schedule = static_cast<Schedule>(cfg->schedule);
   uint64_t perm_a = 1, perm_c = 0;
   if (schedule == Schedule::Random && nblocks > 1) {
-    perm_a = mix64(cfg->seed) % nblocks | 1;
-    while (std::gcd(perm_a, nblocks) != 1) perm_a = (perm_a + 2) % nblocks | 1;
+    perm_a = 1 + mix64(cfg->seed) % (nblocks - 1);   // in [1, nblocks): 1 ends the search
+    while (std::gcd(perm_a, nblocks) != 1) perm_a = perm_a % (nblocks - 1) + 1;
     perm_c = mix64(cfg->seed + 1) % nblocks;
   }
 
