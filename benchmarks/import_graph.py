@@ -142,7 +142,7 @@ def private_imports(mods):
 
 def duplicate_blocks(mods, width: int = 6):
     """Pairs of places sharing `width` consecutive same-shape lines (identifiers and
-    numbers normalised, blank and comment lines skipped)."""
+    numbers normalised; blank lines, comments, docstrings, imports and constants skipped)."""
     norm_re = re.compile(r"\b[A-Za-z_]\w*\b|\b\d+(\.\d+)?\b")
     keep = {"def", "return", "for", "in", "if", "else", "elif", "while", "with", "as", "not",
             "and", "or", "is", "None", "True", "False", "lambda", "yield", "raise", "import",
@@ -158,10 +158,17 @@ def duplicate_blocks(mods, width: int = 6):
 
     windows = defaultdict(list)
     for mod, path in mods.items():
+        text = path.read_text()
+        # docstrings and other bare strings are prose, not code
+        prose = set()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
+                    and isinstance(node.value.value, str):
+                prose.update(range(node.lineno, node.end_lineno + 1))
         lines = []
-        for no, raw in enumerate(path.read_text().splitlines(), 1):
+        for no, raw in enumerate(text.splitlines(), 1):
             s = raw.strip()
-            if not counted(s):
+            if no in prose or not counted(s):
                 continue
             lines.append((no, shape(raw)))
         for i in range(len(lines) - width + 1):

@@ -148,9 +148,16 @@ def _rule(x: Inputs):
     return None if x.graph is None else x.graph.rule
 
 
-def _torch_refuse(x: Inputs) -> Optional[str]:
+def _dtype_refuse(x: Inputs) -> Optional[str]:
+    """The torch-computed backends' dtypes."""
     if x.dtype not in _TORCH_DTYPES:
         return f"takes float16/bfloat16/float32/float64, got {x.dtype}"
+    return None
+
+
+def _torch_refuse(x: Inputs) -> Optional[str]:
+    if (why := _dtype_refuse(x)) is not None:
+        return why
     if _implicit(x) and torch.compiler.is_compiling():
         return ("an implicit graph has no edge tensors for torch.compile to trace: run it "
                 "eagerly, or trace graph.materialize()")
@@ -237,8 +244,8 @@ register_backend(Backend("cupy", priority=10, refuse=_cupy_refuse, run=_cupy_run
 
 
 def _tiles_refuse(x: Inputs) -> Optional[str]:
-    if x.dtype not in _TORCH_DTYPES:
-        return f"takes float16/bfloat16/float32/float64, got {x.dtype}"
+    if (why := _dtype_refuse(x)) is not None:
+        return why
     if torch.compiler.is_compiling():
         return "plans tiles on the host: not traced by torch.compile (the torch backend is)"
     if _implicit(x):
@@ -290,8 +297,8 @@ register_backend(Backend("tiles", priority=20, refuse=_tiles_refuse, run=_tiles_
 
 
 def _ranges_refuse(x: Inputs) -> Optional[str]:
-    if x.dtype not in _TORCH_DTYPES:
-        return f"takes float16/bfloat16/float32/float64, got {x.dtype}"
+    if (why := _dtype_refuse(x)) is not None:
+        return why
     if x.graph is None:
         return "reads key ranges from a graph's rule: no graph given"
     if not _implicit(x) and _rule(x) is None:
