@@ -574,7 +574,7 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     import attngraph as ag
-    from attngraph.ops.dispatch import Inputs, backends, select_backend
+    from attngraph.ops.dispatch import Inputs, explain, select_backend
 
     def fail(message: str) -> int:
         print(f"attngraph demo: error: {message}", file=sys.stderr)
@@ -614,15 +614,13 @@ def _demo(args: argparse.Namespace) -> int:
     t_graph = time.perf_counter() - t0
     print(f"graph: {graph}  (built in {_fmt_time(t_graph)})")
 
-    inputs = Inputs(device=device, dtype=dtype, head_dim=D, value_dim=D, requires_grad=False)
-    chosen = select_backend("auto", inputs)
-    refused = [(b.name, b.refuse(inputs)) for b in backends()
-               if b.name != chosen.name and b.refuse(inputs) is not None]
-    why = "; ".join(f"{name} refused: {reason}" for name, reason in refused)
-    print(f"backend: {chosen.name} (chosen by backend='auto'" + (f"; {why})" if why else ")"))
-
     gen = torch.Generator(device=device).manual_seed(args.seed)
     q, k, v = (torch.randn(n, H, D, generator=gen, device=device).to(dtype) for _ in range(3))
+
+    # the very inputs graph_attention dispatches on below, graph included
+    inputs = Inputs.of(q, k, v, graph)
+    chosen = select_backend("auto", inputs)
+    print(f"backend: {chosen.name} (chosen by backend='auto')\n  {explain('auto', inputs)}")
 
     _reset_peak(device)
     with torch.no_grad():

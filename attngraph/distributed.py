@@ -34,6 +34,7 @@ from torch import Tensor
 
 from attngraph.graph import TokenGraph
 from attngraph.ops import functional
+from attngraph.ops.numerics import merge_many
 
 __all__ = ["shard_ranges", "graph_attention", "halo_plan", "HaloPlan", "ring_bytes"]
 
@@ -125,12 +126,12 @@ class HaloPlan:
 
 def _fingerprint(graph: TokenGraph) -> int:
     """A cheap hash of the graph (sizes and edges), computed once per graph."""
-    fp = graph._cache.get("fingerprint")
+    fp = graph.caches.distributed.get("fingerprint")
     if fp is None:
         mix = (graph.src * 2654435761 + graph.dst * 40503 + 17) % 2147483647
         fp = hash((graph.num_src, graph.num_dst, graph.num_edges, int(mix.sum()),
                    int((mix * mix % 2147483629).sum()))) & (2 ** 62 - 1)
-        graph._cache["fingerprint"] = fp
+        graph.caches.distributed["fingerprint"] = fp
     return fp
 
 
@@ -193,7 +194,7 @@ def halo_plan(graph: TokenGraph, ranges: Sequence[Tuple[int, int]], group=None, 
     if ship_degree is None:
         ship_degree = _default_ship_degree(graph)
     key = ("halo_plan", ranges, rank, world, id(group), ship_degree)
-    cached = graph._cache.get(key)
+    cached = graph.caches.distributed.get(key)
     if cached is not None:
         return cached
     dev = graph.device
@@ -236,7 +237,7 @@ def halo_plan(graph: TokenGraph, ranges: Sequence[Tuple[int, int]], group=None, 
         plan.update(_ship_plan(graph, ranges, rank, world, group, src, dst, shipped,
                                dense_row, starts))
     plan = HaloPlan(**plan)
-    graph._cache[key] = plan
+    graph.caches.distributed[key] = plan
     return plan
 
 
@@ -413,15 +414,10 @@ def _ship_forward(ctx, sv, plan: HaloPlan, group, scale, backend, grad, nd):
                                 o_rows.index_select(0, plan.dense_rows).to(parts.dtype))
     lse_tab = lse_tab.index_put((plan.ship_pos, plan.ship_peer), parts[:, Fo:].to(lse_tab.dtype))
     out_tab = out_tab.index_put((plan.ship_pos, plan.ship_peer), parts[:, :Fo])
-    m = lse_tab.detach().amax(1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lse_tab - m)                                       # [rows, world, B*H]
-    total = w.sum(1)
-    lse_m = torch.log(total) + m.squeeze(1)
     heads = l_rows.size(1)
-    w_o = (w / total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(1))
-    out_m = w_o.unsqueeze(-1) * out_tab.view(nd_rows, world, heads, Fo // max(heads, 1))
-    out_m = out_m.sum(1).reshape(nd_rows, Fo).to(o_rows.dtype)
+    out_m, lse_m = merge_many(out_tab.view(nd_rows, world, heads, Fo // max(heads, 1)),
+                              lse_tab)                               # [rows, world, B*H]
+    out_m = out_m.reshape(nd_rows, Fo).to(o_rows.dtype)
     o_rows = o_rows.index_copy(0, plan.dense_rows, out_m)
     l_rows = l_rows.index_copy(0, plan.dense_rows, lse_m)
     return _unrows(o_rows, out_l.shape, nd), _unrows(l_rows, lse_l.shape, nd)

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from attngraph.graph import TokenGraph
-from attngraph.masks._common import check_int
+from attngraph.checks import check_int
 
 __all__ = ["to_block_mask", "from_block_mask", "MASK_MOD_CHUNK_ELEMENTS"]
 

@@ -19,50 +19,45 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 from torch_geometric import EdgeIndex
 
-__all__ = ["TokenGraph", "MAX_NODES"]
+from attngraph import chunks
+from attngraph.checks import MAX_NODES, check_count, check_edge_index, check_perm
+from attngraph.chunks import row_chunks
 
-# Elements evaluated per call of a mask_mod predicate in `TokenGraph.from_mask_mod`.
-MASK_MOD_CHUNK_ELEMENTS = 1 << 24
-
-# Most key or query nodes a graph may have: node ids must fit int32 (the kernels' column
-# indices), and CSR offsets for more would take tens of GB before any edge exists.
-MAX_NODES = 2 ** 31 - 1
-
+__all__ = ["TokenGraph", "GraphCaches", "MAX_NODES", "graph_of", "batch"]
 
 # graph.src -> the graph: torch.library operators receive a graph as its tensors
 _BY_SRC = WeakIdKeyDictionary()
 
 
-def _check_count(name: str, value, *, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) and not (
-            isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point()):
-        raise TypeError(f"{name} must be a non-negative int, got {value!r} "
-                        f"({type(value).__name__})")
-    value = int(value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    if value > MAX_NODES:
-        raise ValueError(f"{name}={value} exceeds the {MAX_NODES:,} nodes a TokenGraph can "
-                         f"hold (int32 node ids; its CSR offsets alone would take "
-                         f"{8 * (value + 1) / 1e9:.3g} GB)")
-    return value
+class GraphCaches:
+    """Data derived from a graph's edges for one module's work, built on first use and kept
+    with the graph (a graph's edges never change, so neither does any of this).
 
+    One namespace per owning module; only that module reads or writes it, keyed by its own
+    arguments. :meth:`clear` empties them all; :meth:`TokenGraph.to`, :meth:`TokenGraph.int32`
+    and :meth:`TokenGraph.int64` start a new graph with empty caches, and setting
+    :attr:`TokenGraph.order` drops the tile plans (they are made in that order).
 
-def _check_edge_index(edge_index) -> Tensor:
-    if not isinstance(edge_index, Tensor):
-        raise TypeError(f"edge_index must be a torch.Tensor of shape [2, E], got "
-                        f"{type(edge_index).__name__}")
-    if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
-        raise TypeError(f"edge_index must hold integers (torch.int32 or torch.int64), got "
-                        f"{edge_index.dtype}")
-    if edge_index.dim() != 2 or edge_index.size(0) != 2:
-        raise ValueError(f"edge_index must have shape [2, E] (row 0 = keys/sources, row 1 = "
-                         f"queries/targets), got shape {list(edge_index.shape)}")
-    if isinstance(edge_index, EdgeIndex):
-        edge_index = edge_index.as_tensor()
-    return edge_index.long()
+    Attributes:
+        plan: :mod:`attngraph.ops.plan`: tile plans and best block sizes, by arguments.
+        chunks: :mod:`attngraph.ops.chunked`: the torch backend's row chunks, by size.
+        cuda: :mod:`attngraph.ops.cuda`: the kernels' index arrays (``"cuda_arrays"``, of
+            ``stages.py``) and launch plan (``"cuda_plan"``, of ``fused.py``).
+        distributed: :mod:`attngraph.distributed`: the graph's fingerprint, halo plans.
+    """
+
+    __slots__ = ("plan", "chunks", "cuda", "distributed")
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, {})
+
+    def __repr__(self) -> str:
+        held = ", ".join(f"{n}: {len(getattr(self, n))}" for n in self.__slots__)
+        return f"GraphCaches({held})"
 
 
 class TokenGraph:
@@ -83,19 +78,20 @@ class TokenGraph:
                 [ True,  True]])
     """
 
-    # _cache: index arrays derived for kernels (attngraph.ops.cuda), built once per graph;
     # _meta: (num_src, num_dst, num_edges, device) as plain Python values and _arrays:
     # (ptr, src, dst) as plain tensors, the same objects on every access, so code that
     # torch.compile traces reads them without calling into the EdgeIndex, and an operator
-    # that receives them finds the graph again (graph_of)
-    __slots__ = ("_ei", "_cache", "_meta", "_arrays", "__weakref__")
+    # that receives them finds the graph again (graph_of). rule, _order and _permuted are
+    # facts about the mask (kept wherever they stay true); caches holds what modules derive.
+    __slots__ = ("_ei", "_meta", "_arrays", "rule", "_order", "_permuted", "caches",
+                 "__weakref__")
 
     def __init__(self, edge_index, num_nodes: Optional[int] = None, *,
                  num_src: Optional[int] = None, num_dst: Optional[int] = None):
-        ei = _check_edge_index(edge_index)
-        num_nodes = _check_count("num_nodes", num_nodes, allow_none=True)
-        num_src = _check_count("num_src", num_src, allow_none=True)
-        num_dst = _check_count("num_dst", num_dst, allow_none=True)
+        ei = check_edge_index(edge_index)
+        num_nodes = check_count("num_nodes", num_nodes, allow_none=True)
+        num_src = check_count("num_src", num_src, allow_none=True)
+        num_dst = check_count("num_dst", num_dst, allow_none=True)
         if num_nodes is not None:
             for name, val in (("num_src", num_src), ("num_dst", num_dst)):
                 if val is not None and val != num_nodes:
@@ -108,7 +104,7 @@ class TokenGraph:
         max_src = int(ei[0].max()) + 1 if ei.numel() else 0
         max_dst = int(ei[1].max()) + 1 if ei.numel() else 0
         if num_src is None and num_dst is None:
-            num_src = num_dst = _check_count("num_nodes (inferred from edge_index)",
+            num_src = num_dst = check_count("num_nodes (inferred from edge_index)",
                                              max(max_src, max_dst))
         elif num_src is None or num_dst is None:
             raise ValueError("give both num_src and num_dst (or num_nodes), got only one")
@@ -147,15 +143,22 @@ class TokenGraph:
         and such a graph is found again by ``graph_of`` only through its tensors)."""
         g = cls.__new__(cls)
         g._ei = None
-        g._cache = {}
+        g._reset()
         g._meta = (num_src, num_dst, src.size(0), src.device)
         ptr = torch.searchsorted(dst, torch.arange(num_dst + 1, device=dst.device))
         g._arrays = (ptr, src, dst)
         return g
 
+    def _reset(self) -> None:
+        """No rule, no order, empty caches: the state of a new graph."""
+        self.rule = None
+        self._order = None
+        self._permuted = None
+        self.caches = GraphCaches()
+
     def _init(self, ei: EdgeIndex) -> None:
         self._ei = ei
-        self._cache = {}
+        self._reset()
         self._meta = (int(ei.sparse_size(0)), int(ei.sparse_size(1)), ei.size(1), ei.device)
         plain = ei.as_tensor()
         ptr = ei.get_indptr()
@@ -198,14 +201,15 @@ class TokenGraph:
 
         ``fn`` gets broadcastable index tensors ``q_idx: [R, 1]`` and ``kv_idx: [1, num_src]``
         for a chunk of R query rows at a time, so peak memory is about
-        ``MASK_MOD_CHUNK_ELEMENTS`` booleans whatever ``num_dst * num_src`` is.
+        :data:`attngraph.chunks.MASK_MOD_CHUNK_ELEMENTS` booleans whatever ``num_dst *
+        num_src`` is.
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable as fn(q_idx, kv_idx), got {type(fn).__name__}")
-        num_dst = _check_count("num_dst", num_dst)
-        num_src = num_dst if num_src is None else _check_count("num_src", num_src)
+        num_dst = check_count("num_dst", num_dst)
+        num_src = num_dst if num_src is None else check_count("num_src", num_src)
         kv = torch.arange(num_src, device=device).view(1, -1)
-        rows = max(1, MASK_MOD_CHUNK_ELEMENTS // max(num_src, 1))
+        rows = max(1, chunks.MASK_MOD_CHUNK_ELEMENTS // max(num_src, 1))
         srcs, dsts = [], []
         for r0 in range(0, num_dst, rows):
             q = torch.arange(r0, min(r0 + rows, num_dst), device=device).view(-1, 1)
@@ -280,9 +284,23 @@ class TokenGraph:
                              f"{self.num_edges:,}")
         g = self._from_edge_index(self.edge_index.as_tensor().to(dtype), self.num_src,
                                   self.num_dst)
-        if "order" in self._cache:      # the token order tiles compute in comes along
-            g._cache["order"] = self._cache["order"]
+        g._keep_facts(self)
         return g
+
+    def _keep_facts(self, other: "TokenGraph") -> None:
+        """Take ``other``'s rule, order and renumbered graph (same edges, same device)."""
+        self.rule = other.rule
+        self._order = other._order
+        self._permuted = other._permuted
+
+    @property
+    def _cache(self) -> dict:
+        """The kernels' namespace, :attr:`GraphCaches.cuda` (see :class:`GraphCaches`)."""
+        return self.caches.cuda
+
+    def clear_caches(self) -> None:
+        """Drop every derived cache (:class:`GraphCaches`); they are rebuilt on use."""
+        self.caches.clear()
 
     @property
     def num_src(self) -> int:
@@ -341,11 +359,11 @@ class TokenGraph:
         ptr = self.ptr[r0:r1 + 1]
         return ptr - ptr[0], self.src[int(ptr[0]):int(ptr[-1])]
 
-    def edge_chunks(self, max_edges: int = 1 << 22):
-        """``(r0, r1, e0, ptr, src)`` for consecutive row chunks of about ``max_edges``
-        edges (as :meth:`attngraph.implicit.ImplicitGraph.edge_chunks`)."""
-        from attngraph.ops.chunked import row_chunks
-
+    def edge_chunks(self, max_edges: Optional[int] = None):
+        """``(r0, r1, e0, ptr, src)`` for consecutive row chunks of at most ``max_edges``
+        edges (default :data:`attngraph.chunks.EDGE_CHUNK`; as
+        :meth:`attngraph.implicit.ImplicitGraph.edge_chunks`)."""
+        max_edges = chunks.EDGE_CHUNK if max_edges is None else max_edges
         ptr_host = self.ptr.cpu()
         for r0, r1 in row_chunks(ptr_host, max_edges):
             e0 = int(ptr_host[r0])
@@ -368,8 +386,12 @@ class TokenGraph:
         device = torch.device(device)
         if device == self.device:
             return self
-        return self._from_edge_index(self.edge_index.as_tensor().to(device), self.num_src,
-                                     self.num_dst)
+        g = self._from_edge_index(self.edge_index.as_tensor().to(device), self.num_src,
+                                  self.num_dst)
+        g.rule = None if self.rule is None else self.rule.to(device)
+        if self._order is not None:
+            g._order = tuple(None if p is None else p.to(device) for p in self._order)
+        return g
 
     def cpu(self) -> "TokenGraph":
         return self.to("cpu")
@@ -444,14 +466,14 @@ class TokenGraph:
         canonical edge ``e`` is old canonical edge ``edge_perm[e]`` (reorder an
         ``edge_bias`` with ``edge_bias[edge_perm]``).
         """
-        perm = _check_perm("perm", perm, self.num_dst, self.device)
+        perm = check_perm("perm", perm, self.num_dst, self.device)
         if src_perm is None:
             if self.is_bipartite:
                 raise ValueError(f"a bipartite graph ({self.num_src} keys, {self.num_dst} "
                                  f"queries) needs src_perm for its keys")
             src_perm = perm
         else:
-            src_perm = _check_perm("src_perm", src_perm, self.num_src, self.device)
+            src_perm = check_perm("src_perm", src_perm, self.num_src, self.device)
         inv_dst = torch.empty_like(perm)
         inv_dst[perm] = torch.arange(perm.numel(), device=perm.device)
         inv_src = inv_dst if src_perm is perm else torch.empty_like(src_perm)
@@ -470,112 +492,57 @@ class TokenGraph:
         ``graph.order = perm`` asks the tiled path to run on :meth:`permute` ``(perm)``,
         where the mask is closer to block diagonal, and to map the results back: the mask
         and every result stay the same. ``hash_buckets`` sets it to (bucket, position);
-        :func:`attngraph.reorder` computes one for any graph.
+        :func:`attngraph.reorder` computes one for any graph. Kept by :meth:`to`,
+        :meth:`int32` and :meth:`int64`.
         """
-        order = self._cache.get("order")
+        order = self._order
         if order is None:
             return None
         return order[0] if order[1] is None else order
 
     @order.setter
     def order(self, perm) -> None:
+        self.set_order(perm)
+
+    def set_order(self, perm, *, permuted: Optional[Callable[[], "TokenGraph"]] = None
+                  ) -> None:
+        """Set :attr:`order`; ``permuted``, when given, builds the graph renumbered in that
+        order (what :meth:`permuted` returns) faster than :meth:`permute` would (a mask
+        generator that knows its sorted form writes it without a sort)."""
         if perm is None:
-            self._cache.pop("order", None)
+            self._order = None
         else:
             q_perm, k_perm = perm if isinstance(perm, tuple) else (perm, None)
-            q_perm = _check_perm("order", q_perm, self.num_dst, self.device)
+            q_perm = check_perm("order", q_perm, self.num_dst, self.device)
             if k_perm is not None:
-                k_perm = _check_perm("order (keys)", k_perm, self.num_src, self.device)
+                k_perm = check_perm("order (keys)", k_perm, self.num_src, self.device)
             elif self.is_bipartite:
                 raise ValueError("a bipartite graph needs an order for queries and one for "
                                  "keys: graph.order = (query_perm, key_perm)")
-            self._cache["order"] = (q_perm, k_perm)
-        for key in [k for k in self._cache
-                    if isinstance(k, tuple) and k[0] in ("tile_plan", "best_block")]:
-            del self._cache[key]
-        self._cache.pop("permuted", None)
+            self._order = (q_perm, k_perm)
+        self._permuted = permuted if perm is not None else None
+        self.caches.plan.clear()        # plans are made in the order
 
-    def _plan_order(self, order, src_order):
-        """``(order, src_order, cacheable)`` of a tile plan: ``"auto"`` is the graph's own
-        :attr:`order`; ``src_order`` defaults to ``order`` for self-attention. Plans in the
-        graph's numbering or its ``order`` are cached; others are not (a tensor's id can
-        be reused once it is freed)."""
-        own = self._cache.get("order", (None, None))
-        if isinstance(order, str):
-            if order != "auto":
-                raise ValueError(f"order must be 'auto', None or a permutation tensor, got "
-                                 f"{order!r}")
-            order, src_order = own
-        else:
-            if order is not None:
-                order = _check_perm("order", order, self.num_dst, self.device)
-            if src_order is not None:
-                src_order = _check_perm("src_order", src_order, self.num_src, self.device)
-        if order is not None and src_order is None and not self.is_bipartite:
-            src_order = order
-        own_src = own[0] if own[1] is None else own[1]
-        cacheable = (order is None and src_order is None
-                     or order is own[0] and src_order is own_src)
-        return order, src_order, cacheable
-
-    def _best_block(self, min_density=None, order="auto", src_order=None):
-        """``(block size, modelled cost, its tile counts or None)`` of the cheapest plan,
-        from tile counts alone (O(E) per size): what ``tile_plan()`` builds, unbuilt."""
-        from attngraph.ops.tiles import (BLOCK_SIZES, EDGE_COST_CELLS, _planned_graph,
-                                         plan_cost, tile_counts)
-
-        order, src_order, cacheable = self._plan_order(order, src_order)
-        key = ("best_block", min_density, order is not None)
-        if cacheable and key in self._cache:
-            return self._cache[key] + (None,)
-        planned = self if order is None else _planned_graph(self, order, src_order)
-        density = 1.0 / EDGE_COST_CELLS if min_density is None else min_density
-        counts = {b: tile_counts(planned, b, b) for b in BLOCK_SIZES}
-        costs = {b: plan_cost(counts[b][1], planned.num_edges, b, b, density)
-                 for b in BLOCK_SIZES}
-        best = min(BLOCK_SIZES, key=costs.get)
-        if cacheable:
-            self._cache[key] = (best, costs[best])
-        return best, costs[best], counts[best]
+    def permuted(self) -> "TokenGraph":
+        """The graph renumbered in its own :attr:`order` (``permute(order)``), built once and
+        kept; the graph itself when it has no order."""
+        if self._order is None:
+            return self
+        if self._permuted is None or callable(self._permuted):
+            q_perm, k_perm = self._order
+            self._permuted = (self._permuted() if callable(self._permuted)
+                              else self.permute(q_perm, k_perm))
+        return self._permuted
 
     def tile_plan(self, block_size: Optional[int] = None, *, block_k: Optional[int] = None,
                   min_density: Optional[float] = None, order="auto", src_order=None):
         """Which ``block_size x block_k`` tiles run as dense math and which edges run per
-        edge (:class:`attngraph.ops.tiles.TilePlan`: counts, ``tile_fraction``, masks).
+        edge (:func:`attngraph.ops.plan.tile_plan`, which documents the arguments; a
+        :class:`attngraph.ops.plan.TilePlan`), cached with the graph."""
+        from attngraph.ops.plan import tile_plan
 
-        Computed once per graph and arguments, and cached. ``block_size=None`` takes the
-        size of ``attngraph.ops.tiles.BLOCK_SIZES`` (64, 128) whose plan has the least
-        modelled cost (``TilePlan.cost``, from tile counts: only that plan is built).
-        ``min_density``: a tile runs dense when it holds at least this fraction of its cells
-        as edges (default: the measured break-even ``1 / attngraph.ops.tiles.
-        EDGE_COST_CELLS``; 0: every non-empty tile; above 1: none). ``order``: ``"auto"``
-        (the graph's :attr:`order`), ``None`` (the graph's own numbering) or a permutation of
-        the queries (``src_order``: of the keys, default ``order`` for self-attention).
-        """
-        from attngraph.masks._common import check_int
-        from attngraph.ops.tiles import build_plan
-
-        if min_density is not None:
-            if isinstance(min_density, bool) or not isinstance(min_density, (int, float)) \
-                    or not min_density >= 0:
-                raise ValueError(f"min_density must be a number >= 0, got {min_density!r}")
-            min_density = float(min_density)
-        order, src_order, cacheable = self._plan_order(order, src_order)
-        counts = None
-        if block_size is None:
-            if block_k is not None:
-                raise ValueError("give block_size with block_k")
-            block_size, _, counts = self._best_block(min_density, order, src_order)
-        bq = check_int("block_size", block_size, minimum=1)
-        bk = bq if block_k is None else check_int("block_k", block_k, minimum=1)
-        key = ("tile_plan", bq, bk, min_density, order is not None)
-        plan = self._cache.get(key) if cacheable else None
-        if plan is None:
-            plan = build_plan(self, bq, bk, min_density=min_density, order=order,
-                              src_order=src_order, counts=counts)
-            if cacheable:
-                self._cache[key] = plan
-        return plan
+        return tile_plan(self, block_size, block_k=block_k, min_density=min_density,
+                         order=order, src_order=src_order)
 
     def to_block_mask(self, block_size: int = 128):
         """FlexAttention ``BlockMask`` of exactly this mask
@@ -636,25 +603,6 @@ class TokenGraph:
         except ImportError:
             return None
         return mask_png(self)
-
-
-def _check_perm(name: str, perm, n: int, device) -> Tensor:
-    """``perm`` as an int64 permutation of ``0..n-1`` on ``device``."""
-    if not isinstance(perm, Tensor):
-        raise TypeError(f"{name} must be a 1-D integer tensor (a permutation of 0..{n - 1}), "
-                        f"got {type(perm).__name__}")
-    if perm.dtype == torch.bool or perm.is_floating_point() or perm.is_complex():
-        raise TypeError(f"{name} must hold integers, got {perm.dtype}")
-    if perm.dim() != 1 or perm.numel() != n:
-        raise ValueError(f"{name} must have shape [{n}], got {list(perm.shape)}")
-    perm = perm.to(device=device, dtype=torch.long)
-    seen = torch.zeros(n, dtype=torch.bool, device=device)
-    if n and (int(perm.min()) < 0 or int(perm.max()) >= n):
-        raise ValueError(f"{name} holds ids outside [0, {n})")
-    seen[perm] = True
-    if not bool(seen.all()):
-        raise ValueError(f"{name} is not a permutation of 0..{n - 1} (an id repeats)")
-    return perm
 
 
 def graph_of(ptr: Tensor, src: Tensor, dst: Tensor, num_src: int, num_dst: int) -> TokenGraph:

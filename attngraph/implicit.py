@@ -1,7 +1,7 @@
 """Implicit token graphs: a mask kept as its rule, never as an edge list.
 
 A structured mask gives every query row a few *runs* of keys (see
-:mod:`attngraph.masks._common`): a window is one arithmetic run per row, Longformer adds
+:mod:`attngraph.runs`): a window is one arithmetic run per row, Longformer adds
 slices of the sorted global ids. An :class:`ImplicitGraph` stores the function that computes
 those runs for any range of rows, plus the few integers and small tensors it needs (global
 ids, document lengths). Degrees and edge counts come from the runs in bounded row chunks;
@@ -22,14 +22,16 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from attngraph import chunks
+from attngraph.chunks import row_chunks
 from attngraph.graph import TokenGraph
+from attngraph.runs import Take, from_runs
 
 __all__ = ["ImplicitGraph", "ROW_CHUNK"]
 
-# Rows whose runs are computed at once when counting (degrees only: a few int64 per row).
-ROW_CHUNK = 1 << 18
-# Edges generated at once by `edge_chunks` (chunks of whole rows; one longer row stays whole).
-EDGE_CHUNK = 1 << 22
+# The chunk sizes, as attngraph.chunks sets them (read from there at call time).
+ROW_CHUNK = chunks.ROW_CHUNK
+EDGE_CHUNK = chunks.EDGE_CHUNK
 
 RunsFn = Callable[[Tensor], list]
 
@@ -47,14 +49,14 @@ class ImplicitGraph(TokenGraph):
         runs: ``runs(rows) -> [Range | Take, ...]``: the key runs of query rows ``rows``
             (an int64 tensor of consecutive row ids), each run's per-row tensors aligned
             with ``rows``; inside a row the runs' keys are strictly increasing across their
-            concatenation (as :func:`attngraph.masks._common.from_runs` requires).
+            concatenation (as :func:`attngraph.runs.from_runs` requires).
         num_src, num_dst: key and query counts.
         name: the rule in words, for ``repr``.
         state: the rule's tensors by name (moved by :meth:`to`; ``runs`` reads them from
             the mapping it is given as ``state``).
     """
 
-    __slots__ = ("_runs", "_state", "_name", "_explicit", "_num_edges")
+    __slots__ = ("_runs", "_state", "_name", "_explicit", "_num_edges", "_index_dtype")
 
     def __init__(self, runs: Callable, num_src: int, num_dst: int, *, name: str = "rule",
                  state: Optional[Dict[str, Tensor]] = None, device=None):
@@ -63,9 +65,10 @@ class ImplicitGraph(TokenGraph):
         self._name = name
         self._explicit = None
         self._num_edges = None
+        self._index_dtype = torch.int64
         self._ei = None
         self._arrays = None
-        self._cache = {}
+        self._reset()
         device = torch.device("cpu") if device is None else torch.device(device)
         self._meta = (int(num_src), int(num_dst), None, device)
 
@@ -75,7 +78,7 @@ class ImplicitGraph(TokenGraph):
         return True
 
     def runs(self, r0: int, r1: int) -> list:
-        """The key runs of query rows ``[r0, r1)`` (:class:`~attngraph.masks._common.Range`
+        """The key runs of query rows ``[r0, r1)`` (:class:`~attngraph.runs.Range`
         / ``Take``), computed from the rule."""
         rows = torch.arange(r0, r1, dtype=torch.long, device=self.device)
         return self._runs(rows, self._state)
@@ -84,8 +87,8 @@ class ImplicitGraph(TokenGraph):
         """Keys per query of rows ``[r0, r1)``, int64."""
         r1 = self.num_dst if r1 is None else r1
         parts = []
-        for a in range(r0, r1, ROW_CHUNK):
-            b = min(a + ROW_CHUNK, r1)
+        for a in range(r0, r1, chunks.ROW_CHUNK):
+            b = min(a + chunks.ROW_CHUNK, r1)
             deg = torch.zeros(b - a, dtype=torch.long, device=self.device)
             for run in self.runs(a, b):
                 deg += run.count
@@ -97,20 +100,17 @@ class ImplicitGraph(TokenGraph):
     def rows(self, r0: int, r1: int) -> Tuple[Tensor, Tensor]:
         """Edges of query rows ``[r0, r1)``: ``(ptr [r1 - r0 + 1], src [E_c])`` int64, row
         ``r0 + i`` holding keys ``src[ptr[i]:ptr[i+1]]`` in canonical order."""
-        from attngraph.masks._common import from_runs
-
         local = from_runs(self.num_src, r1 - r0, self.runs(r0, r1), device=self.device)
         return local.ptr, local.src
 
-    def edge_chunks(self, max_edges: int = EDGE_CHUNK
+    def edge_chunks(self, max_edges: Optional[int] = None
                     ) -> Iterator[Tuple[int, int, int, Tensor, Tensor]]:
         """``(r0, r1, e0, ptr, src)`` for consecutive row chunks of about ``max_edges``
         edges: rows ``[r0, r1)`` hold canonical edges ``e0 ...`` (``rows(r0, r1)``)."""
-        from attngraph.ops.chunked import row_chunks
-
+        max_edges = chunks.EDGE_CHUNK if max_edges is None else max_edges
         e0 = 0
-        for a in range(0, self.num_dst, ROW_CHUNK):
-            b = min(a + ROW_CHUNK, self.num_dst)
+        for a in range(0, self.num_dst, chunks.ROW_CHUNK):
+            b = min(a + chunks.ROW_CHUNK, self.num_dst)
             deg = self.degrees(a, b)
             ptr = torch.zeros(deg.numel() + 1, dtype=torch.long)
             torch.cumsum(deg.cpu(), 0, out=ptr[1:])
@@ -124,8 +124,8 @@ class ImplicitGraph(TokenGraph):
     def num_edges(self) -> int:
         if self._num_edges is None:
             total = 0
-            for a in range(0, self.num_dst, ROW_CHUNK):
-                total += int(self.degrees(a, min(a + ROW_CHUNK, self.num_dst)).sum())
+            for a in range(0, self.num_dst, chunks.ROW_CHUNK):
+                total += int(self.degrees(a, min(a + chunks.ROW_CHUNK, self.num_dst)).sum())
             self._num_edges = total
         return self._num_edges
 
@@ -139,16 +139,16 @@ class ImplicitGraph(TokenGraph):
         return out
 
     # ------------------------------------------------------------------ edges on demand
-    def materialize(self, index_dtype: torch.dtype = torch.int64) -> TokenGraph:
+    def materialize(self, index_dtype: Optional[torch.dtype] = None) -> TokenGraph:
         """The explicit :class:`TokenGraph` with the same edges (built once, cached), with
-        int64 node ids or, for ``index_dtype=torch.int32``, int32 ones written straight
-        from the rule (8 bytes per edge)."""
+        node ids of ``index_dtype`` (default :attr:`index_dtype`: int64, or int32 for a
+        graph from :meth:`int32`); int32 ones are written straight from the rule (8 bytes
+        per edge)."""
+        index_dtype = self._index_dtype if index_dtype is None else index_dtype
         if index_dtype not in (torch.int32, torch.int64):
             raise TypeError(f"index_dtype must be torch.int32 or torch.int64, got "
                             f"{index_dtype!r}")
         if self._explicit is None or self._explicit.index_dtype != index_dtype:
-            from attngraph.masks._common import from_runs
-
             self._explicit = None       # one list at a time
             self._explicit = from_runs(self.num_src, self.num_dst,
                                        self.runs(0, self.num_dst), device=self.device,
@@ -178,22 +178,35 @@ class ImplicitGraph(TokenGraph):
     def csc(self):
         return self.materialize().csc()
 
-    def tile_plan(self, *args, **kwargs):
-        """Tile plan of the materialised graph (``graph_attention`` needs none: it reads
-        key ranges from the rule)."""
-        return self.materialize().tile_plan(*args, **kwargs)
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """dtype of the node ids of the edges the rule generates when they are stored
+        (:meth:`materialize`, ``src``, ``dst``): int64, or int32 after :meth:`int32`."""
+        return self._index_dtype
 
-    def _best_block(self, *args, **kwargs):
-        return self.materialize()._best_block(*args, **kwargs)
+    def _with_index_dtype(self, dtype: torch.dtype) -> "ImplicitGraph":
+        if self._index_dtype == dtype:
+            return self
+        g = ImplicitGraph(self._runs, self.num_src, self.num_dst, name=self._name,
+                          state=self._state, device=self.device)
+        g._index_dtype = dtype
+        g._num_edges = self._num_edges
+        g._keep_facts(self)
+        return g
 
     # ------------------------------------------------------------------ conversions
     def to(self, device) -> "ImplicitGraph":
         device = torch.device(device)
         if device == self.device:
             return self
-        state = {k: v.to(device) for k, v in self._state.items()}
-        return ImplicitGraph(self._runs, self.num_src, self.num_dst, name=self._name,
-                             state=state, device=device)
+        state = {k: _to(v, device) for k, v in self._state.items()}
+        g = ImplicitGraph(self._runs, self.num_src, self.num_dst, name=self._name,
+                          state=state, device=device)
+        g._index_dtype = self._index_dtype
+        g._num_edges = self._num_edges
+        if self._order is not None:
+            g._order = tuple(None if p is None else p.to(device) for p in self._order)
+        return g
 
     def to_dense(self) -> Tensor:
         mask = torch.zeros(self.num_dst, self.num_src, dtype=torch.bool, device=self.device)
@@ -257,6 +270,13 @@ class ImplicitGraph(TokenGraph):
                 f"implicit: {self._name}{dev})")
 
 
+def _to(value, device):
+    """A rule's state entry on ``device``: a tensor, or a list of implicit graphs (a union)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value.to(device)
+
+
 def _explicit(g: TokenGraph) -> TokenGraph:
     return g.materialize() if getattr(g, "is_implicit", False) else g
 
@@ -267,8 +287,6 @@ def _union_parts(g: ImplicitGraph) -> List[ImplicitGraph]:
 
 def _union_runs(rows: Tensor, state) -> list:
     """One ``Take`` run per row: the sorted union of the parts' keys of these rows."""
-    from attngraph.masks._common import Take
-
     if not rows.numel():
         return [Take(rows, rows, rows)]
     r0, r1 = int(rows[0]), int(rows[-1]) + 1

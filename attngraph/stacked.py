@@ -105,8 +105,8 @@ class StackedGraph:
         """Draw the graph of sequence ``b``, head ``h`` (:func:`attngraph.viz.plot_mask`)."""
         from attngraph.viz import plot_mask
 
-        kwargs.setdefault("title", f"sequence {b}, head {h} of {self.shape}")
-        return plot_mask(self[b, h], **kwargs)
+        return plot_mask(self[b, h], **{"title": f"sequence {b}, head {h} of {self.shape}",
+                                        **kwargs})
 
     def _repr_png_(self) -> Optional[bytes]:
         try:

@@ -27,7 +27,9 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from attngraph import chunks
 from attngraph.graph import TokenGraph
+from attngraph.runs import Range, from_runs
 
 __all__ = ["plot_mask", "plot_graph", "mask_png", "MAX_ARC_NODES", "MAX_ARC_EDGES"]
 
@@ -35,8 +37,6 @@ __all__ = ["plot_mask", "plot_graph", "mask_png", "MAX_ARC_NODES", "MAX_ARC_EDGE
 MAX_ARC_NODES = 64
 MAX_ARC_EDGES = 2048
 
-# Edges binned per step by plot_mask: bounds the temporaries at ~8 bytes x this.
-_BIN_CHUNK_EDGES = 1 << 23
 
 _EDGE_COLOR = "#1f3b73"     # exact mask: edge cells
 _EMPTY_COLOR = "#ffffff"    # exact mask / density image: cells without edges
@@ -96,16 +96,14 @@ def _bin_counts(graph: TokenGraph, rows: int, cols: int) -> np.ndarray:
         return _bin_rule(graph, rows, cols)
     src, dst = graph.src, graph.dst
     counts = torch.zeros(rows * cols, dtype=torch.int64, device=graph.device)
-    for e0 in range(0, graph.num_edges, _BIN_CHUNK_EDGES):
-        s = src[e0:e0 + _BIN_CHUNK_EDGES].long()
-        d = dst[e0:e0 + _BIN_CHUNK_EDGES].long()
+    for e0 in range(0, graph.num_edges, chunks.BIN_CHUNK_EDGES):
+        s = src[e0:e0 + chunks.BIN_CHUNK_EDGES].long()
+        d = dst[e0:e0 + chunks.BIN_CHUNK_EDGES].long()
         key = torch.div(d * rows, graph.num_dst, rounding_mode="floor") * cols
         key += torch.div(s * cols, graph.num_src, rounding_mode="floor")
         counts += torch.bincount(key, minlength=rows * cols)
     return counts.view(rows, cols).cpu().numpy()
 
-
-_BIN_RULE_ROWS = 1 << 16
 
 
 def _bin_rule(graph, rows: int, cols: int) -> np.ndarray:
@@ -113,15 +111,13 @@ def _bin_rule(graph, rows: int, cols: int) -> np.ndarray:
     row adds, to each column bin its keys cross, the lattice points inside the bin (closed
     form, work per row = bins crossed); ``Take`` runs (a few table keys per row) are
     generated and counted."""
-    from attngraph.masks._common import Range, from_runs
-
     nd, ns = graph.num_dst, graph.num_src
     dev = graph.device
     counts = torch.zeros(rows * cols, dtype=torch.int64, device=dev)
     # column bin c holds keys [ceil(c ns / cols), ceil((c + 1) ns / cols))
     edges = -torch.div(-torch.arange(cols + 1, device=dev) * ns, cols, rounding_mode="floor")
-    for r0 in range(0, nd, _BIN_RULE_ROWS):
-        r1 = min(r0 + _BIN_RULE_ROWS, nd)
+    for r0 in range(0, nd, chunks.BIN_RULE_ROWS):
+        r1 = min(r0 + chunks.BIN_RULE_ROWS, nd)
         i = torch.arange(r0, r1, device=dev)
         row_bin = torch.div(i * rows, nd, rounding_mode="floor")
         for run in graph.runs(r0, r1):

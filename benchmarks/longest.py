@@ -39,7 +39,7 @@ def memory_model(spec: MaskSpec, dtype: torch.dtype, heads: int, dim: int, mode:
     hd = heads * dim
     deg = spec.expected_edges(1 << 20) / float(1 << 20)
     if peer.startswith("attngraph"):
-        from attngraph.ops.chunked import MAX_CHUNK_ELEMENTS
+        from attngraph.chunks import MAX_CHUNK_ELEMENTS
 
         convert = 0 if s == 4 else 3 * hd * 4 + hd * s        # fp32 copies, out cast
         tok = 3 * hd * s + convert + hd * 4 + 4 * heads + 8   # q k v, out, lse, CSR offsets
@@ -66,7 +66,7 @@ def memory_model(spec: MaskSpec, dtype: torch.dtype, heads: int, dim: int, mode:
     model = {"peer": peer, "what": what, "per_token": tok, "per_edge": edge, "workspace": work,
              "degree": deg}
     if peer.startswith("attngraph"):
-        # where the fused kernels (DESIGN.md section 4) and implicit structured graphs go
+        # where the fused kernels (attngraph/ops/cuda) and implicit structured graphs go
         ideal_tok = 4 * hd * s + 4 * heads + 8
         if mode == "fwdbwd":
             ideal_tok += 4 * hd * s + 4 * heads + 8

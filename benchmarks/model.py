@@ -55,10 +55,10 @@ H100 = dict(
     name="H100 SXM (model)",
     warp_instr_per_s=132 * 4 * 1.98e9,
     issue_source="NVIDIA H100 whitepaper: 132 SMs x 4 warp schedulers, 1.98 GHz boost",
-    hbm_bytes_per_s=3.35e12, hbm_source="DESIGN.md §4: 3.35 TB/s HBM3",
-    l2_bytes=50e6, l2_source="DESIGN.md §4: 50 MB L2",
-    fp32_flops=67e12, fp32_source="DESIGN.md §4: 67 TFLOP/s fp32 FMA",
-    bf16_tensor_flops=989e12, bf16_source="DESIGN.md §4: 989 TFLOP/s dense bf16",
+    hbm_bytes_per_s=3.35e12, hbm_source="NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3",
+    l2_bytes=50e6, l2_source="NVIDIA H100 whitepaper: 50 MB L2",
+    fp32_flops=67e12, fp32_source="NVIDIA H100 SXM datasheet: 67 TFLOP/s fp32 FMA",
+    bf16_tensor_flops=989e12, bf16_source="NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16",
     sms=132, regs_per_sm=65536, max_warps_per_sm=64,
 )
 FA2_FLOPS = 370e12

@@ -122,7 +122,7 @@ class AttnGraphPeer(Peer):
 
     def estimate(self, ctx, mode):
         if self.backend == "tiles":
-            from attngraph.ops.tiles import MAX_TILE_ELEMENTS
+            from attngraph.chunks import MAX_TILE_ELEMENTS
 
             tok32 = ctx.n * ctx.heads * ctx.dim * 4
             # blocked q, k, v and out; ~4 score-sized temporaries per run chunk; the plan's
@@ -131,7 +131,7 @@ class AttnGraphPeer(Peer):
             return fwd if mode == "fwd" else 2 * fwd + 6 * tok32
         if self.backend != "torch":
             return 2 * ctx.token_bytes + 4 * ctx.n * ctx.heads
-        from attngraph.ops.chunked import MAX_CHUNK_ELEMENTS
+        from attngraph.chunks import MAX_CHUNK_ELEMENTS
 
         tok32 = ctx.n * ctx.heads * ctx.dim * 4
         convert = 0 if ctx.itemsize == 4 else 3 * tok32 + ctx.token_bytes

@@ -191,12 +191,19 @@ def test_bench_without_harness(monkeypatch, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- demo
-def test_demo_in_process(tmp_path, capsys):
+def test_demo_in_process(tmp_path, capsys, monkeypatch):
+    from attngraph.ops import functional
+
+    ran = []
+    select = functional.select_backend
+    monkeypatch.setattr(functional, "select_backend",
+                        lambda *a, **kw: ran.append(select(*a, **kw).name) or select(*a, **kw))
     out = tmp_path / "demo"
     assert cli.main(["demo", "--n", "256", "--window", "8", "--global-tokens", "4",
                      "--heads", "2", "--dim", "16", "--runs", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "backend: torch" in text
+    # the backend the demo prints is the one its graph_attention call ran
+    assert f"backend: {ran[0]} (chosen by backend='auto')" in text
     assert "global tokens evenly spaced every 64 tokens (0, 64, 128, 192)" in text
     assert "(ok," in text
     assert "dense masked SDPA" in text

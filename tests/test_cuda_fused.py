@@ -1,5 +1,5 @@
 """The fused kernels (``attention.cu``) through the CPU emulator: forward, lse and every
-gradient against the float64 golden with the 2x rule (DESIGN §5), on every mask family,
+gradient against the float64 golden with the 2x rule (docs/ARCHITECTURE.md, "Tests"), on every mask family,
 skewed degrees and the edge cases; bitwise-deterministic backward; coalesced loads; rows
 cut into work items so no row serialises a launch."""
 import math

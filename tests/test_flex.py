@@ -14,7 +14,7 @@ from torch.nn.attention.flex_attention import (BlockMask, create_block_mask, cre
 
 import attngraph
 from attngraph import TokenGraph, masks
-from attngraph import flex
+from attngraph import chunks, flex
 
 from helpers import qkv, random_graph
 
@@ -271,7 +271,7 @@ def test_from_block_mask_bounded_chunks(monkeypatch):
     """Chunks of one block at a time give the same graph."""
     g = masks.longformer(300, 5, [0, 299])
     bm = g.to_block_mask(16)
-    monkeypatch.setattr(flex, "MASK_MOD_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(chunks, "MASK_MOD_CHUNK_ELEMENTS", 1)
     assert TokenGraph.from_block_mask(bm).equal(g)
 
 

@@ -3,6 +3,7 @@ import torch
 from torch_geometric import EdgeIndex
 
 from attngraph import TokenGraph, masks
+from attngraph import chunks
 from attngraph import graph as graph_module
 
 
@@ -111,7 +112,7 @@ def test_from_mask_mod_equals_from_dense(shape):
 
 
 def test_from_mask_mod_evaluates_in_bounded_chunks(monkeypatch):
-    monkeypatch.setattr(graph_module, "MASK_MOD_CHUNK_ELEMENTS", 1 << 14)
+    monkeypatch.setattr(chunks, "MASK_MOD_CHUNK_ELEMENTS", 1 << 14)
     n, calls = 4_000, []
 
     def window(q, kv):
@@ -181,3 +182,41 @@ def test_validation_errors(case):
     make, exc, match = BAD[case]
     with pytest.raises(exc, match=match):
         make()
+
+
+# ---------------------------------------------------------------------------- facts, caches
+def test_meta_edge_index_is_refused_with_a_clear_error():
+    ei = torch.tensor([[0, 1], [1, 1]], device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        TokenGraph(ei, num_nodes=2)
+
+
+def test_rule_and_order_are_attributes_kept_where_they_stay_true():
+    buckets = torch.tensor([0, 1, 0, 1, 2, 0, 2, 1])
+    g = masks.hash_buckets(buckets)
+    assert g.rule is not None and g.rule.equal(g) and g.order is not None
+    for h in (g.int32(), g.int32().int64(), g.to("cpu")):
+        assert h.rule is g.rule and h.order is g.order
+    moved = g.int32()
+    assert moved.index_dtype == torch.int32 and moved.rule.equal(moved)
+    assert moved.permuted().equal(g.permute(g.order))
+    # other graphs know no rule, and a new order drops the plans made in the old one
+    plain = masks.sliding_window(64, 3)
+    assert plain.rule is None and plain.order is None
+    plain.tile_plan(16)
+    assert plain.caches.plan
+    plain.order = torch.arange(63, -1, -1)
+    assert not plain.caches.plan and plain.permuted().equal(plain.permute(plain.order))
+
+
+def test_derived_caches_have_one_namespace_per_owner_and_clear_together():
+    import attngraph as ag
+
+    g = masks.sliding_window(64, 3)
+    q = torch.randn(64, 2, 8)
+    ag.graph_attention(q, q, q, g, backend="torch")
+    g.tile_plan(16)
+    assert g.caches.chunks and g.caches.plan
+    assert set(type(g.caches).__slots__) == {"plan", "chunks", "cuda", "distributed"}
+    g.clear_caches()
+    assert not any(getattr(g.caches, n) for n in type(g.caches).__slots__)

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 import attngraph as ag
 from attngraph import masks as M
 from attngraph.implicit import ImplicitGraph
+from attngraph import chunks
 from attngraph.ops import ranges
 
 SIZES = (0, 1, 7, 97, 300)
@@ -189,12 +190,12 @@ def engine(request, monkeypatch):
 
 def test_the_flash_engine_is_there_on_cpu():
     q, v = torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)
-    assert ranges._flash_ops(q, v) is not None
-    assert ranges._flash_ops(q, torch.zeros(1, 1, 3)) is None
+    assert ranges.flash_ops(q, v) is not None
+    assert ranges.flash_ops(q, torch.zeros(1, 1, 3)) is None
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
-@pytest.mark.parametrize("backend", ["auto", "torch", "tiles"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "ranges"])
 @pytest.mark.parametrize("n", [7, 300])
 def test_attention_equals_explicit(n, backend, engine):
     for name, fn, args, kw in _families(n):
@@ -208,7 +209,7 @@ def test_attention_equals_explicit(n, backend, engine):
 def test_attention_in_small_pieces(monkeypatch, max_elements, engine):
     """Key pieces and row chunks far smaller than a row: long rows (global tokens, full
     rows) are cut and merged."""
-    monkeypatch.setattr(ranges, "MAX_ELEMENTS", max_elements)
+    monkeypatch.setattr(chunks, "RANGE_MAX_ELEMENTS", max_elements)
     n = 257
     for g in (M.longformer(n, 9, [0, 5, n - 1], implicit=True),
               M.full(n, causal=True, implicit=True),
@@ -361,8 +362,18 @@ def test_dispatch_reasons(monkeypatch):
     g = M.sliding_window(64, 4, implicit=True)
     x = Inputs(device=torch.device("cpu"), dtype=torch.float32, head_dim=8, value_dim=8,
                requires_grad=False, graph=g)
-    assert select_backend("auto", x).name == "tiles"
+    assert select_backend("auto", x).name == "ranges"
     assert "rule" in explain("auto", x)
+    # no silent fallback: tiles plan stored edges, an implicit graph has none
+    with pytest.raises(RuntimeError, match="tiles: an implicit graph has no edge list"):
+        select_backend("tiles", x)
+    # a bias follows the canonical edge order: ranges and the fused kernels refuse it
+    xb = Inputs(device=torch.device("cpu"), dtype=torch.float32, head_dim=8, value_dim=8,
+                requires_grad=False, graph=g, has_bias=True)
+    assert select_backend("auto", xb).name == "torch"
+    assert "not ranges: an edge bias" in explain("auto", xb)
+    with pytest.raises(RuntimeError, match="cupy: an implicit graph with an edge bias"):
+        select_backend("cupy", xb)
 
 
 def test_explicit_hash_and_drop_graphs_keep_their_rule_for_attention(monkeypatch):
@@ -377,7 +388,7 @@ def test_explicit_hash_and_drop_graphs_keep_their_rule_for_attention(monkeypatch
     keep_q, keep_k = torch.rand(n, generator=gen) > 0.3, torch.rand(n, generator=gen) > 0.3
     for e, g in ((M.hash_buckets(buckets), M.hash_buckets(buckets, implicit=True)),
                  (M.qk_drop(keep_q, keep_k), M.qk_drop(keep_q, keep_k, implicit=True))):
-        assert not e.is_implicit and e._cache["rule"].equal(e)
+        assert not e.is_implicit and e.rule.equal(e)
         assert g.is_implicit and g.equal(e)
         x = Inputs(device=torch.device("cpu"), dtype=torch.float64, head_dim=4, value_dim=4,
                    requires_grad=True, graph=e)
@@ -435,7 +446,7 @@ def test_rule_items_name_every_edge_once():
 def test_rule_items_refuse_keys_out_of_range():
     """A user's rule that names keys outside [0, num_src) is refused on the host, before a
     kernel could read them."""
-    from attngraph.masks._common import Range, Take
+    from attngraph.runs import Range, Take
     from attngraph.ops.cuda import fused
 
     def far(rows, state):
@@ -582,3 +593,27 @@ def test_int32_graphs_on_the_emulated_kernels(monkeypatch):
     torch.testing.assert_close(ag.graph_attention(q, k, v, g, backend="cupy"),
                                ag.graph_attention(q, k, v, e, backend="torch"),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_index_dtype_and_int32_on_an_implicit_graph():
+    g = M.sliding_window(50, 3, implicit=True)
+    assert g.index_dtype == torch.int64 and g.int64() is g
+    g32 = g.int32()
+    assert g32.is_implicit and g32.index_dtype == torch.int32 and g32.int32() is g32
+    assert g32.src.dtype == torch.int32 and g32.materialize().index_dtype == torch.int32
+    assert g32.equal(M.sliding_window(50, 3)) and g32.int64().index_dtype == torch.int64
+    q = torch.randn(50, 2, 8)
+    torch.testing.assert_close(ag.graph_attention(q, q, q, g32),
+                               ag.graph_attention(q, q, q, g, backend="torch"))
+
+
+def test_hash_graph_keeps_its_rule_and_fast_path_in_int32():
+    from attngraph.ops.dispatch import Inputs, select_backend
+
+    buckets = torch.randint(0, 4, (120,), generator=torch.Generator().manual_seed(0))
+    g = M.hash_buckets(buckets).int32()
+    assert g.rule is not None and g.index_dtype == torch.int32
+    q = torch.randn(120, 2, 8)
+    assert select_backend("auto", Inputs.of(q, q, q, g)).name == "ranges"
+    torch.testing.assert_close(ag.graph_attention(q, q, q, g),
+                               ag.graph_attention(q, q, q, g, backend="torch"))

@@ -1,7 +1,7 @@
 """Mask generators against independently written brute-force dense definitions.
 
 Every ``dense_*`` oracle below loops over (i, j) in plain Python, straight from the
-definition in DESIGN.md / the generator's docstring; the generators are vectorised.
+definition in the generator's docstring; the generators are vectorised.
 """
 import doctest
 import importlib
@@ -379,7 +379,7 @@ def test_bigbird_random_blocks_depend_on_seed():
 def test_row_chunking_does_not_change_the_graph(build, chunk, monkeypatch):
     # Tiny chunks exercise the grid (equal rows) and ragged paths with several runs.
     expected = build()
-    monkeypatch.setattr("attngraph.masks._common.CHUNK_EDGES", chunk)
+    monkeypatch.setattr("attngraph.chunks.CHUNK_EDGES", chunk)
     g = build()
     assert_canonical(g)
     assert g.equal(expected)

@@ -1,5 +1,6 @@
 """The example notebooks execute from top to bottom, stored without outputs."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ NOTEBOOKS = ["01_masks_as_graphs.ipynb", "02_graph_attention.ipynb", "03_gnn_lay
 @pytest.fixture
 def python3_kernel(tmp_path, monkeypatch):
     """A `python3` kernelspec that runs this interpreter, found first on JUPYTER_PATH (so a
-    user-level python3 kernel of another environment is not picked up)."""
+    user-level python3 kernel of another environment is not picked up), importing this
+    checkout's attngraph (not another one an editable install points at)."""
     from jupyter_client.kernelspec import KernelSpecManager
 
     spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
@@ -26,6 +28,8 @@ def python3_kernel(tmp_path, monkeypatch):
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (attngraph tests)", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(EXAMPLES.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     spec = KernelSpecManager().get_kernel_spec("python3")
     assert spec.argv[0] == sys.executable
     return "python3"

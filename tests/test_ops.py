@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import attngraph as ag
 from attngraph import TokenGraph
+from attngraph import chunks as chunk_sizes
 from attngraph.ops import chunked, reference
 from helpers import (dense_attention, dense_attention_einsum, qkv, random_graph,  # noqa: F401
                      scatter_mode)
@@ -219,7 +220,7 @@ def test_chunk_size_does_not_change_results(max_elements, monkeypatch):
     q, k, v = qkv(45, 45, 4, 2, 8)
     bias = torch.randn(g.num_edges, 4, dtype=torch.float64, requires_grad=True)
     ref, ref_lse = reference.attention(q, k, v, g, edge_bias=bias)
-    monkeypatch.setattr(chunked, "MAX_CHUNK_ELEMENTS", max_elements)
+    monkeypatch.setattr(chunk_sizes, "MAX_CHUNK_ELEMENTS", max_elements)
     out, lse = ag.graph_attention(q, k, v, g, edge_bias=bias, return_lse=True)
     assert_close(out, ref)
     assert_close(lse, ref_lse)
@@ -233,7 +234,7 @@ def test_memory_bounded_chunks_and_saved_tensors(monkeypatch):
     g = ag.masks.sliding_window(n, 10)
     q, k, v = qkv(n, n, H, H, D)
     budget = 40 * H * D                                 # 40 edges per chunk
-    monkeypatch.setattr(chunked, "MAX_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(chunk_sizes, "MAX_CHUNK_ELEMENTS", budget)
     passes = []
     real = chunked._chunks
     monkeypatch.setattr(chunked, "_chunks", lambda *a: passes.append(real(*a)) or passes[-1])

@@ -4,7 +4,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import attngraph as ag
+from attngraph import chunks
 from attngraph.ops import chunked, ranges, tiles
+from attngraph.ops import plan as plan_module
 from attngraph.ordering import bandwidth
 
 from helpers import dense_attention, qkv, random_graph
@@ -102,8 +104,8 @@ def test_bipartite_and_rectangular_tiles(block):
 
 def test_long_rows_are_cut_in_runs_and_merged(monkeypatch):
     """A global query's row spans more tiles than one run holds: runs merge by lse."""
-    monkeypatch.setattr(tiles, "SEGMENT_TILES", 3)
-    monkeypatch.setattr(tiles, "MAX_TILE_ELEMENTS", 4 * 8 * 8 * 2)    # two runs' tiles
+    monkeypatch.setattr(plan_module, "SEGMENT_TILES", 3)
+    monkeypatch.setattr(chunks, "MAX_TILE_ELEMENTS", 4 * 8 * 8 * 2)    # two runs' tiles
     g = ag.masks.longformer(150, 4, [0, 75, 149])
     plan = tiles.build_plan(g, 8, min_density=0.0)
     assert int(plan.segments_per_block.max()) > 2
@@ -116,12 +118,12 @@ def test_the_flash_engine_serves_tiles_on_cpu(monkeypatch):
     calls = []
 
     def counted(q, v):
-        ops = ranges._flash_ops(q, v)
+        ops = ranges.flash_ops(q, v)
         if ops is None:
             return None
         return tuple((lambda *a, op=op, **kw: calls.append(op) or op(*a, **kw)) for op in ops)
 
-    monkeypatch.setattr(tiles, "_flash_ops", counted)
+    monkeypatch.setattr(tiles, "flash_ops", counted)
     g = ag.masks.sliding_window(64, 5)
     q, k, v = qkv(64, 64, 2, 2, 4)
     plan = g.tile_plan(8, min_density=0.0)
@@ -273,7 +275,7 @@ def test_auto_takes_tiles_where_the_plan_pays():
     rnd = ag.masks.random(1024, 8, seed=0)
     assert select_backend("auto", _inputs(rnd)).name == "torch"
     # decided from tile counts: no plan was built for the graph it does not pay on
-    assert not any(isinstance(k, tuple) and k[0] == "tile_plan" for k in rnd._cache)
+    assert not any(k[0] == "tile_plan" for k in rnd.caches.plan)
     assert "dense tiles" in explain("auto", _inputs(ag.masks.bigbird(512, 64)))
 
 

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from attngraph.graph import TokenGraph
-from attngraph.masks._common import (Range, Take, check_bool, check_int, check_nodes, from_runs,
-                                     keep_edges, rule_graph)
+from attngraph.checks import check_bool, check_int, check_nodes
+from attngraph.masks._common import rule_graph
+from attngraph.runs import Range, Take, from_runs, keep_edges
 
 __all__ = ["block_sparse", "fixed", "dilated_block"]
 

@@ -8,7 +8,9 @@ import torch
 from torch import Tensor
 
 from attngraph.graph import TokenGraph
-from attngraph.masks._common import Range, as_index_tensor, check_bool, rule_graph
+from attngraph.checks import as_index_tensor, check_bool, check_nodes
+from attngraph.masks._common import rule_graph
+from attngraph.runs import Range
 
 __all__ = ["document"]
 
@@ -53,7 +55,6 @@ def document(lengths: Union[Sequence[int], Tensor], *, causal: bool = False,
         raise ValueError(f"lengths must be >= 0, got {int(lengths.min())} at position "
                          f"{int(torch.argmin(lengths))}")
     n = int(lengths.sum())
-    from attngraph.masks._common import check_nodes
 
     check_nodes("sum(lengths)", n)
     state = {"lengths": lengths, "ends": torch.cumsum(lengths, 0)}

@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 from attngraph.graph import TokenGraph
-from attngraph.masks._common import Range, Take, check_1d_tensor, check_bool, from_runs
+from attngraph.implicit import ImplicitGraph
+from attngraph.checks import check_1d_tensor, check_bool, check_int
+from attngraph.runs import Range, Take, from_runs
 
 __all__ = ["hash_buckets", "qk_drop", "lsh_buckets"]
 
@@ -106,10 +108,8 @@ def _take_runs(rows: Tensor, state) -> list:
 
 def _rule(num_src: int, num_dst: int, table: Tensor, lo: Tensor, count: Tensor, name: str):
     """The mask as its rule: row i reads ``table[lo[i] : lo[i] + count[i]]``. An explicit
-    graph keeps it too (``_cache["rule"]``): attention reads dense key ranges from it, as
-    from an implicit graph, instead of planning tiles over the edge list."""
-    from attngraph.implicit import ImplicitGraph
-
+    graph keeps it too (:attr:`~attngraph.TokenGraph.rule`): attention reads dense key
+    ranges from it, as from an implicit graph, instead of planning tiles over the edges."""
     return ImplicitGraph(_take_runs, num_src, num_dst, device=table.device, name=name,
                          state={"table": table, "lo": lo, "count": count})
 
@@ -140,13 +140,12 @@ def _hash(q: Tensor, k: Tensor, causal: bool, strict: bool, shared: bool,
     if implicit:
         return rule
     graph = from_runs(S * nk, S * nq, [Take(order, lo, hi - lo)], device=q.device)
-    graph._cache["rule"] = rule
+    graph.rule = rule
     # Renumbered by (bucket, position) the mask is block diagonal: dense tiles compute there.
     # Key order[m] becomes key m, so a query's keys are the range lo..hi: the renumbered
     # graph is written directly when the tiles first need it, without the sort of permute.
     q_order = order if shared else torch.sort(q_rank, stable=True).indices
-    graph.order = q_order if shared else (q_order, order)
-    graph._cache["permuted"] = (q_order, order, lambda: from_runs(
+    graph.set_order(q_order if shared else (q_order, order), permuted=lambda: from_runs(
         S * nk, S * nq, [Range(lo[q_order], (hi - lo)[q_order])], device=q.device))
     return graph
 
@@ -208,7 +207,7 @@ def qk_drop(keep_q: Tensor, keep_k: Tensor, *, causal: bool = True,
         return rule
     graph = from_runs(nk, nq, [Take(kept, torch.zeros_like(count), count)],
                       device=keep_q.device)
-    graph._cache["rule"] = rule
+    graph.rule = rule
     return graph
 
 
@@ -234,8 +233,6 @@ def lsh_buckets(x: Tensor, num_buckets: int, *, seed: int = 0) -> Tensor:
         >>> q = torch.randn(2, 1024, 4, 64)                     # [B, L, H, D]
         >>> g = hash_buckets(lsh_buckets(q, 16), causal=True)  # StackedGraph (2, 4)
     """
-    from attngraph.masks._common import check_int
-
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() not in (3, 4):
         raise ValueError(f"x must be a float tensor [L, H, D] or [B, L, H, D], got "
                          f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from attngraph.graph import TokenGraph
-from attngraph.masks._common import (Range, Take, as_index_tensor, check_bool, check_int,
-                                     check_nodes, from_runs, rule_graph, union)
+from attngraph.checks import as_index_tensor, check_bool, check_int, check_nodes
+from attngraph.masks._common import rule_graph
+from attngraph.runs import Range, Take, from_runs, union
 
 __all__ = ["global_tokens", "longformer"]
 

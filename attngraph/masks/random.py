@@ -5,7 +5,9 @@ import torch
 from torch import Tensor
 
 from attngraph.graph import TokenGraph
-from attngraph.masks._common import CHUNK_EDGES, check_bool, check_int, check_nodes, wrap
+from attngraph import chunks
+from attngraph.checks import check_bool, check_int, check_nodes
+from attngraph.runs import wrap
 from attngraph.masks.blocks import expand_blocks
 from attngraph.masks.global_tokens import global_tokens
 from attngraph.masks.windows import sliding_window
@@ -21,7 +23,7 @@ DENSE_RATIO = 4
 def _sample_dense(gen: torch.Generator, cand: Tensor, k: int) -> Tensor:
     """``k`` distinct keys in ``[0, cand[r])`` per row (``cand > k``), sorted: ``[R, k]``."""
     width = int(cand.max())
-    rows = max(1, CHUNK_EDGES // width)
+    rows = max(1, chunks.CHUNK_EDGES // width)
     parts = []
     for r0 in range(0, cand.numel(), rows):
         c = cand[r0:r0 + rows]

@@ -1,7 +1,7 @@
 """Position-based masks: full, causal, sliding and dilated windows, Sparse Transformer strides.
 
 Each query row is one to three arithmetic runs of keys, built by
-:func:`attngraph.masks._common.from_runs` straight into canonical order: O(E) time and
+:func:`attngraph.runs.from_runs` straight into canonical order: O(E) time and
 memory, never an ``N x N`` tensor.
 """
 from __future__ import annotations
@@ -11,7 +11,9 @@ from functools import partial
 import torch
 
 from attngraph.graph import TokenGraph
-from attngraph.masks._common import Range, check_bool, check_int, check_nodes, rule_graph
+from attngraph.checks import check_bool, check_int, check_nodes
+from attngraph.masks._common import rule_graph
+from attngraph.runs import Range
 
 __all__ = ["full", "causal", "sliding_window", "dilated_window", "strided"]
 

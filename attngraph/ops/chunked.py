@@ -18,37 +18,17 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from attngraph import chunks as sizes
+from attngraph.checks import check_bias_values
+from attngraph.chunks import row_chunks
 from attngraph.graph import TokenGraph, graph_of
+from attngraph.ops.numerics import backward_preamble, compute_dtype
 from attngraph.ops.segment import segment_max, segment_sum
 
 __all__ = ["attention", "row_chunks", "MAX_CHUNK_ELEMENTS"]
 
-# Per-edge elements (edges x heads x head dim) materialised at once. Small chunks are
-# faster, not only leaner: on the reference CPU (2 cores, torch 2.13, random(32), H = 4,
-# D = 64, float32) 2^20 (4 MB float32 temporaries, served from the allocator's free lists
-# and the caches) ran the forward in 68 ms at N = 4k and forward + backward in 937 ms at
-# N = 16k, against 195 ms and 2,350 ms with 2^23 (32 MB temporaries, each a fresh mapping
-# whose pages fault in); 2^19 was no faster.
-MAX_CHUNK_ELEMENTS = 1 << 20
-
-
-def row_chunks(ptr: Tensor, max_edges: int) -> List[Tuple[int, int]]:
-    """Split rows ``0..R`` into ``[r0, r1)`` ranges of at most ``max_edges`` edges each
-    (a single row with more edges forms a chunk alone)."""
-    ptr_host = ptr.cpu()
-    num_rows = ptr_host.numel() - 1
-    chunks, r0 = [], 0
-    while r0 < num_rows:
-        limit = ptr_host[r0] + max_edges
-        r1 = int(torch.searchsorted(ptr_host, limit, right=True)) - 1
-        r1 = min(max(r1, r0 + 1), num_rows)
-        chunks.append((r0, r1))
-        r0 = r1
-    return chunks
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# Per-edge elements materialised at once (read from attngraph.chunks at call time).
+MAX_CHUNK_ELEMENTS = sizes.MAX_CHUNK_ELEMENTS
 
 
 class _Chunk:
@@ -82,12 +62,12 @@ def _chunks(graph: TokenGraph, heads: int, dim: int, max_elements: int) -> List[
     max_edges = max(1, max_elements // max(1, heads * dim))
     if graph.is_implicit:
         return _generated_chunks(graph, max_edges)
-    key = ("row_chunks", max_edges)
-    chunks = graph._cache.get(key)
+    cache = graph.caches.chunks
+    chunks = cache.get(max_edges)
     if chunks is None:
         ptr_host = graph.ptr.cpu()
         chunks = [_Chunk(graph, r0, r1, ptr_host) for r0, r1 in row_chunks(ptr_host, max_edges)]
-        graph._cache[key] = chunks
+        cache[max_edges] = chunks
     return chunks
 
 
@@ -152,12 +132,7 @@ def _backward(q, k, v, out, lse, dout, graph, scale, bias, max_elements, need_bi
     G, D, D_v = H // H_kv, q.size(-1), v.size(-1)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dbias = bias.new_zeros(bias.shape) if need_bias_grad else None
-    # d lse / d s = p: a gradient of lse enters as ds = p * (dp - (delta - dlse))
-    delta = (dout * out).sum(-1)                                   # [N_dst, H]
-    if dlse is not None:
-        delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse)
-    # Rows whose lse is -inf (no edge, or every score -inf) get p = exp(s - inf) = 0.
-    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    delta, lse, _ = backward_preamble(out, dout, lse, dlse)          # delta [N_dst, H]
     for c in _chunks(graph, H, max(D, D_v), max_elements):
         if c.e1 == c.e0:
             continue
@@ -198,8 +173,6 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: 
                   src: Tensor, dst: Tensor, num_src: int, scale: float, max_elements: int,
                   check_bias: bool) -> Tuple[Tensor, Tensor]:
     if check_bias and bias is not None:    # graph_attention could not check while traced
-        from attngraph.ops.functional import check_bias_values
-
         check_bias_values(bias)
     graph = graph_of(ptr, src, dst, num_src, ptr.numel() - 1)
     return _forward(q, k, v, graph, scale, bias, max_elements)
@@ -280,9 +253,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
     in q, k, v and bias (the ``attngraph::chunked_attention`` op).
     """
     if max_chunk_elements is None:
-        max_chunk_elements = MAX_CHUNK_ELEMENTS
+        max_chunk_elements = sizes.MAX_CHUNK_ELEMENTS
     dtype = q.dtype
-    cdt = _compute_dtype(dtype)
+    cdt = compute_dtype(dtype)
     q, k, v = (t.to(cdt).contiguous() for t in (q, k, v))
     if bias is not None:
         bias = bias.to(cdt).contiguous()

@@ -1,23 +1,28 @@
 """Backend choice, by declared capability, with reasons.
 
-Each backend says which devices, dtypes and head dims it takes and, when it refuses an
-input, why. ``backend="auto"`` takes the first backend in preference order that accepts the
-input; naming a backend that refuses raises an error listing every backend's reason.
-Import-time flags (``WITH_CUPY``) say what is installed, not what to do.
+Backends are named for what runs: ``"ranges"`` (key ranges read from a graph's rule,
+:mod:`attngraph.ops.ranges`), ``"tiles"`` (dense tiles of a tile plan plus per-edge residual,
+:mod:`attngraph.ops.tiles`), ``"cupy"`` (the fused CUDA kernels, :mod:`attngraph.ops.cuda`)
+and ``"torch"`` (per-edge row chunks, :mod:`attngraph.ops.chunked`). Each says which inputs
+it takes and, when it refuses one, why; a backend never hands an input it refused to
+another. ``backend="auto"`` takes the first backend in preference order that accepts the
+input (and does not decline it under ``auto``); naming a backend that refuses raises an
+error listing every backend's reason. :func:`explain` says which backend runs and why.
+What is installed is in :mod:`attngraph.capabilities`.
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Backend", "register_backend", "backends", "select_backend", "per_edge_backend",
-           "explain", "WITH_CUPY"]
+from attngraph.capabilities import WITH_CUPY
+from attngraph.ops.plan import EDGE_COST_CELLS, best_block
 
-WITH_CUPY = importlib.util.find_spec("cupy") is not None
+__all__ = ["Backend", "Inputs", "register_backend", "backends", "select_backend",
+           "per_edge_backend", "explain", "WITH_CUPY"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,14 @@ class Inputs:
     value_dim: int
     requires_grad: bool
     graph: object = None        # the TokenGraph, for backends that decide by its structure
+    has_bias: bool = False      # an edge bias comes with the call (canonical edge order)
+
+    @classmethod
+    def of(cls, q: Tensor, k: Tensor, v: Tensor, graph=None, edge_bias=None) -> "Inputs":
+        """The inputs of a :func:`~attngraph.graph_attention` call."""
+        return cls(device=q.device, dtype=q.dtype, head_dim=q.size(-1), value_dim=v.size(-1),
+                   requires_grad=any(t.requires_grad for t in (q, k, v)), graph=graph,
+                   has_bias=edge_bias is not None)
 
 
 @dataclass(frozen=True)
@@ -65,9 +78,9 @@ def backends() -> List[Backend]:
     return sorted(_BACKENDS.values(), key=lambda b: -b.priority)
 
 
-def select_backend(name: str, inputs: Inputs, *, exclude: Tuple[str, ...] = ()) -> Backend:
-    """The backend to run ``inputs`` with: ``name`` itself, or the best one for "auto"
-    (never one named in ``exclude``)."""
+def _resolve(name: str, inputs: Inputs, exclude: Tuple[str, ...] = ()
+             ) -> Tuple[Optional[Backend], List[Tuple[str, str]]]:
+    """``(backend or None, [(name, reason), ...] of the backends passed over)``."""
     if name != "auto" and name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of "
                          f"{sorted(_BACKENDS)}")
@@ -79,8 +92,17 @@ def select_backend(name: str, inputs: Inputs, *, exclude: Tuple[str, ...] = ()) 
         if why is None and name == "auto" and b.auto_refuse is not None:
             why = b.auto_refuse(inputs)
         if why is None:
-            return b
+            return b, reasons
         reasons.append((b.name, why))
+    return None, reasons
+
+
+def select_backend(name: str, inputs: Inputs, *, exclude: Tuple[str, ...] = ()) -> Backend:
+    """The backend to run ``inputs`` with: ``name`` itself, or the best one for "auto"
+    (never one named in ``exclude``)."""
+    chosen, reasons = _resolve(name, inputs, exclude)
+    if chosen is not None:
+        return chosen
     if name != "auto":  # say why the others would or would not have worked too
         reasons += [(b.name, b.refuse(inputs) or "would accept this input")
                     for b in backends() if b.name != name and b.name not in exclude]
@@ -90,20 +112,30 @@ def select_backend(name: str, inputs: Inputs, *, exclude: Tuple[str, ...] = ()) 
                        f"{inputs.head_dim}):\n{lines}")
 
 
+# Backends that run a whole graph's structure, not a list of edges: the per-edge residual
+# of a tile plan never goes to them.
+_STRUCTURED = ("tiles", "ranges")
+
+
 def per_edge_backend(name: str, inputs: Inputs) -> Backend:
-    """The per-edge backend (every one but ``tiles``) ``name`` resolves to for ``inputs``:
+    """The per-edge backend (``torch`` or ``cupy``) ``name`` resolves to for ``inputs``:
     where the tiled path runs its residual edges."""
-    return select_backend("auto" if name == "tiles" else name, inputs, exclude=("tiles",))
-
-
-_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return select_backend("auto" if name in _STRUCTURED else name, inputs, exclude=_STRUCTURED)
 
 
 def explain(name: str, inputs: Inputs) -> str:
-    """Which backend ``name`` resolves to for ``inputs`` and how it runs them, one line."""
+    """Which backend ``name`` resolves to for ``inputs``, how it runs them and, under
+    ``auto``, why each preferred backend was passed over; one line."""
     b = select_backend(name, inputs)
+    _, passed = _resolve(name, inputs)
     how = b.describe(inputs) if b.describe is not None else ""
-    return f"{b.name}: {how}" if how else b.name
+    line = f"{b.name}: {how}" if how else b.name
+    if name == "auto" and passed:
+        line += " (" + "; ".join(f"not {n}: {why}" for n, why in passed) + ")"
+    return line
+
+
+_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _implicit(x: Inputs) -> bool:
@@ -113,12 +145,19 @@ def _implicit(x: Inputs) -> bool:
 def _rule(x: Inputs):
     """The rule an explicit graph was built from, kept for attention (hash buckets, QK
     drop: key ranges of a sorted table), or None."""
-    return None if x.graph is None else x.graph._cache.get("rule")
+    return None if x.graph is None else x.graph.rule
+
+
+def _dtype_refuse(x: Inputs) -> Optional[str]:
+    """The torch-computed backends' dtypes."""
+    if x.dtype not in _TORCH_DTYPES:
+        return f"takes float16/bfloat16/float32/float64, got {x.dtype}"
+    return None
 
 
 def _torch_refuse(x: Inputs) -> Optional[str]:
-    if x.dtype not in _TORCH_DTYPES:
-        return f"takes float16/bfloat16/float32/float64, got {x.dtype}"
+    if (why := _dtype_refuse(x)) is not None:
+        return why
     if _implicit(x) and torch.compiler.is_compiling():
         return ("an implicit graph has no edge tensors for torch.compile to trace: run it "
                 "eagerly, or trace graph.materialize()")
@@ -161,6 +200,10 @@ def _cupy_refuse(x: Inputs) -> Optional[str]:
     if _implicit(x) and torch.compiler.is_compiling():
         return ("an implicit graph runs on the fused kernels chunk by chunk, eagerly: "
                 "run it eagerly, or trace graph.materialize()")
+    if _implicit(x) and x.has_bias:
+        return ("an implicit graph with an edge bias: the fused kernels generate its edges "
+                "chunk by chunk and index no bias by canonical edge (the torch backend "
+                "does; or pass graph.materialize())")
     if max(x.head_dim, x.value_dim) > _MAX_KERNEL_HEAD_DIM:
         return (f"takes head dims up to {_MAX_KERNEL_HEAD_DIM}, got "
                 f"{max(x.head_dim, x.value_dim)}")
@@ -183,11 +226,6 @@ def _cupy_describe(x: Inputs) -> str:
 def _cupy_run(q, k, v, graph, scale, bias):
     from attngraph.ops.cuda import fused
 
-    if graph.is_implicit and bias is not None:   # a bias follows the canonical edge order
-        from attngraph.ops import chunked
-
-        return chunked.attention(q, k, v, graph, scale, bias)
-
     return fused.attention(q, k, v, graph, scale, bias)
 
 
@@ -206,10 +244,13 @@ register_backend(Backend("cupy", priority=10, refuse=_cupy_refuse, run=_cupy_run
 
 
 def _tiles_refuse(x: Inputs) -> Optional[str]:
-    if x.dtype not in _TORCH_DTYPES:
-        return f"takes float16/bfloat16/float32/float64, got {x.dtype}"
+    if (why := _dtype_refuse(x)) is not None:
+        return why
     if torch.compiler.is_compiling():
         return "plans tiles on the host: not traced by torch.compile (the torch backend is)"
+    if _implicit(x):
+        return ("an implicit graph has no edge list to plan tiles over: backend='ranges' "
+                "reads its key ranges from the rule (or pass graph.materialize())")
     return None
 
 
@@ -218,10 +259,8 @@ _TILES_MIN_SAVING = 0.9
 
 
 def _tiles_auto_refuse(x: Inputs) -> Optional[str]:
-    from attngraph.ops.tiles import EDGE_COST_CELLS
-
-    if _implicit(x) or (_rule(x) is not None and x.device.type == "cpu"):
-        return None             # key ranges from the rule: no edge list, no plan to build
+    if _rule(x) is not None and x.device.type == "cpu":
+        return None             # a hash / QK-drop graph in its (bucket, position) order
     if x.device.type != "cpu":
         # the break-even is measured on CPU only; on a GPU the fused kernels stay the
         # default (deterministic backward) until the tile path is measured against them
@@ -231,7 +270,7 @@ def _tiles_auto_refuse(x: Inputs) -> Optional[str]:
     if g is None or g.num_edges == 0:
         return "no graph to plan"
     # from tile counts only: a graph where tiles do not pay is never planned
-    block, cost, _ = g._best_block()
+    block, cost, _ = best_block(g)
     per_edge = EDGE_COST_CELLS * g.num_edges
     if cost > _TILES_MIN_SAVING * per_edge:
         return (f"the tile plan saves too little: modelled cost {cost:.3g} vs {per_edge:.3g} "
@@ -240,9 +279,6 @@ def _tiles_auto_refuse(x: Inputs) -> Optional[str]:
 
 
 def _tiles_describe(x: Inputs) -> str:
-    if _implicit(x) or _rule(x) is not None:
-        return ("key ranges read from the implicit graph's rule (ops/ranges.py): dense "
-                "blocks where ranges are dense, generated edges elsewhere")
     plan = x.graph.tile_plan() if x.graph is not None else None
     how = "dense tiles (ops/tiles.py) + per-edge residual, merged by log-sum-exp"
     return f"{how}: {plan}" if plan is not None else how
@@ -251,20 +287,50 @@ def _tiles_describe(x: Inputs) -> str:
 def _tiles_run(q, k, v, graph, scale, bias):
     from attngraph.ops import tiles
 
-    if graph.is_implicit:
-        from attngraph.ops import chunked, ranges
-
-        if bias is not None:    # a bias follows the canonical edge order: per-edge chunks
-            return chunked.attention(q, k, v, graph, scale, bias)
-        return ranges.attention(q, k, v, graph, scale)
-    rule = graph._cache.get("rule")
-    if rule is not None and bias is None:
-        from attngraph.ops import ranges
-
-        return ranges.attention(q, k, v, rule, scale)
-    return tiles.attention(q, k, v, graph, scale, bias)
+    residual = per_edge_backend("auto", Inputs.of(q, k, v))
+    return tiles.attention(q, k, v, graph, scale, bias, residual=residual.run)
 
 
 register_backend(Backend("tiles", priority=20, refuse=_tiles_refuse, run=_tiles_run,
                          stages=_torch_stages, auto_refuse=_tiles_auto_refuse,
                          describe=_tiles_describe))
+
+
+def _ranges_refuse(x: Inputs) -> Optional[str]:
+    if (why := _dtype_refuse(x)) is not None:
+        return why
+    if x.graph is None:
+        return "reads key ranges from a graph's rule: no graph given"
+    if not _implicit(x) and _rule(x) is None:
+        return ("the graph keeps no rule to read key ranges from (implicit graphs and "
+                "hash_buckets / qk_drop graphs do)")
+    if x.has_bias:
+        return ("an edge bias follows the canonical edge order, which key ranges do not "
+                "index (tiles or torch take it)")
+    if torch.compiler.is_compiling():
+        return "reads the rule on the host: not traced by torch.compile"
+    return None
+
+
+def _ranges_auto_refuse(x: Inputs) -> Optional[str]:
+    if not _implicit(x) and x.device.type != "cpu":
+        return (f"auto reads a kept rule on CPU only (on {x.device.type} the fused kernels "
+                f"take the stored edges); ask for backend='ranges'")
+    return None
+
+
+def _ranges_run(q, k, v, graph, scale, bias):
+    from attngraph.ops import ranges
+
+    return ranges.attention(q, k, v, graph if graph.is_implicit else graph.rule, scale)
+
+
+def _ranges_describe(x: Inputs) -> str:
+    whose = "implicit graph's" if _implicit(x) else "graph's kept"
+    return (f"key ranges read from the {whose} rule (ops/ranges.py): dense blocks where "
+            f"ranges are dense, generated edges elsewhere")
+
+
+register_backend(Backend("ranges", priority=30, refuse=_ranges_refuse, run=_ranges_run,
+                         stages=_torch_stages, auto_refuse=_ranges_auto_refuse,
+                         describe=_ranges_describe))

@@ -12,6 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from attngraph.checks import check_bias_values
 from attngraph.graph import TokenGraph
 from attngraph.ops.dispatch import Inputs, select_backend
 
@@ -87,17 +88,6 @@ def _check_qkv(q, k, v, graph) -> None:
         raise ValueError(f"v must have a head dim >= 1, got shape {list(v.shape)}")
 
 
-def check_bias_values(edge_bias: Tensor) -> None:
-    """NaN has no meaning as a score and +inf no finite softmax: both are errors (-inf is how
-    an edge is masked out)."""
-    ok = edge_bias < math.inf                    # False for NaN and +inf: one pass
-    if not ok.all():
-        first = int((~ok).nonzero()[0, 0])
-        kind = "NaN" if torch.isnan(edge_bias.flatten()[first]) else "+inf"
-        raise ValueError(f"edge_bias contains {kind} (at edge {first}); use -inf to mask an "
-                         f"edge out")
-
-
 def _check_bias(edge_bias, graph: TokenGraph, q: Tensor) -> Optional[Tensor]:
     if edge_bias is None:
         return None
@@ -140,9 +130,13 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *,
         edge_bias: ``[E]`` or ``[E, H]`` added to the scores before the softmax, in the
             graph's canonical edge order (``-inf`` masks an edge out).
         return_lse: also return the log-sum-exp of each query's scores.
-        backend: ``"auto"``, ``"torch"``, ``"cupy"`` or ``"tiles"`` (dense tiles where
-            ``graph.tile_plan()`` finds them, the other edges per edge; ``"auto"`` takes it
-            when the plan's modelled cost is lower).
+        backend: ``"auto"``, ``"torch"`` (per-edge row chunks), ``"cupy"`` (the fused
+            CUDA kernels), ``"tiles"`` (dense tiles where ``graph.tile_plan()`` finds them,
+            the other edges per edge; ``"auto"`` takes it when the plan's modelled cost is
+            lower) or ``"ranges"`` (key ranges read from the rule of an implicit graph, or
+            of a hash / QK-drop graph). A backend that cannot run the input raises, with
+            every backend's reason; :func:`attngraph.ops.dispatch.explain` says which one
+            ``"auto"`` takes and why.
 
     Returns:
         ``out [N_dst, H, D_v]`` (``[B, L, H, D_v]`` batched) in the dtype of ``q``, and with
@@ -164,9 +158,7 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *,
     _check_qkv(q, k, v, graph)
     bias = _check_bias(edge_bias, graph, q)
     scale = _check_scale(scale, q.size(-1))
-    chosen = select_backend(backend, Inputs(
-        device=q.device, dtype=q.dtype, head_dim=q.size(-1), value_dim=v.size(-1),
-        requires_grad=any(t.requires_grad for t in (q, k, v)), graph=graph))
+    chosen = select_backend(backend, Inputs.of(q, k, v, graph, bias))
 
     batched = q.dim() == 4
     if batched:  # fold the batch into heads: head b * H + h; GQA grouping is preserved

@@ -1,7 +1,7 @@
 """Attention on an implicit graph, read straight from its rule: no edge list, ever.
 
 An :class:`~attngraph.implicit.ImplicitGraph` gives each query row a few runs of keys
-(:mod:`attngraph.masks._common`): ``Range`` runs (``start + step * k``) and ``Take`` runs
+(:mod:`attngraph.runs`): ``Range`` runs (``start + step * k``) and ``Take`` runs
 (slices of a small sorted table: global ids, a document's keys). In *position space* each
 run of a row is an interval ``[u0, u0 + count)``: the key itself for a step-1 range, the
 lattice index for a dilated one (rows grouped by residue), the table index for a take.
@@ -26,22 +26,25 @@ chunk of float32 accumulators; for the backward also dq, float32 dk and dv.
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from attngraph.ops.chunked import _compute_dtype, row_chunks
+from attngraph import chunks
+from attngraph.capabilities import cpu_flash_ops
+from attngraph.chunks import row_chunks
+from attngraph.ops.numerics import backward_preamble, compute_dtype, merge
+from attngraph.ops.plan import EDGE_COST_CELLS
+from attngraph.ops.segment import segment_max, segment_sum
+from attngraph.runs import Range, Take
 
 __all__ = ["attention", "pieces", "BLOCK", "MAX_ELEMENTS"]
 
 # Query rows per dense block.
 BLOCK = 128
-# Score elements (block rows x keys x heads) of one piece.
-MAX_ELEMENTS = 1 << 20
-# Most rows per chunk (a chunk holds float32 accumulators for its rows).
-MAX_CHUNK_ROWS = 1 << 16
+# Score elements of one piece (read from attngraph.chunks at call time).
+MAX_ELEMENTS = chunks.RANGE_MAX_ELEMENTS
 
 
 class Dense(NamedTuple):
@@ -65,17 +68,9 @@ class Sparse(NamedTuple):
     src: Tensor
 
 
-def _edge_cost() -> float:
-    from attngraph.ops.tiles import EDGE_COST_CELLS
-
-    return EDGE_COST_CELLS
-
-
 def _positions(run):
     """``(u0, count, group, key_of)`` of a run in position space; ``key_of(u, g)`` maps
     positions (and the group of their block) to key ids."""
-    from attngraph.masks._common import Range
-
     count = run.count.to(torch.long)
     if isinstance(run, Range):
         step = int(run.step)
@@ -93,9 +88,9 @@ def pieces(graph, r0: int, r1: int, heads: int, dim: int,
     """The :class:`Dense` and :class:`Sparse` pieces of query rows ``[r0, r1)``: together
     they hold every edge of these rows exactly once. With ``flash`` a dense piece stores no
     scores, only its mask: ``4 * max_elements`` cells of it, whatever the heads."""
-    max_elements = MAX_ELEMENTS if max_elements is None else max_elements
+    max_elements = chunks.RANGE_MAX_ELEMENTS if max_elements is None else max_elements
     bq = BLOCK
-    cost = _edge_cost()
+    cost = EDGE_COST_CELLS
     device = graph.device
     lane = torch.arange(bq, device=device)
     for run in graph.runs(r0, r1):
@@ -157,8 +152,6 @@ def pieces(graph, r0: int, r1: int, heads: int, dim: int,
 
 
 def _is_take(run) -> bool:
-    from attngraph.masks._common import Take
-
     return isinstance(run, Take)
 
 
@@ -250,11 +243,13 @@ def _sparse(rows, lo, cnt, group, key_of, max_edges):
 
 
 def _row_chunks(graph, heads: int):
-    """Row chunks of about ``16 * MAX_ELEMENTS`` scores (whole blocks)."""
+    """Row chunks of about ``16 * RANGE_MAX_ELEMENTS`` scores (whole blocks): the merge of
+    a chunk's pieces happens in accumulators of its rows, so chunks are cut by rows, not by
+    edges as :func:`attngraph.chunks.row_chunks` cuts them."""
     n = graph.num_dst
     mean = graph.num_edges / max(n, 1)
-    rows = int(16 * MAX_ELEMENTS / max(1.0, heads * mean * 1.25))
-    rows = max(BLOCK, min(MAX_CHUNK_ROWS, rows // BLOCK * BLOCK))
+    rows = int(16 * chunks.RANGE_MAX_ELEMENTS / max(1.0, heads * mean * 1.25))
+    rows = max(BLOCK, min(chunks.RANGE_MAX_CHUNK_ROWS, rows // BLOCK * BLOCK))
     for r0 in range(0, n, rows):
         yield r0, min(r0 + rows, n)
 
@@ -324,27 +319,15 @@ def _heads_to_rows(x: Tensor) -> Tensor:
 # backward takes the row's merged ``out`` and ``lse``, so a piece's share of a row's
 # gradient is exact. Where the kernel is missing, the matmul engine below serves.
 USE_FLASH = True
-_FLASH_OPS: Optional[tuple] = None
 
 
-def _flash_ops(q: Tensor, v: Tensor):
+def flash_ops(q: Tensor, v: Tensor):
     """``(forward, backward)`` of ATen's CPU flash attention, or None where unusable (not
-    on CPU, or value and key head dims differ, which the kernel does not take)."""
-    global _FLASH_OPS
+    on CPU, value and key head dims differ, which the kernel does not take, or this torch
+    lacks it: :func:`attngraph.capabilities.cpu_flash_ops`)."""
     if not USE_FLASH or q.device.type != "cpu" or q.size(-1) != v.size(-1):
         return None
-    if _FLASH_OPS is None:
-        try:
-            fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-            bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-            x = torch.zeros(1, 1, 2, 4)
-            bias = torch.zeros(1, 1, 2, 2)
-            o, lse = fwd(x, x, x, attn_mask=bias, scale=1.0)
-            bwd(o, x, x, x, o, lse, 0.0, False, attn_mask=bias, scale=1.0)
-            _FLASH_OPS = (fwd, bwd)
-        except (AttributeError, RuntimeError, TypeError):
-            _FLASH_OPS = ()
-    return _FLASH_OPS or None
+    return cpu_flash_ops()
 
 
 def _additive(mask: Optional[Tensor], cdt: torch.dtype) -> Optional[Tensor]:
@@ -441,7 +424,7 @@ def _repeat_blocks(x: Tensor, f: int) -> Tensor:
 
 
 def _dense_forward(piece: Dense, q, k, v, scale, cdt):
-    ops = _flash_ops(q, v)
+    ops = flash_ops(q, v)
     if ops is not None:
         return _flash_forward(ops, piece, q, k, v, scale, cdt)
     nb, bq = piece.rows.shape
@@ -505,8 +488,6 @@ def _sparse_gather(piece: Sparse, q, k, cdt):
 
 
 def _sparse_forward(piece: Sparse, q, k, v, scale, cdt):
-    from attngraph.ops.segment import segment_max, segment_sum
-
     H, H_kv = q.size(1), k.size(1)
     dst, qe, ke = _sparse_gather(piece, q, k, cdt)
     s = torch.matmul(qe, ke.unsqueeze(-1)).view(-1, H) * scale
@@ -525,8 +506,6 @@ def _sparse_forward(piece: Sparse, q, k, v, scale, cdt):
 def _merge_into(acc_o, acc_l, seen, rows, o, lse):
     """Merge partial results of ``rows`` (distinct) into the chunk's accumulators; rows
     seen for the first time take them as they are."""
-    from attngraph.ops.tiles import merge
-
     if not bool(seen.index_select(0, rows).any()):
         acc_o.index_copy_(0, rows, o)
         acc_l.index_copy_(0, rows, lse)
@@ -536,11 +515,11 @@ def _merge_into(acc_o, acc_l, seen, rows, o, lse):
 
 
 def _forward(q, k, v, graph, scale):
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     N, H, Dv = q.size(0), q.size(1), v.size(-1)
     out = q.new_empty(N, H, Dv)
     lse = torch.empty(N, H, dtype=cdt, device=q.device)
-    flash = _flash_ops(q, v) is not None
+    flash = flash_ops(q, v) is not None
     for r0, r1 in _row_chunks(graph, H):
         # float32 results go straight into out; 16-bit ones through a chunk accumulator
         acc_o = out[r0:r1] if out.dtype == cdt else torch.empty(r1 - r0, H, Dv, dtype=cdt,
@@ -569,8 +548,6 @@ def _forward(q, k, v, graph, scale):
 
 
 def _merge_slice(acc_o, acc_l, seen, a, b, o, lse):
-    from attngraph.ops.tiles import merge
-
     if not bool(seen[a:b].any()):
         acc_o[a:b] = o.view(acc_o[a:b].shape)
         acc_l[a:b] = lse
@@ -584,9 +561,7 @@ def _add_rows(dst: Tensor, index: Tensor, x: Tensor) -> None:
 
 
 def _backward(q, k, v, out, lse, dout, dlse, graph, scale):
-    from attngraph.ops.segment import segment_sum
-
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     N, H = q.size(0), q.size(1)
     H_kv = k.size(1)
     G, D, Dv = H // H_kv, q.size(-1), v.size(-1)
@@ -596,14 +571,9 @@ def _backward(q, k, v, out, lse, dout, dlse, graph, scale):
     for r0, r1 in _row_chunks(graph, H):
         do_c = dout[r0:r1].to(cdt)
         o_c = out[r0:r1].to(cdt)
-        delta = (do_c * o_c).sum(-1)                                     # [R, H]
-        l_c = lse[r0:r1]
-        dl_c = None
-        if dlse is not None:
-            dl_c = torch.where(torch.isneginf(l_c), 0.0, dlse[r0:r1]).to(cdt)
-            delta = delta - dl_c
-        l_c = l_c.masked_fill(torch.isneginf(l_c), float("inf"))
-        ops = _flash_ops(q, v)
+        delta, l_c, dl_c = backward_preamble(o_c, do_c, lse[r0:r1],
+                                             None if dlse is None else dlse[r0:r1], dtype=cdt)
+        ops = flash_ops(q, v)
         acc = torch.zeros(r1 - r0, H, D, dtype=cdt, device=q.device)
         for piece in pieces(graph, r0, r1, H, max(D, Dv), flash=ops is not None):
             if isinstance(piece, Dense):

@@ -13,13 +13,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-try:  # optional: import must never fail without it
-    import torch_scatter as _torch_scatter
+from attngraph.capabilities import WITH_TORCH_SCATTER
 
-    WITH_TORCH_SCATTER = True
-except Exception:  # pragma: no cover - depends on the environment
+if WITH_TORCH_SCATTER:
+    import torch_scatter as _torch_scatter
+else:  # pragma: no cover - depends on the environment
     _torch_scatter = None
-    WITH_TORCH_SCATTER = False
 
 # Whether to use torch_scatter when it is installed (tests toggle it).
 USE_TORCH_SCATTER = WITH_TORCH_SCATTER
@@ -27,10 +26,7 @@ USE_TORCH_SCATTER = WITH_TORCH_SCATTER
 __all__ = ["segment_sum", "segment_max", "WITH_TORCH_SCATTER"]
 
 # On CPU a sum over rows at least this wide takes torch's ``index_add_`` on 2-D views even
-# where torch_scatter is installed: measured on the reference CPU (2 cores, torch 2.13,
-# torch_scatter 2.1.2), summing [4096, 4, 64] float32 over rows of 32 (or 5) took 0.11 ms
-# (0.16) that way against 0.79 ms (0.82) in ``segment_csr``; over [4096, 4] the two were
-# 0.024 and 0.018 ms.
+# where torch_scatter is installed: it is faster there (benchmarks/results/cpu/constants.md).
 _WIDE_ROW = 32
 
 

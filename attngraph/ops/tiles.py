@@ -7,10 +7,10 @@ over (the *residual*) run on a per-edge backend. The two partial softmax states,
 output and a log-sum-exp per query, are merged exactly by log-sum-exp, so the result is the
 attention of the whole graph, forward and backward.
 
-Which tiles run dense is decided by cost: a tile costs about ``block_q * block_k`` cells of
-dense work whatever it holds, an edge on the per-edge path costs about ``EDGE_COST_CELLS``
-cells (measured by :func:`calibrate`), so a tile pays when it holds more than
-``block_q * block_k / EDGE_COST_CELLS`` edges: ``min_density = 1 / EDGE_COST_CELLS``.
+Which tiles run dense is decided by cost, in the plan (:mod:`attngraph.ops.plan`): a tile
+costs about ``block_q * block_k`` cells of dense work whatever it holds, an edge on the
+per-edge path about ``EDGE_COST_CELLS`` cells (measured by
+``benchmarks/calibrate_tiles.py``), so a tile pays from ``min_density = 1 / EDGE_COST_CELLS``.
 
 How the dense part runs: each query block's tiles form one row of ``L * block_k`` keys (a
 *run*); keys and values of runs whose key blocks are consecutive and step evenly (windows)
@@ -23,11 +23,11 @@ normalises whole rows and one ``bmm`` aggregates values; the backward recomputes
 exp(s - lse)`` run by run, as FlashAttention does. Both accumulate ``dK``/``dV`` by key
 block; an edge bias that needs a gradient takes the matmul engine (``dS`` is its
 gradient). On CUDA tensors the same code runs on cuBLAS (``backend="tiles"``) and the residual
-edges on the fused per-edge kernels; the GPU design this stands in for is DESIGN §4's tile
-kernel: one CTA per (query block, kv head) walking its runs with tensor-core MMAs and an
-online softmax, the plan's tile lists as its schedule (the layout FlexAttention's Triton
-kernel reads from a BlockMask, which :meth:`TokenGraph.to_block_mask` produces), the lse
-written for the merge. ``backend="auto"`` keeps the fused kernels on CUDA until the two are
+edges on the fused per-edge kernels; the GPU design this stands in for
+(docs/ARCHITECTURE.md, "Tiles") is a tile kernel: one CTA per (query block, kv head) walking
+its runs with tensor-core MMAs and an online softmax, the plan's tile lists as its schedule
+(the layout FlexAttention's Triton kernel reads from a BlockMask, which
+:meth:`TokenGraph.to_block_mask` produces), the lse written for the merge. ``backend="auto"`` keeps the fused kernels on CUDA until the two are
 measured against each other on a GPU.
 
 Inputs of :func:`attention` are node-major and GQA-grouped as for every backend
@@ -37,342 +37,26 @@ Inputs of :func:`attention` are node-major and GQA-grouped as for every backend
 from __future__ import annotations
 
 import math
-import time
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from attngraph import chunks
 from attngraph.graph import TokenGraph
-from attngraph.ops.ranges import _flash_ops
+from attngraph.ops.plan import (BLOCK_SIZES, CELL_COST, DEFAULT_BLOCK, EDGE_COST_CELLS,
+                                TilePlan, build_plan, plan_cost, tile_counts)
+from attngraph.ops import chunked
+from attngraph.ops.numerics import backward_preamble, compute_dtype, merge
+from attngraph.ops.ranges import flash_ops
 
 __all__ = ["TilePlan", "build_plan", "tile_counts", "plan_cost", "attention", "merge",
-           "calibrate", "EDGE_COST_CELLS", "CELL_COST", "BLOCK_SIZES", "DEFAULT_BLOCK",
+           "EDGE_COST_CELLS", "CELL_COST", "BLOCK_SIZES", "DEFAULT_BLOCK",
            "MAX_TILE_ELEMENTS"]
 
-DEFAULT_BLOCK = 128
+# Score elements computed at once (read from attngraph.chunks at call time).
+MAX_TILE_ELEMENTS = chunks.MAX_TILE_ELEMENTS
 
-# From `calibrate()` on the reference machine (2 x86 cores, torch 2.13 CPU, H = 4, D = 64,
-# float32; `python -m attngraph.ops.tiles` measures it again). One edge on the per-edge torch
-# path cost 38-39 cells of a 128 x 128 tile in the forward and 33-36 in forward + backward
-# on random(64) at N = 8k (two runs; on these full tiles the flash and the matmul engines
-# cost the same). A cell of a 64 x 64 tile cost 1.58-1.71 cells of a 128 x 128 one in the
-# forward, 1.64-2.0 in forward + backward. The defaults sit at the low end, so tiles are
-# taken only where they pay in every case measured: from 1 / EDGE_COST_CELLS = 3.1 %
-# density.
-EDGE_COST_CELLS = 32.0
-CELL_COST = {64: 1.6, 128: 1.0}
-BLOCK_SIZES = tuple(CELL_COST)
-
-# Score elements (heads x query rows x keys) computed at once.
-MAX_TILE_ELEMENTS = 1 << 20
-
-# Most tiles one query block's row of scores spans at once (longer rows are cut in runs
-# whose results merge by log-sum-exp): 16 x 128 = 2048 keys.
-SEGMENT_TILES = 16
-
-
-class TilePlan:
-    """Which ``block_q x block_k`` tiles of a graph run dense, and which edges run per edge.
-
-    Attributes:
-        block_q, block_k: tile size over queries and keys.
-        num_q_blocks, num_k_blocks: ``ceil(num_dst / block_q)``, ``ceil(num_src / block_k)``.
-        min_density: a tile runs dense when it holds at least ``min_density * block_q *
-            block_k`` edges.
-        tile_q, tile_k: int64 ``[T]``, query block and key block of every dense tile, in
-            (query block, key block) order.
-        mask_index: int64 ``[T]``, the tile's in-tile mask in ``masks`` (0: a full tile).
-        masks: bool ``[1 + T_partial, block_q, block_k]``: ``masks[0]`` is all True, the
-            others are the partial tiles' exact masks (cells past ``num_dst`` / ``num_src``
-            are False).
-        tile_edge_count: int64 ``[T]``, edges on each tile.
-        residual: the :class:`TokenGraph` of the edges not on a dense tile (same nodes).
-        residual_edges: int64 ``[E_r]``, their ids in the planned graph's canonical order.
-        graph: the planned graph (the reordered one when ``order`` is set).
-        order, src_order: the token order the plan computes in (``None``: the graph's own):
-            planned query ``n`` is the graph's query ``order[n]``.
-        source: the graph the plan was made for (``graph`` itself unless reordered).
-        edge_perm: int64 ``[E]`` when reordered: planned edge ``e`` is the graph's canonical
-            edge ``edge_perm[e]`` (computed on first use: an edge bias needs it).
-        segments: the tiles as the forward and backward visit them: each query block's
-            tiles cut into runs of at most ``SEGMENT_TILES``, grouped by run length ``L``:
-            a list of ``(L, block [n], tiles [n, L], rank [n])`` (query block of each run,
-            its tiles, its place among its block's runs); one run's scores are one row of
-            ``L * block_k`` keys, softmaxed at once.
-        segments_per_block: int64 ``[num_q_blocks]``, runs per query block.
-    """
-
-    __slots__ = ("block_q", "block_k", "num_q_blocks", "num_k_blocks", "min_density",
-                 "tile_q", "tile_k", "mask_index", "masks", "tile_edge_count", "residual",
-                 "residual_edges", "graph", "order", "src_order", "source", "_edge_perm",
-                 "segments", "segments_per_block", "_tile_edges", "_run_masks",
-                 "_additive_masks", "_empty_rows")
-
-    def __init__(self, **fields):
-        for name in self.__slots__:
-            setattr(self, name, fields.pop(name, None))
-        assert not fields, fields
-
-    # ------------------------------------------------------------------ summary
-    @property
-    def num_tiles(self) -> int:
-        return self.tile_q.numel()
-
-    @property
-    def num_full(self) -> int:
-        return int((self.mask_index == 0).sum())
-
-    @property
-    def num_partial(self) -> int:
-        return self.num_tiles - self.num_full
-
-    @property
-    def num_edges(self) -> int:
-        return self.graph.num_edges
-
-    @property
-    def num_tile_edges(self) -> int:
-        return self.num_edges - self.residual.num_edges
-
-    @property
-    def num_residual_edges(self) -> int:
-        return self.residual.num_edges
-
-    @property
-    def tile_fraction(self) -> float:
-        """Fraction of the edges that run on dense tiles."""
-        return self.num_tile_edges / self.num_edges if self.num_edges else 0.0
-
-    @property
-    def tile_cells(self) -> int:
-        """Dense cells computed: ``num_tiles * block_q * block_k``."""
-        return self.num_tiles * self.block_q * self.block_k
-
-    def cost(self, edge_cost_cells: float = EDGE_COST_CELLS) -> float:
-        """Modelled work in units of a 128 x 128 tile's cell: tile cells (weighted by
-        ``CELL_COST`` of the block size) plus the residual edges' cost."""
-        per_cell = CELL_COST.get(max(self.block_q, self.block_k), 1.0)
-        return per_cell * self.tile_cells + edge_cost_cells * self.num_residual_edges
-
-    def summary(self) -> dict:
-        return dict(block_q=self.block_q, block_k=self.block_k, tiles=self.num_tiles,
-                    full=self.num_full, partial=self.num_partial,
-                    tile_edges=self.num_tile_edges, residual_edges=self.num_residual_edges,
-                    tile_fraction=round(self.tile_fraction, 4),
-                    reordered=self.order is not None)
-
-    def __repr__(self) -> str:
-        s = self.summary()
-        return (f"TilePlan(block={s['block_q']}x{s['block_k']}, tiles={s['tiles']} "
-                f"({s['full']} full, {s['partial']} partial), tile_edges={s['tile_edges']}, "
-                f"residual_edges={s['residual_edges']}, "
-                f"tile_fraction={s['tile_fraction']:.3g}"
-                f"{', reordered' if s['reordered'] else ''})")
-
-    @property
-    def edge_perm(self) -> Optional[Tensor]:
-        if self.order is None:
-            return None
-        if self._edge_perm is None:
-            self._edge_perm = self.source.permute(self.order, self.src_order,
-                                                  return_edge_perm=True)[1]
-        return self._edge_perm
-
-    # ------------------------------------------------------------------ per-edge positions
-    def tile_edges(self) -> Tuple[Tensor, Tensor, Tensor]:
-        """The edges on dense tiles grouped by tile: ``(ptr [T + 1], edges [E_t], cell
-        [E_t])``: tile t holds planned edges ``edges[ptr[t]:ptr[t+1]]``, at flat in-tile
-        cells ``cell`` (``row * block_k + col``). Built on first use (an edge bias needs it)."""
-        if self._tile_edges is None:
-            g = self.graph
-            tid = _tile_of_edges(self, g.src, g.dst)
-            on = tid >= 0
-            edges = on.nonzero().view(-1)
-            order = torch.sort(tid[edges], stable=True).indices
-            edges = edges[order]
-            cell = (_mod(g.dst[edges].long(), self.block_q) * self.block_k
-                    + _mod(g.src[edges].long(), self.block_k))
-            ptr = torch.zeros(self.num_tiles + 1, dtype=torch.long, device=g.device)
-            ptr[1:] = torch.cumsum(self.tile_edge_count, 0)
-            self._tile_edges = (ptr, edges, cell)
-        return self._tile_edges
-
-
-def _div(x: Tensor, b: int) -> Tensor:
-    """``x // b`` for non-negative int64 ``x``: a shift when ``b`` is a power of two (int64
-    division is several times slower on CPU)."""
-    return x >> (b.bit_length() - 1) if b & (b - 1) == 0 else x // b
-
-
-def _mod(x: Tensor, b: int) -> Tensor:
-    return x & (b - 1) if b & (b - 1) == 0 else x % b
-
-
-def _tile_of_edges(plan: TilePlan, src: Tensor, dst: Tensor) -> Tensor:
-    """Dense tile of each edge, or -1 for a residual edge."""
-    nk = plan.num_k_blocks
-    key = _div(dst.long(), plan.block_q) * nk + _div(src.long(), plan.block_k)
-    tile_key = plan.tile_q * nk + plan.tile_k                        # sorted
-    if plan.num_q_blocks * nk <= _DENSE_TABLE_LIMIT:
-        table = torch.full((plan.num_q_blocks * nk,), -1, dtype=torch.long, device=key.device)
-        table[tile_key] = torch.arange(plan.num_tiles, device=key.device)
-        return table[key]
-    pos = torch.searchsorted(tile_key, key).clamp_max(max(plan.num_tiles - 1, 0))
-    hit = tile_key[pos] == key if plan.num_tiles else torch.zeros_like(key, dtype=torch.bool)
-    return torch.where(hit, pos, -1)
-
-
-# Tile grids of up to this many tiles are counted with a dense table (O(E), no sort).
-_DENSE_TABLE_LIMIT = 1 << 24
-
-
-# Edges whose tile keys are computed at once while planning (temporaries stay O(chunk)).
-PLAN_CHUNK_EDGES = 1 << 22
-
-
-def _edge_slices(graph: TokenGraph):
-    for e0 in range(0, graph.num_edges, PLAN_CHUNK_EDGES):
-        e1 = min(e0 + PLAN_CHUNK_EDGES, graph.num_edges)
-        yield e0, graph.src[e0:e1].long(), graph.dst[e0:e1].long()
-
-
-def tile_counts(graph: TokenGraph, block_q: int, block_k: int) -> Tuple[Tensor, Tensor]:
-    """``(tile key [T'], edges [T'])`` of the non-empty tiles, keys ``q_block * nK + k_block``
-    ascending: a bincount over the tile grid when it is small enough (edges in chunks),
-    else a sort."""
-    nq, nk = -(-graph.num_dst // block_q), -(-graph.num_src // block_k)
-    if nq * nk <= _DENSE_TABLE_LIMIT:
-        counts = torch.zeros(nq * nk, dtype=torch.long, device=graph.device)
-        for _, src, dst in _edge_slices(graph):
-            counts += torch.bincount(_div(dst, block_q) * nk + _div(src, block_k),
-                                     minlength=nq * nk)
-        nonempty = counts.nonzero().view(-1)
-        return nonempty, counts[nonempty]
-    # a large grid: query blocks a slab at a time (edges are sorted by query, so a slab's
-    # edges are contiguous), each slab's tiles counted with a table of its own
-    slab = max(1, _DENSE_TABLE_LIMIT // max(nk, 1))
-    ptr_host = graph.ptr.cpu()
-    keys, counts = [], []
-    for b0 in range(0, nq, slab):
-        b1 = min(b0 + slab, nq)
-        e0 = int(ptr_host[min(b0 * block_q, graph.num_dst)])
-        e1 = int(ptr_host[min(b1 * block_q, graph.num_dst)])
-        c = torch.zeros((b1 - b0) * nk, dtype=torch.long, device=graph.device)
-        for a in range(e0, e1, PLAN_CHUNK_EDGES):
-            b = min(a + PLAN_CHUNK_EDGES, e1)
-            key = ((_div(graph.dst[a:b].long(), block_q) - b0) * nk
-                   + _div(graph.src[a:b].long(), block_k))
-            c += torch.bincount(key, minlength=(b1 - b0) * nk)
-        nonempty = c.nonzero().view(-1)
-        keys.append(nonempty + b0 * nk)
-        counts.append(c[nonempty])
-    if not keys:
-        empty = torch.zeros(0, dtype=torch.long, device=graph.device)
-        return empty, empty
-    return torch.cat(keys), torch.cat(counts)
-
-
-def _planned_graph(graph: TokenGraph, order: Tensor, src_order: Optional[Tensor]):
-    """The graph renumbered in ``order``: from a builder a generator left (hash buckets
-    write it without a sort), else :meth:`TokenGraph.permute`."""
-    cached = graph._cache.get("permuted")
-    if cached is not None and cached[0] is order and cached[1] is src_order:
-        if callable(cached[2]):                     # built on first use
-            graph._cache["permuted"] = cached = cached[:2] + (cached[2](),)
-        return cached[2]
-    return graph.permute(order, src_order)
-
-
-def plan_cost(counts: Tensor, num_edges: int, block_q: int, block_k: int,
-              min_density: float, edge_cost_cells: float = EDGE_COST_CELLS) -> float:
-    """Modelled cost (see :meth:`TilePlan.cost`) of the plan that ``tile_counts`` gives."""
-    cells = block_q * block_k
-    take = counts >= max(min_density * cells, 1)
-    tiles, on_tiles = int(take.sum()), int(counts[take].sum())
-    per_cell = CELL_COST.get(max(block_q, block_k), 1.0)
-    return per_cell * tiles * cells + edge_cost_cells * (num_edges - on_tiles)
-
-
-def build_plan(graph: TokenGraph, block_q: int = DEFAULT_BLOCK,
-               block_k: Optional[int] = None, *, min_density: Optional[float] = None,
-               order: Optional[Tensor] = None, src_order: Optional[Tensor] = None,
-               counts: Optional[Tuple[Tensor, Tensor]] = None) -> TilePlan:
-    """Plan ``graph`` in tiles of ``block_q x block_k`` (see :class:`TilePlan`), in O(E).
-
-    ``min_density`` defaults to ``1 / EDGE_COST_CELLS``; 0 puts every non-empty tile on the
-    dense path, a value above 1 none. With ``order`` (and ``src_order`` for bipartite
-    graphs) the plan is made for the graph renumbered in that token order. ``counts``:
-    :func:`tile_counts` of the planned graph, when already known.
-    """
-    block_k = block_q if block_k is None else block_k
-    if min_density is None:
-        min_density = 1.0 / EDGE_COST_CELLS
-    planned = graph
-    if order is not None:
-        if src_order is None and not graph.is_bipartite:
-            src_order = order
-        planned = _planned_graph(graph, order, src_order)
-    nq = -(-planned.num_dst // block_q)
-    nk = -(-planned.num_src // block_k)
-    src, dst = planned.src, planned.dst
-    uniq, counts = tile_counts(planned, block_q, block_k) if counts is None else counts
-    cells = block_q * block_k
-    take = counts >= max(min_density * cells, 1)
-    tiles, tile_count = uniq[take], counts[take]
-    full = tile_count == cells
-    mask_index = torch.zeros(tiles.numel(), dtype=torch.long, device=graph.device)
-    mask_index[~full] = torch.arange(1, int((~full).sum()) + 1, device=graph.device)
-    plan = TilePlan(block_q=block_q, block_k=block_k, num_q_blocks=nq, num_k_blocks=nk,
-                    min_density=float(min_density), tile_q=tiles // max(nk, 1),
-                    tile_k=tiles % max(nk, 1), mask_index=mask_index,
-                    tile_edge_count=tile_count, graph=planned, order=order,
-                    src_order=src_order, source=graph)
-    masks = torch.zeros(1 + int((~full).sum()), block_q, block_k, dtype=torch.bool,
-                        device=graph.device)
-    masks[0] = True
-    residual = []
-    for e0, src_c, dst_c in _edge_slices(planned):      # O(chunk) temporaries
-        tid = _tile_of_edges(plan, src_c, dst_c)
-        on = tid >= 0
-        part = on & (mask_index[tid.clamp_min(0)] > 0) if tiles.numel() else on
-        e = part.nonzero().view(-1)
-        cell = _mod(dst_c[e], block_q) * block_k + _mod(src_c[e], block_k)
-        masks.view(-1)[mask_index[tid[e]] * cells + cell] = True
-        residual.append((~on).nonzero().view(-1) + e0)
-    res = (torch.cat(residual) if residual
-           else torch.zeros(0, dtype=torch.long, device=graph.device))
-    plan.masks = masks
-    plan.residual_edges = res
-    plan.residual = TokenGraph._from_canonical(src[res], dst[res], planned.num_src,
-                                               planned.num_dst)
-    plan.segments, plan.segments_per_block = _segments(plan.tile_q, nq, SEGMENT_TILES)
-    return plan
-
-
-def _segments(tile_q: Tensor, num_blocks: int, max_len: int):
-    """Cut each query block's tiles (consecutive in ``tile_q``) into balanced runs of at
-    most ``max_len`` tiles; group the runs by length."""
-    count = torch.bincount(tile_q, minlength=num_blocks)
-    first = torch.cumsum(count, 0) - count
-    nseg = -(-count // max_len)
-    block = torch.repeat_interleave(torch.arange(num_blocks, device=tile_q.device), nseg)
-    rank = torch.arange(block.numel(), device=tile_q.device) - torch.repeat_interleave(
-        torch.cumsum(nseg, 0) - nseg, nseg)
-    c, n = count[block], nseg[block]
-    length = c // n + (rank < c % n).long()
-    start = first[block] + rank * (c // n) + torch.minimum(rank, c % n)
-    groups = []
-    for L in torch.unique(length).tolist():
-        sel = length == L
-        tiles = start[sel].unsqueeze(1) + torch.arange(L, device=tile_q.device)
-        groups.append((int(L), block[sel], tiles, rank[sel]))
-    return groups, nseg
-
-
-# ---------------------------------------------------------------------------- execution
-# Layouts: query blocks ``[H_kv, nQ, G * bq, C]`` (the G query heads of a kv head stacked,
-# so one matmul per kv head serves them all), key blocks ``[H_kv, nK, bk, C]``.
 def _q_blocks(x: Tensor, plan: TilePlan, kv_heads: int, scale: float = 1.0) -> Tensor:
     nq, bq = plan.num_q_blocks, plan.block_q
     pad = nq * bq - x.size(0)
@@ -457,7 +141,7 @@ def _chunks(plan: TilePlan, heads: int, flash: Optional[torch.dtype] = None):
     without an edge (:func:`_empty_rows`)."""
     masks = _run_masks(plan) if flash is None else _additive_masks(plan, flash)
     for (L, blocks, tiles, rank), off, empty in zip(plan.segments, masks, _empty_rows(plan)):
-        per = max(1, MAX_TILE_ELEMENTS // (heads * plan.block_q * L * plan.block_k))
+        per = max(1, chunks.MAX_TILE_ELEMENTS // (heads * plan.block_q * L * plan.block_k))
         for i in range(0, blocks.numel(), per):
             yield (blocks[i:i + per], tiles[i:i + per], rank[i:i + per],
                    None if off is None else off[i:i + per],
@@ -660,7 +344,7 @@ def _forward(tiles: _Tiles, dv: int) -> Tuple[Tensor, Tensor]:
     qh = tiles.qh
     out = qh.new_zeros(qh.size(0), qh.size(1), qh.size(2), dv)
     lse = qh.new_full(qh.shape[:3], float("-inf"))
-    ops = _flash_ops(qh, tiles.vh)
+    ops = flash_ops(qh, tiles.vh)
     flash = None if ops is None else qh.dtype
     for blocks, run, rank, off, empty in _chunks(plan, tiles.mask_heads(ops), flash):
         qg, kidx, kg, vg = tiles.gather(_block_rows(blocks), run)
@@ -697,17 +381,13 @@ def _backward(tiles: _Tiles, out: Tensor, lse: Tensor, dout: Tensor, dlse: Optio
               scale: float, bias_grad: bool):
     """Gradients over the plan's tiles; ``out``, ``lse``, ``dout``, ``dlse`` blocked."""
     plan = tiles.plan
-    if dlse is not None:
-        dlse = torch.where(torch.isneginf(lse), 0.0, dlse)
-    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))           # p = 0 in empty rows
     dqh, dkh, dvh = (torch.zeros_like(x) for x in (tiles.qh, tiles.kh, tiles.vh))
-    ops = None if bias_grad else _flash_ops(tiles.qh, tiles.vh)    # dbias needs dS
+    ops = None if bias_grad else flash_ops(tiles.qh, tiles.vh)    # dbias needs dS
+    # the flash kernel takes dlse as a value column: it needs no delta
+    delta, lse, dlse = backward_preamble(out, dout, lse, dlse, delta=ops is None)
     if ops is not None:
         _flash_backward(ops, tiles, out, lse, dout, dlse, dqh, dkh, dvh)
         return dqh * scale, dkh, dvh, None
-    delta = (dout * out).sum(-1)                                       # [Hkv, nQ, G*bq]
-    if dlse is not None:
-        delta = delta - dlse
     dbias = tiles.bias.new_zeros(tiles.bias.shape) if bias_grad else None
     for blocks, run, rank, off, _ in _chunks(plan, tiles.H):
         rows = _block_rows(blocks)
@@ -779,45 +459,22 @@ class _TileAttention(torch.autograd.Function):
                 _from_k_blocks(dvh, k.size(0)), dbias, None, None)
 
 
-def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
-    """Exact merge of two partial attentions over disjoint edge sets of the same queries.
-
-    ``out [N, H, D_v]`` normalised, ``lse [N, H]``; a row empty in both stays 0 / ``-inf``.
-    Differentiable (no NaN gradients for empty rows).
-    """
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isneginf(m), 0.0, m).detach()
-    total = torch.exp(lse_a - m) + torch.exp(lse_b - m)
-    nonempty = total > 0
-    lse = torch.where(nonempty, torch.log(torch.where(nonempty, total, 1.0)) + m,
-                      float("-inf"))
-    safe = torch.where(nonempty, lse, 0.0)
-    out = (out_a * torch.exp(lse_a - safe).unsqueeze(-1)
-           + out_b * torch.exp(lse_b - safe).unsqueeze(-1))
-    return out.to(out_a.dtype), lse
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
               bias: Optional[Tensor] = None, *, plan: Optional[TilePlan] = None,
-              residual_backend: str = "auto") -> Tuple[Tensor, Tensor]:
+              residual: Optional[Callable] = None) -> Tuple[Tensor, Tensor]:
     """Graph attention on dense tiles plus per-edge residual -> ``(out, lse)``.
 
     ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``, ``v [N_src, H_kv, D_v]`` (validated,
     node-major); ``bias`` ``None`` or ``[E, nb]``. ``plan`` defaults to
-    ``graph.tile_plan()``; the residual edges run on ``residual_backend`` (any per-edge
-    backend: ``"auto"`` picks cupy on CUDA tensors when present, else torch). Computes in
+    ``graph.tile_plan()``; the residual edges run on ``residual(q, k, v, graph, scale, bias)
+    -> (out, lse)``, a per-edge backend's ``run`` (the dispatcher passes the one ``auto``
+    takes for these tensors; default: the torch backend). Computes in
     float32 (float64 for float64 inputs); returns ``out`` in the input dtype and ``lse`` in
     the compute dtype. Differentiable in q, k, v and bias.
     """
-    from attngraph.ops.dispatch import Inputs, per_edge_backend
-
     plan = graph.tile_plan() if plan is None else plan
     dtype = q.dtype
-    cdt = _compute_dtype(dtype)
+    cdt = compute_dtype(dtype)
     if plan.order is not None:       # compute in the plan's token order, map back after
         q = q.index_select(0, plan.order)
         src_order = plan.src_order
@@ -832,72 +489,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
                                           bias_c, plan, float(scale)))
     if plan.num_residual_edges or not parts:
         res_bias = None if bias is None else bias.index_select(0, plan.residual_edges)
-        backend = per_edge_backend(residual_backend, Inputs(
-            device=q.device, dtype=dtype, head_dim=q.size(-1), value_dim=v.size(-1),
-            requires_grad=any(t.requires_grad for t in (q, k, v))))
-        out_r, lse_r = backend.run(q, k, v, plan.residual, scale, res_bias)
+        run = chunked.attention if residual is None else residual
+        out_r, lse_r = run(q, k, v, plan.residual, scale, res_bias)
         parts.append((out_r.to(cdt), lse_r.to(cdt)))
     out, lse = parts[0] if len(parts) == 1 else merge(*parts[0], *parts[1])
     if plan.order is not None:       # planned query n is query order[n]
         out = out.new_empty(out.shape).index_copy(0, plan.order, out)
         lse = lse.new_empty(lse.shape).index_copy(0, plan.order, lse)
     return out.to(dtype), lse
-
-
-# ---------------------------------------------------------------------------- calibration
-def calibrate(*, device="cpu", dtype=torch.float32, heads: int = 4, dim: int = 64,
-              blocks: Tuple[int, ...] = (64, 128), backward: bool = False, n: int = 8192,
-              repeats: int = 5) -> dict:
-    """Measure, on this machine, what one dense tile cell and one per-edge edge cost.
-
-    Times :func:`attention` on graphs that are all full tiles (documents of four blocks,
-    so each query block runs four tiles) and the per-edge torch backend on a random graph;
-    returns ``{"edge_cost_cells": E, "cell_cost": {block: c}, "cell_s": {block: s},
-    "edge_s": s}``, with costs relative to one cell of the largest block.
-    ``EDGE_COST_CELLS`` and ``CELL_COST`` are these figures measured on the reference CPU.
-    """
-    import statistics
-
-    from attngraph import masks
-    from attngraph.ops import chunked
-
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(n, heads, dim, generator=gen).to(device=device, dtype=dtype)
-               for _ in range(3))
-    if backward:
-        for t in (q, k, v):
-            t.requires_grad_(True)
-    scale = 1.0 / math.sqrt(dim)
-
-    def timed(fn) -> float:
-        times = []
-        for _ in range(repeats + 1):
-            t = time.perf_counter()
-            out, lse = fn()
-            if backward:
-                out.sum().backward()
-            if q.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times[1:])
-
-    cell_s = {}
-    for block in blocks:
-        doc = 4 * block
-        graph = masks.document([doc] * (n // doc) + ([n % doc] if n % doc else []))
-        plan = build_plan(graph.to(device), block, min_density=0.0)
-        cell_s[block] = timed(lambda: attention(q, k, v, plan.graph, scale,
-                                                plan=plan)) / plan.tile_cells
-    rnd = masks.random(n, 64, seed=0).to(device)
-    edge_s = timed(lambda: chunked.attention(q, k, v, rnd, scale)) / rnd.num_edges
-    ref = cell_s[max(blocks)]
-    return dict(edge_cost_cells=edge_s / ref, cell_cost={b: c / ref for b, c in cell_s.items()},
-                cell_s=cell_s, edge_s=edge_s)
-
-
-if __name__ == "__main__":      # python -m attngraph.ops.tiles: the cost constants, measured
-    import json
-
-    for backward in (False, True):
-        print(("forward + backward: " if backward else "forward: ")
-              + json.dumps(calibrate(backward=backward, repeats=3), default=float))

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from attngraph.graph import TokenGraph, graph_of
 from attngraph.ops.cuda import loader
+from attngraph.ops.numerics import backward_preamble
 from attngraph.ops.cuda.stages import (GraphArrays, _expect, _kernel_dtype, _lanes,
                                        graph_arrays)
 
@@ -231,9 +232,7 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
 def _delta(out: Tensor, dout: Tensor, lse: Tensor, dlse: Optional[Tensor]) -> Tensor:
     """``delta [R, H]`` float32 of the backward: ``rowsum(dout * out)``, less ``dlse``
     (where the row has edges)."""
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse.float())
+    delta, _, _ = backward_preamble(out, dout, lse, dlse, dtype=torch.float32)
     return delta.contiguous()
 
 

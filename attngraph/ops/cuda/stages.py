@@ -1,7 +1,7 @@
 """The three stages on the CUDA kernels of ``stages.cu``: raw launchers, autograd, and the
 unfused attention they compose.
 
-Layers (STYLE §2): ``row_dot`` / ``row_gather`` / ``col_gather`` / ``row_softmax`` launch one
+Layers: ``row_dot`` / ``row_gather`` / ``col_gather`` / ``row_softmax`` launch one
 kernel each after checking every argument on the host; the ``attngraph::edge_scores``,
 ``::edge_softmax`` and ``::aggregate`` custom ops give them autograd (each backward runs the
 other kernels, no atomics, so gradients are deterministic) and make them opaque to
