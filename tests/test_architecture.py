@@ -15,14 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "attngraph"
 
-# Private names that one module still takes from another: the fused launchers share the
-# stage launchers' helpers (attngraph/ops/cuda), and the run types through masks/_common.
-KNOWN_PRIVATE_IMPORTS = {
-    ("attngraph.ops.cuda.fused", "attngraph.ops.cuda.stages", "_expect"),
-    ("attngraph.ops.cuda.fused", "attngraph.ops.cuda.stages", "_kernel_dtype"),
-    ("attngraph.ops.cuda.fused", "attngraph.ops.cuda.stages", "_lanes"),
-    ("attngraph.ops.cuda.fused", "attngraph.masks._common", None),
-}
+# Private names that one module still takes from another (none left).
+KNOWN_PRIVATE_IMPORTS: set = set()
 
 
 def _lint_imports() -> str:

@@ -25,8 +25,9 @@ from torch import Tensor
 from attngraph.graph import TokenGraph, graph_of
 from attngraph.ops.cuda import loader
 from attngraph.ops.numerics import backward_preamble
-from attngraph.ops.cuda.stages import (GraphArrays, _expect, _kernel_dtype, _lanes,
-                                       graph_arrays)
+from attngraph.checks import check_bias_values
+from attngraph.ops.cuda.stages import GraphArrays, expect, graph_arrays, kernel_dtype, lanes
+from attngraph.runs import Range
 
 __all__ = ["WorkItems", "Plan", "plan", "work_items", "chunk_size", "RuleItems", "rule_items",
            "attention", "forward", "backward"]
@@ -108,8 +109,8 @@ def plan(graph: TokenGraph) -> Plan:
 
 
 def _check_items(w: WorkItems, rows: int, device: torch.device) -> None:
-    _expect("items", w.items, (w.num_items, 4), torch.int64, device)
-    _expect("splits", w.splits, (w.splits.size(0), 3), torch.int64, device)
+    expect("items", w.items, (w.num_items, 4), torch.int64, device)
+    expect("splits", w.splits, (w.splits.size(0), 3), torch.int64, device)
     if w.num_items < rows:
         raise ValueError(f"work items cover {w.num_items} < {rows} rows")
 
@@ -127,7 +128,7 @@ def _kernel(name: str, device: torch.device):
 def _bias_arg(bias: Optional[Tensor], E: int, H: int, device) -> Tuple[Optional[Tensor], int]:
     if bias is None:
         return None, 1
-    _expect("bias", bias, (E, bias.size(1)), torch.float32, device)
+    expect("bias", bias, (E, bias.size(1)), torch.float32, device)
     if bias.size(1) == 0 or H % bias.size(1):
         raise ValueError(f"bias columns ({bias.size(1)}) must divide the heads ({H})")
     return bias, bias.size(1)
@@ -136,12 +137,12 @@ def _bias_arg(bias: Optional[Tensor], E: int, H: int, device) -> Tuple[Optional[
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, a: GraphArrays) -> Tuple[int, int, int, int, int]:
     R, H, D = q.shape
     Hk, Dv = k.size(1), v.size(2)
-    _expect("q", q, (a.num_dst, H, D), q.dtype, q.device)
-    _expect("k", k, (a.num_src, Hk, D), q.dtype, q.device)
-    _expect("v", v, (a.num_src, Hk, Dv), q.dtype, q.device)
+    expect("q", q, (a.num_dst, H, D), q.dtype, q.device)
+    expect("k", k, (a.num_src, Hk, D), q.dtype, q.device)
+    expect("v", v, (a.num_src, Hk, Dv), q.dtype, q.device)
     if Hk == 0 or H % Hk:
         raise ValueError(f"heads ({H}) must be a multiple of kv heads ({Hk})")
-    _kernel_dtype(q)
+    kernel_dtype(q)
     return R, H, Hk, D, Dv
 
 
@@ -168,9 +169,9 @@ def _forward_items(q, k, v, w: WorkItems, col: Tensor, rule: Optional[Tensor], s
     Hk, Dv = k.size(1), v.size(2)
     dev = q.device
     _check_items(w, R, dev)
-    nt = _lanes(max(D, Dv))
+    nt = lanes(max(D, Dv))
     gq = loader.group_heads(H // Hk, nt)
-    T = _kernel_dtype(q)
+    T = kernel_dtype(q)
     out = loader.poison(q.new_empty(R, H, Dv))
     lse = loader.poison(torch.empty(R, H, dtype=torch.float32, device=dev))
     part_ml = loader.poison(torch.empty(w.num_slots, H, 2, dtype=torch.float32, device=dev))
@@ -199,8 +200,8 @@ def _sum_partials(w: WorkItems, part: Tensor, out: Tensor) -> None:
     if not w.splits.size(0) or not out.numel():
         return
     heads, C = out.size(1), out.size(2)
-    _expect("part", part, (w.num_slots, heads, C), torch.float32, out.device)
-    _kernel(f"sum_partials<{_kernel_dtype(out)}, {_lanes(C)}>", out.device)(
+    expect("part", part, (w.num_slots, heads, C), torch.float32, out.device)
+    _kernel(f"sum_partials<{kernel_dtype(out)}, {lanes(C)}>", out.device)(
         _grid(w.splits.size(0), 1, out.device), (THREADS,),
         (w.splits, np.int64(w.splits.size(0)), part, out, np.int32(heads), np.int32(C)))
 
@@ -213,8 +214,8 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
     a = p.arrays
     R, H, Hk, D, Dv = _check_qkv(q, k, v, a)
     dev = q.device
-    _expect("dout", dout, (R, H, Dv), q.dtype, dev)
-    _expect("lse", lse, (R, H), torch.float32, dev)
+    expect("dout", dout, (R, H, Dv), q.dtype, dev)
+    expect("lse", lse, (R, H), torch.float32, dev)
     bias, bc = _bias_arg(bias, a.num_edges, H, dev)
     delta = _delta(out, dout, lse, dlse)
     _check_items(p.cols, a.num_src, dev)
@@ -239,12 +240,12 @@ def _delta(out: Tensor, dout: Tensor, lse: Tensor, dlse: Optional[Tensor]) -> Te
 def _backward_kernels(q, k, v, dout) -> Tuple[str, str, int]:
     """``(dQ kernel, dK/dV kernel, GQ)`` for these inputs."""
     D, Dv, G = q.size(-1), v.size(-1), q.size(1) // k.size(1)
-    T = _kernel_dtype(q)
+    T = kernel_dtype(q)
     vec = loader.vec_layout(T, D, Dv, G, "dq") if _aligned(q, k, v, dout) else None
     if vec is not None:
         lpe, gq = vec
         return f"attn_bwd_dq_vec<{T}, {lpe}, {gq}>", f"attn_bwd_dkdv_vec<{T}, {lpe}>", gq
-    nt = _lanes(max(D, Dv))
+    nt = lanes(max(D, Dv))
     gq = loader.group_heads(G, nt, "dq")
     return f"attn_bwd_dq<{T}, {nt}, {gq}>", f"attn_bwd_dkdv<{T}, {nt}>", gq
 
@@ -307,7 +308,6 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: 
                   src: Tensor, dst: Tensor, num_src: int, scale: float, check_bias: bool
                   ) -> Tuple[Tensor, Tensor]:
     if check_bias and bias is not None:   # graph_attention could not check while traced
-        from attngraph.ops.functional import check_bias_values
 
         check_bias_values(bias)
     return forward(q, k, v, plan(graph_of(ptr, src, dst, num_src, ptr.numel() - 1)), scale,
@@ -389,7 +389,6 @@ def rule_items(graph, r0: int, r1: int, chunk: Optional[int] = None,
     (default :func:`chunk_size` of the chunk). Every key an item names is checked to lie in
     ``[0, num_src)`` here, before any kernel reads it (``checked``: tables already checked,
     by ``(data_ptr, numel)``, skipped)."""
-    from attngraph.masks._common import Range
 
     dev = graph.device
     R = r1 - r0
@@ -488,14 +487,14 @@ def _implicit_chunks(graph):
 
 
 def _check_implicit(q, k, v, graph) -> None:
-    _expect("q", q, (graph.num_dst, q.size(1), q.size(2)), q.dtype, q.device)
-    _expect("k", k, (graph.num_src, k.size(1), q.size(2)), q.dtype, q.device)
-    _expect("v", v, (graph.num_src, k.size(1), v.size(2)), q.dtype, q.device)
+    expect("q", q, (graph.num_dst, q.size(1), q.size(2)), q.dtype, q.device)
+    expect("k", k, (graph.num_src, k.size(1), q.size(2)), q.dtype, q.device)
+    expect("v", v, (graph.num_src, k.size(1), v.size(2)), q.dtype, q.device)
     if k.size(1) == 0 or q.size(1) % k.size(1):
         raise ValueError(f"heads ({q.size(1)}) must be a multiple of kv heads ({k.size(1)})")
     if graph.num_src >= 1 << 31:
         raise ValueError(f"the fused kernels take keys as int32: {graph.num_src} keys")
-    _kernel_dtype(q)
+    kernel_dtype(q)
 
 
 class _ImplicitFused(torch.autograd.Function):

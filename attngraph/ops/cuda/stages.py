@@ -98,7 +98,7 @@ def graph_arrays(graph: TokenGraph) -> GraphArrays:
 
 
 # ---------------------------------------------------------------------------- launching
-def _lanes(dim: int) -> int:
+def lanes(dim: int) -> int:
     """Elements per lane for a head dim (the template bucket NT, 32 * NT >= dim)."""
     for nt in loader.HEAD_DIM_CHUNKS:
         if 32 * nt >= dim:
@@ -106,7 +106,7 @@ def _lanes(dim: int) -> int:
     raise ValueError(f"the CUDA kernels take head dims up to {loader.MAX_HEAD_DIM}, got {dim}")
 
 
-def _expect(name: str, t: Tensor, shape: Tuple[int, ...], dtype: torch.dtype,
+def expect(name: str, t: Tensor, shape: Tuple[int, ...], dtype: torch.dtype,
             device: torch.device) -> None:
     """Host-side check of one kernel argument; a mismatch would be an out-of-bounds access."""
     if not isinstance(t, Tensor):
@@ -122,14 +122,14 @@ def _expect(name: str, t: Tensor, shape: Tuple[int, ...], dtype: torch.dtype,
 
 
 def _check_arrays(g: GraphArrays, device: torch.device) -> None:
-    _expect("ptr", g.ptr, (g.num_dst + 1,), torch.int64, device)
-    _expect("col", g.col, (g.num_edges,), torch.int32, device)
-    _expect("kptr", g.kptr, (g.num_src + 1,), torch.int64, device)
-    _expect("krow", g.krow, (g.num_edges,), torch.int32, device)
-    _expect("perm", g.perm, (g.num_edges,), torch.int64, device)
+    expect("ptr", g.ptr, (g.num_dst + 1,), torch.int64, device)
+    expect("col", g.col, (g.num_edges,), torch.int32, device)
+    expect("kptr", g.kptr, (g.num_src + 1,), torch.int64, device)
+    expect("krow", g.krow, (g.num_edges,), torch.int32, device)
+    expect("perm", g.perm, (g.num_edges,), torch.int64, device)
 
 
-def _kernel_dtype(t: Tensor) -> str:
+def kernel_dtype(t: Tensor) -> str:
     try:
         return KERNEL_DTYPES[t.dtype]
     except KeyError:
@@ -150,12 +150,12 @@ def row_dot(a: Tensor, b: Tensor, g: GraphArrays, scale: float) -> Tensor:
     R, H, D = a.shape
     Hk = b.size(1)
     _check_arrays(g, a.device)
-    _expect("a", a, (g.num_dst, H, D), a.dtype, a.device)
-    _expect("b", b, (g.num_src, Hk, D), a.dtype, a.device)
+    expect("a", a, (g.num_dst, H, D), a.dtype, a.device)
+    expect("b", b, (g.num_src, Hk, D), a.dtype, a.device)
     if Hk == 0 or H % Hk:
         raise ValueError(f"heads ({H}) must be a multiple of kv heads ({Hk})")
     out = loader.poison(a.new_empty(g.num_edges, H))
-    _launch(f"row_dot<{_kernel_dtype(a)}, {_lanes(D)}>", R,
+    _launch(f"row_dot<{kernel_dtype(a)}, {lanes(D)}>", R,
             (a, b, g.ptr, g.col, out, np.int64(R), np.int32(H), np.int32(H // Hk),
              np.int32(D), np.float32(scale)), a.device)
     return out
@@ -167,12 +167,12 @@ def row_gather(w: Tensor, x: Tensor, g: GraphArrays, scale: float) -> Tensor:
     H = w.size(1)
     S, Hk, C = x.shape
     _check_arrays(g, x.device)
-    _expect("w", w, (g.num_edges, H), x.dtype, x.device)
-    _expect("x", x, (g.num_src, Hk, C), x.dtype, x.device)
+    expect("w", w, (g.num_edges, H), x.dtype, x.device)
+    expect("x", x, (g.num_src, Hk, C), x.dtype, x.device)
     if Hk == 0 or H % Hk:
         raise ValueError(f"heads ({H}) must be a multiple of kv heads ({Hk})")
     out = loader.poison(x.new_empty(g.num_dst, H, C))
-    _launch(f"row_gather<{_kernel_dtype(x)}, {_lanes(C)}>", g.num_dst,
+    _launch(f"row_gather<{kernel_dtype(x)}, {lanes(C)}>", g.num_dst,
             (w, x, g.ptr, g.col, out, np.int64(g.num_dst), np.int32(H), np.int32(H // Hk),
              np.int32(C), np.float32(scale)), x.device)
     return out
@@ -183,12 +183,12 @@ def col_gather(w: Tensor, y: Tensor, g: GraphArrays, kv_heads: int, scale: float
     -> ``[N_src, H_kv, C]``; keys without edges get 0."""
     R, H, C = y.shape
     _check_arrays(g, y.device)
-    _expect("w", w, (g.num_edges, H), y.dtype, y.device)
-    _expect("y", y, (g.num_dst, H, C), y.dtype, y.device)
+    expect("w", w, (g.num_edges, H), y.dtype, y.device)
+    expect("y", y, (g.num_dst, H, C), y.dtype, y.device)
     if kv_heads == 0 or H % kv_heads:
         raise ValueError(f"heads ({H}) must be a multiple of kv heads ({kv_heads})")
     out = loader.poison(y.new_empty(g.num_src, kv_heads, C))
-    _launch(f"col_gather<{_kernel_dtype(y)}, {_lanes(C)}>", g.num_src,
+    _launch(f"col_gather<{kernel_dtype(y)}, {lanes(C)}>", g.num_src,
             (w, y, g.kptr, g.krow, g.perm, out, np.int64(g.num_src), np.int32(H),
              np.int32(H // kv_heads), np.int32(C), np.float32(scale)), y.device)
     return out
@@ -200,11 +200,11 @@ def row_softmax(s: Tensor, g: GraphArrays, *, with_lse: bool = False
     None)``; ``lse`` is float32, ``-inf`` for a query without edges."""
     H = s.size(1)
     _check_arrays(g, s.device)
-    _expect("s", s, (g.num_edges, H), s.dtype, s.device)
+    expect("s", s, (g.num_edges, H), s.dtype, s.device)
     p = loader.poison(torch.empty_like(s))
     lse = (loader.poison(torch.empty(g.num_dst, H, dtype=torch.float32, device=s.device)) if with_lse
            else None)
-    _launch(f"row_softmax<{_kernel_dtype(s)}>", g.num_dst,
+    _launch(f"row_softmax<{kernel_dtype(s)}>", g.num_dst,
             (s, g.ptr, p, lse, np.int64(g.num_dst), np.int32(H)), s.device)
     return p, lse
 
@@ -213,10 +213,10 @@ def row_softmax_bwd(p: Tensor, dp: Tensor, g: GraphArrays) -> Tensor:
     """``ds = p * (dp - sum_row p * dp)`` -> ``[E, H]``."""
     H = p.size(1)
     _check_arrays(g, p.device)
-    _expect("p", p, (g.num_edges, H), p.dtype, p.device)
-    _expect("dp", dp, (g.num_edges, H), p.dtype, p.device)
+    expect("p", p, (g.num_edges, H), p.dtype, p.device)
+    expect("dp", dp, (g.num_edges, H), p.dtype, p.device)
     ds = loader.poison(torch.empty_like(p))
-    _launch(f"row_softmax_bwd<{_kernel_dtype(p)}>", g.num_dst,
+    _launch(f"row_softmax_bwd<{kernel_dtype(p)}>", g.num_dst,
             (p, dp, g.ptr, ds, np.int64(g.num_dst), np.int32(H)), p.device)
     return ds
 
