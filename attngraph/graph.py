@@ -293,11 +293,6 @@ class TokenGraph:
         self._order = other._order
         self._permuted = other._permuted
 
-    @property
-    def _cache(self) -> dict:
-        """The kernels' namespace, :attr:`GraphCaches.cuda` (see :class:`GraphCaches`)."""
-        return self.caches.cuda
-
     def clear_caches(self) -> None:
         """Drop every derived cache (:class:`GraphCaches`); they are rebuilt on use."""
         self.caches.clear()

@@ -99,12 +99,12 @@ class Plan:
 
 def plan(graph: TokenGraph) -> Plan:
     """The graph's :class:`Plan`, built once and cached on the graph."""
-    cached = graph._cache.get("cuda_plan")
+    cached = graph.caches.cuda.get("cuda_plan")
     if cached is None:
         a = graph_arrays(graph)
         cached = Plan(a, work_items(a.ptr, chunk_size(a.num_edges, a.num_dst)),
                       work_items(a.kptr, chunk_size(a.num_edges, a.num_src)))
-        graph._cache["cuda_plan"] = cached
+        graph.caches.cuda["cuda_plan"] = cached
     return cached
 
 

@@ -73,7 +73,7 @@ def _check_indices(name: str, idx: Tensor, bound: int) -> None:
 def graph_arrays(graph: TokenGraph) -> GraphArrays:
     """The kernels' view of ``graph`` (computed once per graph; every index checked here, so
     no kernel can be led out of bounds by the graph)."""
-    cached = graph._cache.get("cuda_arrays")
+    cached = graph.caches.cuda.get("cuda_arrays")
     if cached is not None:
         return cached
     S, R, E = graph.num_src, graph.num_dst, graph.num_edges
@@ -93,7 +93,7 @@ def graph_arrays(graph: TokenGraph) -> GraphArrays:
     _check_offsets("CSC", kptr, S, E)   # krow permutes dst (checked above)
     _check_indices("edge permutation", perm, E)
     arrays = GraphArrays(S, R, E, ptr, col, kptr, krow, perm)
-    graph._cache["cuda_arrays"] = arrays
+    graph.caches.cuda["cuda_arrays"] = arrays
     return arrays
 
 
