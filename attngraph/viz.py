@@ -65,6 +65,13 @@ def _new_axes(figsize) -> Axes:
     return ax
 
 
+def figure_of(ax: Axes) -> Figure:
+    """The top-level ``Figure`` holding ``ax`` (the one that ``savefig`` writes, also when
+    ``ax`` sits in a subfigure)."""
+    fig = ax.figure
+    return getattr(fig, "figure", None) or fig
+
+
 def _count(x: float) -> str:
     """8192 -> '8,192', 1234567 -> '1.23M' (short, for titles)."""
     if abs(x) < 1e5 and float(x).is_integer():
