@@ -3,6 +3,7 @@
 seconds. A block marked ``<!-- pytest.mark.skip(reason=...) -->`` (pytest-codeblocks' marker
 syntax) is skipped there; the context-parallel one is run here under
 ``torch.distributed.run --nproc_per_node 2``, as the README says to launch it."""
+import importlib.util
 import os
 import socket
 import subprocess
@@ -23,7 +24,11 @@ def python_blocks():
 
 
 def _marks(block):
-    return [eval(m, {"sys": sys, "pytest": pytest}) for m in block.marks]
+    marks = [eval(m, {"sys": sys, "pytest": pytest}) for m in block.marks]
+    # <!--pytest-codeblocks:importorskip(module)-->: a block for an optional dependency
+    if block.importorskip and importlib.util.find_spec(block.importorskip) is None:
+        marks.append(pytest.mark.skip(reason=f"{block.importorskip} is not installed"))
+    return marks
 
 
 def _env():
