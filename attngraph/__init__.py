@@ -4,6 +4,14 @@ Tokens are nodes; "query i may attend to key j" is an edge ``j -> i``. Every spa
 attention mask is a :class:`TokenGraph`, and :func:`graph_attention` computes attention on
 it with work proportional to the number of edges.
 """
+import warnings
+
+with warnings.catch_warnings():
+    # torch_geometric imports tqdm.auto, which in a Jupyter kernel without ipywidgets warns
+    # "IProgress not found" on import (its bars then print as text, as in a script).
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    import torch_geometric  # noqa: F401
+
 from attngraph.graph import TokenGraph
 from attngraph import masks
 from attngraph.ops import graph_attention

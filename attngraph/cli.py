@@ -496,7 +496,7 @@ def _timed(fn, device, runs: int, budget: float, desc: str):
     import statistics
     import time
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm      # text bars on stderr: tqdm.auto would want ipywidgets
 
     out = None
     if device.type == "cuda":

@@ -586,10 +586,15 @@ class TokenGraph:
         return f"TokenGraph({nodes}, num_edges={self.num_edges}, density={self.density:.3g}{dev})"
 
     def plot(self, *args, **kwargs):
-        """Draw the mask (:func:`attngraph.viz.plot_mask`); returns the matplotlib Axes."""
-        from attngraph.viz import plot_mask
+        """Draw the mask (:func:`attngraph.viz.plot_mask`, same arguments) and return the
+        matplotlib ``Figure`` it is on, so that a script can save it:
+        ``g.plot().savefig("mask.png")``. The mask's Axes is ``fig.axes[0]``.
 
-        return plot_mask(self, *args, **kwargs)
+        Without ``ax=`` the figure is a new pyplot figure: a notebook shows it when the cell
+        ends, a script shows it only on ``matplotlib.pyplot.show()``."""
+        from attngraph.viz import figure_of, plot_mask
+
+        return figure_of(plot_mask(self, *args, **kwargs))
 
     def _repr_png_(self) -> Optional[bytes]:
         """Notebook picture of the mask (None without matplotlib)."""

@@ -102,11 +102,12 @@ class StackedGraph:
                 f"num_dst={self.num_dst}, num_edges={self.num_edges})")
 
     def plot(self, b: int = 0, h: int = 0, **kwargs):
-        """Draw the graph of sequence ``b``, head ``h`` (:func:`attngraph.viz.plot_mask`)."""
-        from attngraph.viz import plot_mask
+        """Draw the graph of sequence ``b``, head ``h`` (:func:`attngraph.viz.plot_mask`);
+        returns the matplotlib ``Figure``, as :meth:`TokenGraph.plot` does."""
+        from attngraph.viz import figure_of, plot_mask
 
-        return plot_mask(self[b, h], **{"title": f"sequence {b}, head {h} of {self.shape}",
-                                        **kwargs})
+        return figure_of(plot_mask(self[b, h], **{
+            "title": f"sequence {b}, head {h} of {self.shape}", **kwargs}))
 
     def _repr_png_(self) -> Optional[bytes]:
         try:

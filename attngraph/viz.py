@@ -57,12 +57,36 @@ def _check_graph(graph) -> None:
                         f"wrap an edge_index with attngraph.TokenGraph(edge_index, num_nodes)")
 
 
+class _PyplotFigure(Figure):
+    """The figure of a picture drawn without a caller's Axes (a pyplot figure). As a notebook
+    cell's value (``g.plot()`` returns it) it is shown once: drawn here and closed, so that
+    pyplot's inline backend does not show it again when the cell ends."""
+
+    def _ipython_display_(self):
+        import matplotlib.pyplot as plt
+        from IPython.display import Image, display
+
+        if "inline" not in matplotlib.get_backend():
+            return                      # a window or widget backend shows pyplot figures
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", bbox_inches="tight")
+        display(Image(buf.getvalue()))
+        plt.close(self)
+
+
 def _new_axes(figsize) -> Axes:
     # Only when the caller gives no Axes: pyplot makes the figure show up in notebooks.
     import matplotlib.pyplot as plt
 
-    _, ax = plt.subplots(figsize=figsize, layout="constrained")
+    _, ax = plt.subplots(figsize=figsize, layout="constrained", FigureClass=_PyplotFigure)
     return ax
+
+
+def figure_of(ax: Axes) -> Figure:
+    """The top-level ``Figure`` holding ``ax`` (the one that ``savefig`` writes, also when
+    ``ax`` sits in a subfigure)."""
+    fig = ax.figure
+    return getattr(fig, "figure", None) or fig
 
 
 def _count(x: float) -> str:

@@ -51,3 +51,29 @@ def test_notebook_executes(name, python3_kernel, tmp_path):
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs)
     assert images, f"{name} drew no pictures"
+
+
+@pytest.mark.slow
+def test_import_is_quiet_and_a_plot_shows_once_in_a_kernel(python3_kernel, tmp_path,
+                                                           monkeypatch):
+    """No TqdmWarning from `import attngraph` (torch_geometric imports tqdm.auto, which warns
+    in a kernel without ipywidgets), and `g.plot()` (it returns the Figure) shows one
+    picture, as the cell's value or not."""
+    import os
+
+    # the kernel imports this checkout's attngraph
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(EXAMPLES.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in (
+        "import attngraph as ag",
+        "ag.masks.causal(8).plot()",
+        "fig = ag.masks.causal(8).plot()",
+    )])
+    client = nbclient.NotebookClient(nb, kernel_name=python3_kernel, timeout=300,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    imported, value, assigned = nb.cells
+    assert not imported.outputs, imported.outputs
+    for cell in (value, assigned):
+        images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+        assert len(images) == 1, cell.outputs

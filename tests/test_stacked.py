@@ -176,7 +176,7 @@ def test_stack_indexing_picture_and_errors():
     g = ag.masks.stack([ag.masks.causal(8), ag.masks.full(8)], shape=(1, 2))
     assert g[3, 1].equal(ag.masks.full(8))            # the batch dim is shared
     assert "StackedGraph(shape=(1, 2)" in repr(g)
-    assert g.plot(0, 1).get_title().startswith("sequence 0, head 1")
+    assert g.plot(0, 1).axes[0].get_title().startswith("sequence 0, head 1")
     with pytest.raises(ValueError, match="out of range"):
         g[0, 2]
     with pytest.raises(ValueError, match="needs 3 graphs"):

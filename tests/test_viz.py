@@ -124,8 +124,30 @@ def test_plot_mask_default_axes_via_pyplot():
 
 
 def test_graph_plot_method():
-    ax = longformer_small().plot(ax=new_axes(), resolution=16)
+    ax = new_axes()
+    fig = longformer_small().plot(ax=ax, resolution=16)
+    assert fig is ax.figure
     assert ax.images[0].get_array().shape == (16, 16)
+
+
+def test_graph_plot_returns_a_figure_that_saves(tmp_path):
+    """In a script nothing shows a pyplot figure, so plot() hands back the Figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    for g in (longformer_small(), ag.masks.sliding_window(1000, 8, implicit=True)):
+        fig = g.plot()
+        try:
+            assert isinstance(fig, Figure) and fig.number in plt.get_fignums()
+            assert fig.axes[0].get_ylabel() == "query i"
+            fig.savefig(tmp_path / "mask.png")
+            assert (tmp_path / "mask.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        finally:
+            plt.close(fig)
+    # an Axes in a subfigure: the figure that savefig writes
+    root = Figure()
+    ax = root.subfigures(1, 2)[1].subplots()
+    assert longformer_small().plot(ax=ax) is root
 
 
 @pytest.mark.parametrize("kwargs, error", [
