@@ -12,10 +12,12 @@ dense causal ``scaled_dot_product_attention`` and once per sparse variant:
 * ``drop<p>``: each head drops a random fraction ``p`` of its queries and keys at every
   step (``qk_drop``); kept queries attend to kept earlier keys.
 
-Same data order, initialisation, optimiser and steps for every variant. Printed and written
-to ``--out`` (JSON, a markdown table, a PNG of the curves): training and held-out loss in
-bits per byte and the median time per step, per sequence length, with each sparse
-variant's speed-up over dense.
+Same data order, initialisation, optimiser and steps for every variant. The variants of one
+length train interleaved, one step each in turn, so that noise from other work on the
+machine falls on all of them alike; each sparse variant's speed-up is read per step (dense's
+step s over its step s) and reported as a median with its quartiles and range. Printed and
+written to ``--out`` (JSON, a markdown table, a PNG of the curves): training and held-out
+loss in bits per byte, the median time per step and the per-step speed-up, per length.
 
     python examples/scfa_lm.py --lengths 2048,4096 --steps 300      # the comparison
     python examples/scfa_lm.py --quick                              # seconds (CI)
@@ -25,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import statistics
 import sys
 import sysconfig
@@ -141,41 +145,85 @@ def bits_per_byte(model, x, y) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- training
-def train(variant: str, length: int, args, data) -> dict:
-    train_data, held = data
-    torch.manual_seed(args.seed)     # the same initial weights for every variant
-    model = ByteLM(args.dim, args.heads, args.layers, length, variant)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(
-            math.pi * min(s, args.steps) / args.steps)))
-    stream = batches(train_data, length, args.batch, args.seed)
-    held_batches = [next(batches(held, length, args.batch, args.seed + 1 + i))
-                    for i in range(args.eval_batches)]
-    curve, evals, times = [], [], []
-    for step in range(args.steps):
-        x, y = next(stream)
+class Run:
+    """One variant's model, optimiser, data stream and record, advanced one step at a time
+    so that several variants can take turns (interleaved timing)."""
+
+    def __init__(self, variant: str, length: int, args, data):
+        train_data, held = data
+        self.variant, self.length, self.args = variant, length, args
+        torch.manual_seed(args.seed)     # the same initial weights for every variant
+        self.model = ByteLM(args.dim, args.heads, args.layers, length, variant)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=0.01)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(
+                math.pi * min(s, args.steps) / args.steps)))
+        self.stream = batches(train_data, length, args.batch, args.seed)
+        self.held_batches = [next(batches(held, length, args.batch, args.seed + 1 + i))
+                             for i in range(args.eval_batches)]
+        self.curve, self.evals, self.times = [], [], []
+
+    def step(self) -> None:
+        """One training step, timed (mask drawing included, held-out evaluation not)."""
+        args, model = self.args, self.model
+        x, y = next(self.stream)
         t = time.perf_counter()
         loss = bits_per_byte(model, x, y)
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        times.append(time.perf_counter() - t)
-        curve.append(float(loss.detach()))
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        self.opt.step()
+        self.sched.step()
+        self.times.append(time.perf_counter() - t)
+        self.curve.append(float(loss.detach()))
+        step = len(self.curve)
+        if step % args.eval_every == 0 or step == args.steps:
             with torch.no_grad():
                 held_bpb = statistics.fmean(float(bits_per_byte(model, x, y))
-                                            for x, y in held_batches)
-            evals.append((step + 1, held_bpb))
-            print(f"  {variant:>8} L={length:<6} step {step + 1:>5}  train {curve[-1]:.3f}"
-                  f"  held-out {held_bpb:.3f} bpb  {statistics.median(times) * 1e3:.0f} "
-                  f"ms/step", flush=True)
-    return dict(variant=variant, length=length, train_bpb=curve, held_out=evals,
-                final_held_out_bpb=evals[-1][1],
-                final_train_bpb=statistics.fmean(curve[-max(1, len(curve) // 10):]),
-                ms_per_step=statistics.median(times[1:] or times) * 1e3)
+                                            for x, y in self.held_batches)
+            self.evals.append((step, held_bpb))
+            print(f"  {self.variant:>8} L={self.length:<6} step {step:>5}  train "
+                  f"{self.curve[-1]:.3f}  held-out {held_bpb:.3f} bpb  "
+                  f"{statistics.median(self.times) * 1e3:.0f} ms/step", flush=True)
+
+    def result(self) -> dict:
+        curve = self.curve
+        return dict(variant=self.variant, length=self.length, train_bpb=curve,
+                    held_out=self.evals, final_held_out_bpb=self.evals[-1][1],
+                    final_train_bpb=statistics.fmean(curve[-max(1, len(curve) // 10):]),
+                    ms_per_step=statistics.median(self.times[1:] or self.times) * 1e3,
+                    step_s=self.times)
+
+
+def quantiles(xs: list) -> dict:
+    """Median, quartiles and range of ``xs``."""
+    xs = sorted(xs)
+    q1, med, q3 = (statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1
+                   else (xs[0],) * 3)
+    return dict(median=med, q1=q1, q3=q3, min=xs[0], max=xs[-1], n=len(xs))
+
+
+def train_interleaved(variants: list, length: int, args, data) -> list:
+    """Train every variant at ``length``, taking turns one step each.
+
+    Step ``s`` of every variant runs within one round, and the order of the round rotates
+    by one variant per step, so machine noise (other processes, frequency changes) falls on
+    dense and sparse alike. Each sparse variant's speed-up is read per step,
+    ``dense step s / variant step s``; its median and spread are in ``speedup``. The first
+    step (allocator and kernel warm-up) is left out of the timing."""
+    runs = [Run(v, length, args, data) for v in variants]
+    for step in range(args.steps):
+        shift = step % len(runs)
+        for run in runs[shift:] + runs[:shift]:
+            run.step()
+    results = [r.result() for r in runs]
+    dense = next((r for r in results if r["variant"] == "dense"), None)
+    for r in results:
+        if dense is not None:
+            ratios = [d / s for d, s in zip(dense["step_s"][1:], r["step_s"][1:])] or [
+                dense["step_s"][0] / r["step_s"][0]]
+            r["speedup"] = quantiles(ratios)
+    return results
 
 
 PAPER = """SCFA (Pagliardini et al., 2023) on an A100, for comparison: GPT-2-small-like LM
@@ -192,32 +240,66 @@ def _variant_order(name: str):
     return ({"hash": 1, "drop": 2}.get(name[:4], 3), float(name[4:]))
 
 
-def report(results: list, out: Path, args, commands=()) -> str:
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def run_meta(argv, load_before) -> dict:
+    """What ran where: the command, date, CPU, threads and the load average around it."""
+    return dict(command=" ".join(argv), date_utc=time.strftime("%Y-%m-%d %H:%M UTC",
+                                                               time.gmtime()),
+                cpu=_cpu_model(), cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
+                torch=torch.__version__, load_before=load_before,
+                load_after=list(os.getloadavg()))
+
+
+def _spread(r: dict) -> tuple:
+    s = r.get("speedup")
+    if s is None:
+        return "-", "-", "-"
+    return (f"{s['median']:.2f}x", f"{s['q1']:.2f}-{s['q3']:.2f}",
+            f"{s['min']:.2f}-{s['max']:.2f}")
+
+
+def report(results: list, out: Path, args, runs=()) -> str:
     results = sorted(results, key=lambda r: (r["length"], _variant_order(r["variant"])))
     dense = {r["length"]: r for r in results if r["variant"] == "dense"}
-    lines = ["| L | variant | held-out bpb | vs dense | train bpb | ms / step | speed-up |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| L | variant | held-out bpb | vs dense | train bpb | steps | ms / step | "
+             "speed-up (median) | IQR | min-max |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         d = dense.get(r["length"])
         rel = (f"{100 * (r['final_held_out_bpb'] / d['final_held_out_bpb'] - 1):+.1f} %"
                if d else "-")
-        speed = f"{d['ms_per_step'] / r['ms_per_step']:.2f}x" if d else "-"
+        med, iqr, rng = _spread(r)
         lines.append(f"| {r['length']} | {r['variant']} | {r['final_held_out_bpb']:.3f} | "
-                     f"{rel} | {r['final_train_bpb']:.3f} | {r['ms_per_step']:.0f} | {speed} |")
+                     f"{rel} | {r['final_train_bpb']:.3f} | {len(r['train_bpb'])} | "
+                     f"{r['ms_per_step']:.0f} | {med} | {iqr} | {rng} |")
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
-    commands = list(commands) or [" ".join(sys.argv[1:])]
-    (out / "scfa_lm.json").write_text(json.dumps(dict(args=vars(args), commands=commands,
+    (out / "scfa_lm.json").write_text(json.dumps(dict(args=vars(args), runs=list(runs),
                                                       results=results),
                                                  indent=1, default=str))
-    runs = "\n".join(f"    python examples/scfa_lm.py {c}" for c in commands)
+    cmds = "\n".join(f"    python examples/scfa_lm.py {m['command']}" for m in runs)
+    where = "\n".join(
+        f"- `{m['command']}`: {m['date_utc']}, {m['cpu']} ({m['cpu_count']} cores), "
+        f"{m['threads']} torch threads, torch {m['torch']}; load average (1, 5, 15 min) "
+        f"{', '.join(f'{x:.1f}' for x in m['load_before'])} before, "
+        f"{', '.join(f'{x:.1f}' for x in m['load_after'])} after" for m in runs)
     (out / "scfa_lm.md").write_text(
-        f"# Hash-sparse and QK-drop vs dense attention, byte-level LM\n\n{runs}\n\n"
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads (CPU); model dim "
-        f"{args.dim}, {args.heads} heads, {args.layers} layers, batch {args.batch}, "
-        f"{args.steps} steps. Held-out loss after the last step; train bpb is the mean of "
-        f"the last tenth of the steps; ms / step is the median step (mask drawing "
-        f"included).\n\n{table}\n\n{PAPER}\n")
+        f"# Hash-sparse and QK-drop vs dense attention, byte-level LM\n\n{cmds}\n\n{where}\n\n"
+        f"Model dim {args.dim}, {args.heads} heads, {args.layers} layers, batch {args.batch}. "
+        f"The variants of one length train interleaved: one step each in turn, the order "
+        f"rotating every step. Held-out loss after the last step, read after the same "
+        f"tokens for every variant; train bpb is the mean of the last tenth of the steps; "
+        f"ms / step is the median step (mask drawing included, the first step left out). "
+        f"Speed-up is dense's step s over the variant's step s, per step: its median, "
+        f"interquartile range and range over the steps.\n\n{table}\n\n{PAPER}\n")
     try:
         import matplotlib
 
@@ -257,6 +339,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--text-mb", type=float, default=16.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=Path("examples/results/scfa_lm"))
     p.add_argument("--append", action="store_true",
                    help="add to the results already in --out (others kept, same runs replaced)")
@@ -266,21 +349,25 @@ def main(argv=None) -> int:
         args.lengths, args.steps, args.dim, args.layers = "128", 4, 32, 1
         args.eval_every, args.eval_batches, args.text_mb = 2, 1, 0.5
         args.variants = "dense,hash4,drop0.3"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = list(os.getloadavg())
     data = stdlib_bytes(int(args.text_mb * 1e6))
     print(f"text: {data[0].numel():,} training bytes, {data[1].numel():,} held out "
           f"(the standard library's *.py files)")
-    results = [train(v, int(L), args, data) for L in args.lengths.split(",")
-               for v in args.variants.split(",")]
-    commands = []
+    results = [r for L in args.lengths.split(",")
+               for r in train_interleaved(args.variants.split(","), int(L), args, data)]
+    runs = []
     old = args.out / "scfa_lm.json"
     if args.append and old.exists():
         saved = json.loads(old.read_text())
         done = {(r["variant"], r["length"]) for r in results}
         results = [r for r in saved["results"]
                    if (r["variant"], r["length"]) not in done] + results
-        commands = saved.get("commands", [])
-    commands.append(" ".join(sys.argv[1:] if argv is None else argv))
-    print(report(results, args.out, args, commands))
+        runs = [m for m in saved.get("runs", [])
+                if m["command"] != " ".join(sys.argv[1:] if argv is None else argv)]
+    runs.append(run_meta(sys.argv[1:] if argv is None else argv, load_before))
+    print(report(results, args.out, args, runs))
     return 0
 
 

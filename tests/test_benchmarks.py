@@ -263,3 +263,20 @@ def test_distributed_preset_counts_halo_and_ring_bytes(tmp_path):
     assert sum(r["shipped"] for r in longformer["ranks"]) > 0
     assert longformer["halo_bytes_max"] < longformer["ring_bytes"] / 4
     assert "ring / ours" in md.read_text()
+
+
+def test_scfa_cells_counts_the_cells_each_mask_allows():
+    from argparse import Namespace
+
+    from benchmarks.scfa_cells import measure, table
+
+    args = Namespace(batch=1, heads=2, dim=8, rounds=2, seed=0)
+    rows = measure(256, ["dense", "hash4", "drop0.5"], args)
+    by = {r["variant"]: r for r in rows}
+    assert by["dense"]["cells"] == 2 * 256 * 257 // 2
+    assert 0.15 < by["hash4"]["density"] < 0.4             # about 1/4 of the causal cells
+    assert 0.15 < by["drop0.5"]["density"] < 0.35          # about (1/2)^2
+    for r in rows:
+        med, q1, q3, lo, hi = r["cost_ratio"]
+        assert 0 < lo <= q1 <= med <= q3 <= hi
+    assert table(rows).count("\n") == 4

@@ -57,4 +57,10 @@ def test_scfa_lm_trains_every_variant(tmp_path):
     rows = re.findall(r"^\| 128 \| (\w[\w.]*) \| (\S+) \|", table, re.M)
     assert [r[0] for r in rows] == ["dense", "hash4", "drop0.3"], table
     assert all(0 < float(bpb) < 9 for _, bpb in rows), table      # 8 bits: a uniform guess
+    # timed interleaved: each variant's per-step speed-up over dense, median and spread
+    spread = re.findall(r"\| (\d+\.\d+)x \| (\d+\.\d+)-(\d+\.\d+) \| "
+                        r"(\d+\.\d+)-(\d+\.\d+) \|$", table, re.M)
+    assert len(spread) == 3, table
+    assert all(float(lo) <= float(q1) <= float(med) <= float(q3) <= float(hi)
+               for med, q1, q3, lo, hi in spread), table
     assert (tmp_path / "scfa_lm.png").stat().st_size > 1000
