@@ -8,11 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 SUITE=tests/test_cuda_fused.py
+SELECT=${SELECT:-}   # e.g. SELECT=every_mask_family: a -k expression, to time part of the suite
 run() {   # run CHECK SCHEDULE -> seconds
   local start end
   start=$(date +%s.%N)
   if ! ATTNGRAPH_EMU_CHECK="$1" ATTNGRAPH_EMU_SCHEDULE="$2" "$PY" -m pytest -q -p no:cacheprovider \
-      "$SUITE" >/tmp/sanitizer_times.log 2>&1; then
+      "$SUITE" ${SELECT:+-k "$SELECT"} >/tmp/sanitizer_times.log 2>&1; then
     echo "FAILED: check='$1' schedule='$2'" >&2
     tail -20 /tmp/sanitizer_times.log >&2
     return 1
@@ -25,7 +26,7 @@ ATTNGRAPH_EMU_CHECK='' "$PY" -m pytest -q -p no:cacheprovider "$SUITE" -k "windo
 ATTNGRAPH_EMU_CHECK=all "$PY" -m pytest -q -p no:cacheprovider "$SUITE" -k "window-fp32" >/dev/null 2>&1
 echo "# The fused-kernel suite under the emulator's checks and schedules"
 echo
-echo "\`bash benchmarks/sanitizer_times.sh\` on $(nproc) CPU cores, $(date -u +%Y-%m-%d): $SUITE with"
+echo "\`SELECT='$SELECT' bash benchmarks/sanitizer_times.sh\` on $(nproc) CPU cores, $(date -u +%Y-%m-%d): $SUITE${SELECT:+ -k $SELECT} with"
 echo "ATTNGRAPH_CUDA_EMULATE=1 (set by the suite), builds warm, each row timed right after a plain"
 echo "run of its own."
 echo
