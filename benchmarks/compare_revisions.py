@@ -42,9 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("before", type=Path)
     p.add_argument("after", type=Path)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("bench", nargs=argparse.REMAINDER)
-    args = p.parse_args(argv)
-    bench = [a for a in args.bench if a != "--"]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, bench = p.parse_args(argv[:cut]), argv[cut + 1:]
     rounds = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
