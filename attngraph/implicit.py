@@ -17,7 +17,8 @@ caches it; :meth:`ImplicitGraph.materialize` does so explicitly.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from functools import partial
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ from torch import Tensor
 from attngraph import chunks
 from attngraph.chunks import row_chunks
 from attngraph.graph import TokenGraph
-from attngraph.runs import Take, from_runs
+from attngraph.runs import Range, from_runs, meet_runs, minus_runs, union_runs
 
 __all__ = ["ImplicitGraph", "ROW_CHUNK"]
 
@@ -56,11 +57,14 @@ class ImplicitGraph(TokenGraph):
             the mapping it is given as ``state``).
     """
 
-    __slots__ = ("_runs", "_state", "_name", "_explicit", "_num_edges", "_index_dtype")
+    __slots__ = ("_runs", "_state", "_name", "_explicit", "_num_edges", "_index_dtype",
+                 "_ordered")
 
     def __init__(self, runs: Callable, num_src: int, num_dst: int, *, name: str = "rule",
-                 state: Optional[Dict[str, Tensor]] = None, device=None):
+                 state: Optional[Dict[str, Tensor]] = None, device=None,
+                 ordered: bool = True):
         self._runs = runs
+        self._ordered = bool(ordered)
         self._state = dict(state or {})
         self._name = name
         self._explicit = None
@@ -100,7 +104,8 @@ class ImplicitGraph(TokenGraph):
     def rows(self, r0: int, r1: int) -> Tuple[Tensor, Tensor]:
         """Edges of query rows ``[r0, r1)``: ``(ptr [r1 - r0 + 1], src [E_c])`` int64, row
         ``r0 + i`` holding keys ``src[ptr[i]:ptr[i+1]]`` in canonical order."""
-        local = from_runs(self.num_src, r1 - r0, self.runs(r0, r1), device=self.device)
+        local = from_runs(self.num_src, r1 - r0, self.runs(r0, r1), device=self.device,
+                          ordered=self._ordered)
         return local.ptr, local.src
 
     def edge_chunks(self, max_edges: Optional[int] = None
@@ -152,7 +157,7 @@ class ImplicitGraph(TokenGraph):
             self._explicit = None       # one list at a time
             self._explicit = from_runs(self.num_src, self.num_dst,
                                        self.runs(0, self.num_dst), device=self.device,
-                                       dtype=index_dtype)
+                                       dtype=index_dtype, ordered=self._ordered)
         return self._explicit
 
     @property
@@ -188,7 +193,7 @@ class ImplicitGraph(TokenGraph):
         if self._index_dtype == dtype:
             return self
         g = ImplicitGraph(self._runs, self.num_src, self.num_dst, name=self._name,
-                          state=self._state, device=self.device)
+                          state=self._state, device=self.device, ordered=self._ordered)
         g._index_dtype = dtype
         g._num_edges = self._num_edges
         g._keep_facts(self)
@@ -201,7 +206,7 @@ class ImplicitGraph(TokenGraph):
             return self
         state = {k: _to(v, device) for k, v in self._state.items()}
         g = ImplicitGraph(self._runs, self.num_src, self.num_dst, name=self._name,
-                          state=state, device=device)
+                          state=state, device=device, ordered=self._ordered)
         g._index_dtype = self._index_dtype
         g._num_edges = self._num_edges
         if self._order is not None:
@@ -235,23 +240,34 @@ class ImplicitGraph(TokenGraph):
 
     # ------------------------------------------------------------------ algebra
     def __or__(self, other: TokenGraph) -> TokenGraph:
-        """Union; stays implicit when ``other`` is implicit too (overlapping edges count
-        once), else materialises."""
-        self._check_same_nodes(other, "|")
+        """Union. With ``other`` implicit too it stays a rule: each row's runs are this
+        graph's runs plus the parts of ``other``'s runs outside them (or the other way
+        round), found by counting, never by generating keys (:func:`attngraph.runs.union_runs`);
+        with an explicit ``other`` it materialises."""
+        return self._compose(other, "|")
+
+    def __and__(self, other: TokenGraph) -> TokenGraph:
+        """Intersection. With ``other`` implicit too it stays a rule (runs met run by run,
+        :func:`attngraph.runs.meet_runs`); with an explicit ``other`` it materialises."""
+        return self._compose(other, "&")
+
+    def __sub__(self, other: TokenGraph) -> TokenGraph:
+        """Difference. With ``other`` implicit too it stays a rule (each run cut by
+        ``other``'s runs, :func:`attngraph.runs.minus_runs`); with an explicit ``other`` it
+        materialises."""
+        return self._compose(other, "-")
+
+    def _compose(self, other: TokenGraph, op: str) -> TokenGraph:
+        self._check_same_nodes(other, op)
         if not getattr(other, "is_implicit", False):
-            return self.materialize() | other
-        parts = _union_parts(self) + _union_parts(other)
-        return ImplicitGraph(_union_runs, self.num_src, self.num_dst,
-                             name=" | ".join(g._name for g in parts),
-                             state={"graphs": parts}, device=self.device)
-
-    def __and__(self, other):
-        """Intersection: materialises both graphs."""
-        return self.materialize() & _explicit(other)
-
-    def __sub__(self, other):
-        """Difference: materialises both graphs."""
-        return self.materialize() - _explicit(other)
+            explicit = self.materialize()
+            return {"|": explicit.__or__, "&": explicit.__and__, "-": explicit.__sub__}[op](
+                other)
+        other = other.to(self.device)
+        names = [_operand_name(g, op) for g in (self, other)]
+        return ImplicitGraph(partial(_composed_runs, op=op), self.num_src, self.num_dst,
+                             name=f" {op} ".join(names), state={"graphs": [self, other]},
+                             device=self.device, ordered=False)
 
     def transpose(self):
         """Materialises, then transposes."""
@@ -277,28 +293,20 @@ def _to(value, device):
     return value.to(device)
 
 
-def _explicit(g: TokenGraph) -> TokenGraph:
-    return g.materialize() if getattr(g, "is_implicit", False) else g
+def _operand_name(g: ImplicitGraph, op: str) -> str:
+    """``g``'s name in a composition: bracketed when it is a composition by another
+    operator (``a | b | c`` reads as it is built, ``(a | b) & c`` keeps its brackets)."""
+    inner = g._runs.keywords.get("op") if isinstance(g._runs, partial) and \
+        g._runs.func is _composed_runs else None
+    return f"({g._name})" if inner is not None and inner != op else g._name
 
 
-def _union_parts(g: ImplicitGraph) -> List[ImplicitGraph]:
-    return list(g._state["graphs"]) if g._runs is _union_runs else [g]
+_COMBINE = {"|": union_runs, "&": meet_runs, "-": minus_runs}
 
 
-def _union_runs(rows: Tensor, state) -> list:
-    """One ``Take`` run per row: the sorted union of the parts' keys of these rows."""
-    if not rows.numel():
-        return [Take(rows, rows, rows)]
-    r0, r1 = int(rows[0]), int(rows[-1]) + 1
-    graphs = state["graphs"]
-    n_src = max(graphs[0].num_src, 1)
-    keys = []
-    for g in graphs:
-        ptr, src = g.rows(r0, r1)
-        local = torch.repeat_interleave(torch.arange(r1 - r0, device=rows.device), ptr.diff())
-        keys.append(local * n_src + src)
-    key = torch.unique(torch.cat(keys), sorted=True)
-    row = torch.div(key, n_src, rounding_mode="floor")
-    count = torch.bincount(row, minlength=r1 - r0)
-    lo = torch.cumsum(count, 0) - count
-    return [Take(key - row * n_src, lo, count)]
+def _composed_runs(rows: Tensor, state, *, op: str) -> list:
+    """The runs of a composition: its two graphs' runs of these rows, combined by the
+    run algebra of :mod:`attngraph.runs` (disjoint, not in key order)."""
+    a, b = state["graphs"]
+    out = _COMBINE[op](a._runs(rows, a._state), b._runs(rows, b._state))
+    return out or [Range(torch.zeros_like(rows), torch.zeros_like(rows))]

@@ -21,7 +21,8 @@ from attngraph.chunks import row_chunks
 from attngraph.graph import TokenGraph
 
 __all__ = ["Range", "Take", "Run", "from_runs", "fill_rows", "run_values", "wrap",
-           "empty_graph", "union", "keep_edges"]
+           "empty_graph", "union", "keep_edges", "below", "contains", "minus", "meet",
+           "subtract", "union_runs", "meet_runs", "minus_runs"]
 
 
 # ---------------------------------------------------------------------------- runs
@@ -59,7 +60,7 @@ def run_values(run: Run, rows: Tensor, k: Tensor) -> Tensor:
 
 
 def from_runs(num_src: int, num_dst: int, runs: Sequence[Run], *, device=None,
-              dtype: torch.dtype = torch.long) -> TokenGraph:
+              dtype: torch.dtype = torch.long, ordered: bool = True) -> TokenGraph:
     """Graph whose query row i holds the keys of ``runs[0]``, then ``runs[1]``, ... .
 
     The caller guarantees that inside a row the keys are strictly increasing across the
@@ -67,6 +68,10 @@ def from_runs(num_src: int, num_dst: int, runs: Sequence[Run], *, device=None,
     without a sort. Rows of one chunk that all have the same run lengths (the interior of
     a window, most block rows) are written as one broadcast; the rest through a ragged
     index. ``dtype``: the node ids' (int32 graphs are written through an int64 chunk).
+
+    With ``ordered=False`` the runs of a row need only be disjoint, in any order (what a
+    composition of rules gives): each key is written at its rank among its row's keys,
+    the count of keys below it in every run (:func:`below`), still without a sort.
     """
     device = runs[0].count.device if runs else device
     counts = [r.count.to(torch.long) for r in runs]
@@ -80,13 +85,14 @@ def from_runs(num_src: int, num_dst: int, runs: Sequence[Run], *, device=None,
         raise ValueError(f"int32 node ids need fewer than 2^31 edges, this graph has "
                          f"{int(ptr[-1]):,}")
     out = torch.empty(2, int(ptr[-1]), dtype=dtype, device=device)
+    fill = fill_rows if ordered else fill_rows_ranked
     for r0, r1 in row_chunks(ptr, chunks.CHUNK_EDGES):
         if dtype == torch.long:
-            fill_rows(out, ptr, deg, runs, r0, r1)
+            fill(out, ptr, deg, runs, r0, r1)
         else:
             e0, e1 = int(ptr[r0]), int(ptr[r1])
             chunk = torch.empty(2, e1 - e0, dtype=torch.long, device=device)
-            fill_rows(chunk, ptr, deg, runs, r0, r1, base=e0)
+            fill(chunk, ptr, deg, runs, r0, r1, base=e0)
             out[:, e0:e1].copy_(chunk)
     return wrap(out, num_src, num_dst)
 
@@ -148,6 +154,42 @@ def fill_rows(out: Tensor, ptr: Tensor, deg: Tensor, runs: Sequence[Run], r0: in
         offset += length
 
 
+def _rows_of(run: Run, r0: int, r1: int) -> Run:
+    if isinstance(run, Range):
+        return Range(run.start[r0:r1], run.count[r0:r1], run.step)
+    return Take(run.table, run.lo[r0:r1], run.count[r0:r1])
+
+
+def fill_rows_ranked(out: Tensor, ptr: Tensor, deg: Tensor, runs: Sequence[Run], r0: int,
+                     r1: int, base: int = 0) -> None:
+    """:func:`fill_rows` for runs disjoint in each row but in any order: a key's place in
+    its row is its position in its run plus the keys of the other runs below it."""
+    sub = [r for r in (_rows_of(run, r0, r1) for run in runs) if bool((r.count > 0).any())]
+    if len(sub) <= 1:
+        fill_rows(out, ptr, deg, runs, r0, r1, base)
+        return
+    e0, e1 = int(ptr[r0]), int(ptr[r1])
+    device = out.device
+    src_out, dst_out = out[0, e0 - base:e1 - base], out[1, e0 - base:e1 - base]
+    local = torch.arange(r1 - r0, device=device)
+    row = torch.repeat_interleave(local, deg[r0:r1], output_size=e1 - e0)
+    torch.add(row, r0, out=dst_out)
+    first = ptr[r0:r1] - e0
+    for i, run in enumerate(sub):
+        cnt = run.count
+        total = int(cnt.sum())
+        if not total:
+            continue
+        r = torch.repeat_interleave(local, cnt, output_size=total)
+        k = torch.arange(total, device=device) - (torch.cumsum(cnt, 0) - cnt)[r]
+        key = key_at(run, k, r)
+        rank = first[r] + k
+        for j, other in enumerate(sub):
+            if j != i:
+                rank += below(other, key, r)
+        src_out[rank] = key
+
+
 # ---------------------------------------------------------------------------- union
 def union(*graphs: TokenGraph) -> TokenGraph:
     """Union of graphs over the same nodes, merged row chunk by row chunk.
@@ -178,3 +220,290 @@ def keep_edges(graph: TokenGraph, keep: Tensor) -> TokenGraph:
     """Subgraph with the edges where ``keep`` (bool ``[E]``) is True; order is preserved."""
     ei = graph.edge_index.as_tensor()[:, keep].long()
     return wrap(ei.contiguous(), graph.num_src, graph.num_dst)
+
+
+# ---------------------------------------------------------------------------- run algebra
+# Sets of runs per row, combined without generating their keys: a run minus (or met with)
+# an interval, a same-step lattice or a slice of the same sorted table is a slice of the run
+# (the keys on either side, or in between), found by counting keys below a bound; a run
+# minus a few single keys (global ids, a dilated lattice crossing a window's tail) is cut
+# at those keys. What no rule covers is generated for the rows at hand and kept as a Take
+# of those rows' remaining keys.
+
+# At most this many keys of another run cut a run per row (else the cut is generated).
+MAX_CUTS = 16
+# Candidate keys enumerated per row chunk to find the cuts: at most this many per row.
+CUT_CANDIDATES_PER_ROW = 4
+# At most this many runs per row chunk come out of one composition (else generated).
+MAX_RUNS = 64
+
+
+def normalized(run: Run) -> Run:
+    """``run`` with int64 per-row tensors."""
+    if isinstance(run, Range):
+        return Range(run.start.long(), run.count.long(), int(run.step))
+    return Take(run.table.long(), run.lo.long(), run.count.long())
+
+
+def is_empty(run: Run) -> bool:
+    """No key in any row (one host sync)."""
+    return not bool((run.count > 0).any()) if run.count.numel() else True
+
+
+def _take_at(table: Tensor, pos: Tensor) -> Tensor:
+    if not table.numel():
+        return torch.zeros_like(pos)
+    return table[pos.clamp(0, table.numel() - 1)]
+
+
+def key_at(run: Run, k: Tensor, idx: Tensor = None) -> Tensor:
+    """Key at position ``k`` of ``run`` in its rows (``idx``: the row of each ``k``;
+    positions outside the run give some key, never an index error)."""
+    if isinstance(run, Range):
+        start = run.start if idx is None else run.start[idx]
+        return start + k * run.step
+    lo = run.lo if idx is None else run.lo[idx]
+    return _take_at(run.table, lo + k)
+
+
+def _search(table: Tensor, lo: Tensor, count: Tensor, x: Tensor) -> Tensor:
+    """Entries of each slice ``table[lo : lo + count]`` (sorted) smaller than ``x``, by a
+    binary search on every slice at once (only slices are sorted, not the table)."""
+    a, b = lo.clone(), lo + count
+    if not x.numel():
+        return a - lo
+    span = int(count.max())
+    for _ in range(max(span, 1).bit_length()):
+        mid = torch.div(a + b, 2, rounding_mode="floor")
+        right = (a < b) & (_take_at(table, mid) < x)
+        left = (a < b) & ~right
+        a = torch.where(right, mid + 1, a)
+        b = torch.where(left, mid, b)
+    return a - lo
+
+
+def below(run: Run, x: Tensor, idx: Tensor = None) -> Tensor:
+    """How many keys of ``run`` are smaller than ``x``, per row (``idx``: the row of each
+    ``x``; else ``x`` is aligned with the run's rows)."""
+    count = run.count if idx is None else run.count[idx]
+    if isinstance(run, Range):
+        start = run.start if idx is None else run.start[idx]
+        n = torch.div(x - start + (run.step - 1), run.step, rounding_mode="floor")
+        return torch.minimum(n.clamp_min(0), count)
+    lo = run.lo if idx is None else run.lo[idx]
+    return _search(run.table, lo, count, x)
+
+
+def contains(run: Run, x: Tensor, idx: Tensor) -> Tensor:
+    """Whether key ``x`` is in ``run``'s row ``idx`` (bool, elementwise)."""
+    count = run.count[idx]
+    if isinstance(run, Range):
+        d = x - run.start[idx]
+        return (d >= 0) & (torch.remainder(d, run.step) == 0) & (
+            torch.div(d, run.step, rounding_mode="floor") < count)
+    lo = run.lo[idx]
+    pos = _search(run.table, lo, count, x)
+    return (pos < count) & (_take_at(run.table, lo + pos) == x)
+
+
+def piece(run: Run, a: Tensor, b: Tensor) -> Run:
+    """Positions ``[a, b)`` of ``run`` in each row (``0 <= a``, ``b <= count``; ``b < a``
+    reads as empty)."""
+    n = (b - a).clamp_min(0)
+    if isinstance(run, Range):
+        return Range(run.start + a * run.step, n, run.step)
+    return Take(run.table, run.lo + a, n)
+
+
+def _sorted_table(t: Tensor) -> bool:
+    return t.numel() < 2 or bool((t[1:] > t[:-1]).all())
+
+
+def _same_sorted_table(x: Take, y: Take) -> bool:
+    if x.table is not y.table:
+        if x.table.numel() != y.table.numel() or x.table.numel() > (1 << 16) or \
+                not torch.equal(x.table, y.table):
+            return False
+    return x.table.numel() <= (1 << 16) and _sorted_table(x.table)
+
+
+def _span_rule(x: Run, y: Run):
+    """``(a, b)``: positions of ``x`` whose keys lie in ``y`` are exactly ``[a, b)`` (the
+    keys of ``x`` inside ``y``'s first..last key), or None where that does not hold:
+    ``y`` an interval, a lattice whose step divides ``x``'s, or a slice of the same sorted
+    table as ``x``."""
+    cx, cy = x.count, y.count
+    if isinstance(y, Range):
+        if y.step == 1:
+            compat = None
+        elif isinstance(x, Range) and x.step % y.step == 0:
+            compat = torch.remainder(x.start - y.start, y.step) == 0
+        else:
+            return None
+    elif isinstance(x, Take) and _same_sorted_table(x, y):
+        compat = None
+    else:
+        return None
+    first = key_at(y, torch.zeros_like(cy))
+    last = key_at(y, cy - 1)
+    a = below(x, first)
+    b = torch.maximum(a, below(x, last + 1))
+    empty = cy <= 0
+    if compat is not None:
+        empty = empty | ~compat
+    a = torch.where(empty, cx, a)
+    b = torch.where(empty, cx, b)
+    return a, b
+
+
+def _hits(x: Run, y: Run):
+    """Positions of ``x`` whose keys are in ``y``, as ``[R, H]`` (ascending per row, ``count``
+    where a row has fewer than H), or None where more than :data:`MAX_CUTS` per row or too
+    many candidates to look at."""
+    cx = x.count
+    R = cx.numel()
+    if not R:
+        return cx.view(0, 0)
+    first = key_at(x, torch.zeros_like(cx))
+    last = key_at(x, cx - 1)
+    ya = below(y, first)
+    nc = torch.where(cx > 0, (below(y, last + 1) - ya).clamp_min(0), 0)
+    total = int(nc.sum())
+    if total > CUT_CANDIDATES_PER_ROW * R + 4096:
+        return None
+    if not total:
+        return cx.view(-1, 1)[:, :0]
+    row = torch.repeat_interleave(torch.arange(R, device=cx.device), nc, output_size=total)
+    k = torch.arange(total, device=cx.device) - (torch.cumsum(nc, 0) - nc)[row]
+    key = key_at(y, ya[row] + k, row)
+    if isinstance(x, Range):
+        d = key - x.start[row]
+        on = torch.remainder(d, x.step) == 0
+        pos = torch.div(d, x.step, rounding_mode="floor")
+    else:
+        pos = _search(x.table, x.lo[row], cx[row], key)
+        on = _take_at(x.table, x.lo[row] + pos) == key
+    row, pos = row[on], pos[on]
+    if not row.numel():
+        return cx.view(-1, 1)[:, :0]
+    nh = torch.bincount(row, minlength=R)
+    H = int(nh.max())
+    if H > MAX_CUTS:
+        return None
+    hits = cx.view(-1, 1).repeat(1, H)
+    rank = torch.arange(row.numel(), device=cx.device) - (torch.cumsum(nh, 0) - nh)[row]
+    hits[row, rank] = pos
+    return hits
+
+
+def minus(x: Run, y: Run):
+    """The keys of ``x`` not in ``y``, per row, as runs of ``x``'s kind (at most
+    ``MAX_CUTS + 1``), or None where no rule covers it."""
+    span = _span_rule(x, y)
+    if span is not None:
+        a, b = span
+        return [piece(x, torch.zeros_like(a), a), piece(x, b, x.count)]
+    hits = _hits(x, y)
+    if hits is None:
+        return None
+    if not hits.size(1):
+        return [x]
+    bounds = torch.cat([torch.full_like(x.count, -1).view(-1, 1), hits,
+                        x.count.view(-1, 1)], 1)
+    return [piece(x, torch.minimum(bounds[:, j] + 1, x.count), bounds[:, j + 1])
+            for j in range(bounds.size(1) - 1)]
+
+
+def meet(x: Run, y: Run):
+    """The keys of ``x`` also in ``y``, per row, as runs, or None where no rule covers it."""
+    span = _span_rule(x, y)
+    if span is not None:
+        return [piece(x, *span)]
+    span = _span_rule(y, x)
+    if span is not None:
+        return [piece(y, *span)]
+    hits = _hits(x, y)
+    if hits is None:
+        return None
+    return [piece(x, hits[:, j], torch.minimum(hits[:, j] + 1, x.count))
+            for j in range(hits.size(1))]
+
+
+def _live(runs) -> list:
+    return [r for r in runs if not is_empty(r)]
+
+
+def subtract(x: Run, ys: Sequence[Run]):
+    """The keys of ``x`` in no run of ``ys``, per row, as runs of ``x``'s kind, or None
+    where no rule covers it (or the pieces would exceed :data:`MAX_RUNS`)."""
+    parts = [x]
+    for y in ys:
+        out = []
+        for p in parts:
+            cut = minus(p, y)
+            if cut is None:
+                return None
+            out += _live(cut)
+        if len(out) > MAX_RUNS:
+            return None
+        parts = out
+    return parts
+
+
+def generated(x: Run, ys: Sequence[Run], *, inside: bool) -> Take:
+    """The keys of ``x`` that are in some run of ``ys`` (``inside``) or in none, generated
+    for these rows and kept as a Take of them (each row's keys ascending)."""
+    cx = x.count
+    R = cx.numel()
+    total = int(cx.sum())
+    row = torch.repeat_interleave(torch.arange(R, device=cx.device), cx, output_size=total)
+    k = torch.arange(total, device=cx.device) - (torch.cumsum(cx, 0) - cx)[row]
+    key = key_at(x, k, row)
+    member = torch.zeros(total, dtype=torch.bool, device=cx.device)
+    for y in ys:
+        member |= contains(y, key, row)
+    keep = member if inside else ~member
+    count = torch.bincount(row[keep], minlength=R)
+    return Take(key[keep], torch.cumsum(count, 0) - count, count)
+
+
+def union_runs(a: Sequence[Run], b: Sequence[Run]) -> list:
+    """Disjoint runs of the keys of ``a`` or ``b`` per row (each list disjoint): ``a``
+    plus what of ``b`` is not in ``a`` (or the other way round, whichever a rule covers;
+    generated where neither is)."""
+    a, b = _live(normalized(r) for r in a), _live(normalized(r) for r in b)
+    for first, second in ((a, b), (b, a)):
+        rest = [subtract(x, first) for x in second]
+        if all(r is not None for r in rest) and sum(map(len, rest)) <= MAX_RUNS:
+            return first + [p for r in rest for p in r]
+    out = list(a)
+    for x in b:
+        rest = subtract(x, a)
+        out += rest if rest is not None else _live([generated(x, a, inside=False)])
+    return out
+
+
+def meet_runs(a: Sequence[Run], b: Sequence[Run]) -> list:
+    """Disjoint runs of the keys in both ``a`` and ``b`` per row."""
+    a, b = _live(normalized(r) for r in a), _live(normalized(r) for r in b)
+    out = []
+    for x in a:
+        parts = []
+        for y in b:
+            m = meet(x, y)
+            if m is None:
+                parts = None
+                break
+            parts += _live(m)
+        out += parts if parts is not None else _live([generated(x, b, inside=True)])
+    return out
+
+
+def minus_runs(a: Sequence[Run], b: Sequence[Run]) -> list:
+    """Disjoint runs of the keys of ``a`` in no run of ``b`` per row."""
+    a, b = _live(normalized(r) for r in a), _live(normalized(r) for r in b)
+    out = []
+    for x in a:
+        rest = subtract(x, b)
+        out += rest if rest is not None else _live([generated(x, b, inside=False)])
+    return out
