@@ -11,6 +11,7 @@ Implicit graphs (:mod:`attngraph.implicit`) keep the rule itself and call it per
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple, Sequence, Union
 
 import torch
@@ -247,7 +248,7 @@ def normalized(run: Run) -> Run:
 
 def is_empty(run: Run) -> bool:
     """No key in any row (one host sync)."""
-    return not bool((run.count > 0).any()) if run.count.numel() else True
+    return not int(run.count.count_nonzero())
 
 
 def _take_at(table: Tensor, pos: Tensor) -> Tensor:
@@ -266,12 +267,39 @@ def key_at(run: Run, k: Tensor, idx: Tensor = None) -> Tensor:
     return _take_at(run.table, lo + k)
 
 
+# Tables up to this size are checked once for being sorted as a whole (global ids, block
+# columns): then one searchsorted finds every bound.
+SORTED_CHECK = 1 << 16
+_SORTED: dict = {}          # id(table) -> (version, sorted), dropped with the table
+
+
+def sorted_table(t: Tensor) -> bool:
+    """Whether ``t`` is strictly increasing as a whole (remembered per tensor and version;
+    tables over :data:`SORTED_CHECK` entries are not checked and read as unsorted)."""
+    if t.numel() < 2:
+        return True
+    if t.numel() > SORTED_CHECK:
+        return False
+    known = _SORTED.get(id(t))
+    if known is not None and known[0] == t._version:
+        return known[1]
+    result = bool((t[1:] > t[:-1]).all())
+    if known is None:
+        weakref.finalize(t, _SORTED.pop, id(t), None)
+    _SORTED[id(t)] = (t._version, result)
+    return result
+
+
 def _search(table: Tensor, lo: Tensor, count: Tensor, x: Tensor) -> Tensor:
-    """Entries of each slice ``table[lo : lo + count]`` (sorted) smaller than ``x``, by a
-    binary search on every slice at once (only slices are sorted, not the table)."""
-    a, b = lo.clone(), lo + count
+    """Entries of each slice ``table[lo : lo + count]`` (sorted) smaller than ``x``: one
+    searchsorted where the whole table is sorted, else a binary search on every slice at
+    once (only slices are sorted, not the table)."""
     if not x.numel():
-        return a - lo
+        return torch.zeros_like(x)
+    if sorted_table(table):
+        pos = torch.searchsorted(table, x)
+        return torch.minimum((pos - lo).clamp_min(0), count)
+    a, b = lo.clone(), lo + count
     span = int(count.max())
     for _ in range(max(span, 1).bit_length()):
         mid = torch.div(a + b, 2, rounding_mode="floor")
@@ -288,8 +316,9 @@ def below(run: Run, x: Tensor, idx: Tensor = None) -> Tensor:
     count = run.count if idx is None else run.count[idx]
     if isinstance(run, Range):
         start = run.start if idx is None else run.start[idx]
-        n = torch.div(x - start + (run.step - 1), run.step, rounding_mode="floor")
-        return torch.minimum(n.clamp_min(0), count)
+        n = x - start if run.step == 1 else torch.div(x - start + (run.step - 1), run.step,
+                                                      rounding_mode="floor")
+        return torch.minimum(n.clamp_min_(0), count)
     lo = run.lo if idx is None else run.lo[idx]
     return _search(run.table, lo, count, x)
 
@@ -306,25 +335,22 @@ def contains(run: Run, x: Tensor, idx: Tensor) -> Tensor:
     return (pos < count) & (_take_at(run.table, lo + pos) == x)
 
 
-def piece(run: Run, a: Tensor, b: Tensor) -> Run:
+def piece(run: Run, a, b: Tensor) -> Run:
     """Positions ``[a, b)`` of ``run`` in each row (``0 <= a``, ``b <= count``; ``b < a``
-    reads as empty)."""
-    n = (b - a).clamp_min(0)
+    reads as empty; ``a`` None: from the first)."""
+    if a is None:
+        return run._replace(count=b)
+    n = (b - a).clamp_min_(0)
     if isinstance(run, Range):
         return Range(run.start + a * run.step, n, run.step)
     return Take(run.table, run.lo + a, n)
 
 
-def _sorted_table(t: Tensor) -> bool:
-    return t.numel() < 2 or bool((t[1:] > t[:-1]).all())
-
-
 def _same_sorted_table(x: Take, y: Take) -> bool:
-    if x.table is not y.table:
-        if x.table.numel() != y.table.numel() or x.table.numel() > (1 << 16) or \
-                not torch.equal(x.table, y.table):
-            return False
-    return x.table.numel() <= (1 << 16) and _sorted_table(x.table)
+    if not sorted_table(x.table):
+        return False
+    return x.table is y.table or (x.table.numel() == y.table.numel()
+                                  and torch.equal(x.table, y.table))
 
 
 def _span_rule(x: Run, y: Run):
@@ -344,15 +370,14 @@ def _span_rule(x: Run, y: Run):
         compat = None
     else:
         return None
-    first = key_at(y, torch.zeros_like(cy))
-    last = key_at(y, cy - 1)
+    # an empty y gives b = a: the cut removes nothing
+    first = y.start if isinstance(y, Range) else _take_at(y.table, y.lo)
+    end = first + cy if isinstance(y, Range) and y.step == 1 else key_at(y, cy - 1) + 1
     a = below(x, first)
-    b = torch.maximum(a, below(x, last + 1))
-    empty = cy <= 0
+    b = torch.maximum(a, below(x, end))
     if compat is not None:
-        empty = empty | ~compat
-    a = torch.where(empty, cx, a)
-    b = torch.where(empty, cx, b)
+        a = torch.where(compat, a, cx)
+        b = torch.where(compat, b, cx)
     return a, b
 
 
@@ -364,18 +389,32 @@ def _hits(x: Run, y: Run):
     R = cx.numel()
     if not R:
         return cx.view(0, 0)
-    first = key_at(x, torch.zeros_like(cx))
+    first = x.start if isinstance(x, Range) else _take_at(x.table, x.lo)
     last = key_at(x, cx - 1)
-    ya = below(y, first)
-    nc = torch.where(cx > 0, (below(y, last + 1) - ya).clamp_min(0), 0)
+    idx = None
+    if isinstance(y, Take) and sorted_table(y.table):
+        # only rows whose keys reach the table's first..last key can be cut
+        if not y.table.numel():
+            return cx.view(-1, 1)[:, :0]
+        t0, t1 = y.table[0], y.table[-1]
+        idx = ((cx > 0) & (last >= t0) & (first <= t1)).nonzero().view(-1)
+        first, last = first[idx], last[idx]
+    ya = below(y, first, idx)
+    nc = (below(y, last + 1, idx) - ya).clamp_min_(0)
+    if idx is None:
+        nc = torch.where(cx > 0, nc, 0)
     total = int(nc.sum())
     if total > CUT_CANDIDATES_PER_ROW * R + 4096:
         return None
     if not total:
         return cx.view(-1, 1)[:, :0]
-    row = torch.repeat_interleave(torch.arange(R, device=cx.device), nc, output_size=total)
+    row = torch.repeat_interleave(torch.arange(nc.numel(), device=cx.device), nc,
+                                  output_size=total)
     k = torch.arange(total, device=cx.device) - (torch.cumsum(nc, 0) - nc)[row]
-    key = key_at(y, ya[row] + k, row)
+    k += ya[row]
+    if idx is not None:
+        row = idx[row]
+    key = key_at(y, k, row)
     if isinstance(x, Range):
         d = key - x.start[row]
         on = torch.remainder(d, x.step) == 0
@@ -396,13 +435,84 @@ def _hits(x: Run, y: Run):
     return hits
 
 
+def _gather(run: Run, idx: Tensor) -> Run:
+    if isinstance(run, Range):
+        return Range(run.start[idx], run.count[idx], run.step)
+    return Take(run.table, run.lo[idx], run.count[idx])
+
+
+def _spread(x: Run, idx: Tensor, parts) -> list:
+    """Pieces of ``x`` over all rows from ``parts``, its pieces over rows ``idx``: the other
+    rows keep ``x`` whole, in the first piece."""
+    out = []
+    for j, p in enumerate(parts):
+        count = x.count.clone() if j == 0 else torch.zeros_like(x.count)
+        count[idx] = p.count
+        if isinstance(x, Range):
+            start = x.start.clone() if j == 0 else torch.zeros_like(x.start)
+            start[idx] = p.start
+            out.append(Range(start, count, x.step))
+        else:
+            lo = x.lo.clone() if j == 0 else torch.zeros_like(x.lo)
+            lo[idx] = p.lo
+            out.append(Take(x.table, lo, count))
+    return out
+
+
+# Where one of two runs holds keys in at most 1 / SPARSE_SHARE of the rows (the global
+# rows of a Longformer mask, the rows a cut left a piece in), their cut is computed on
+# those rows only.
+SPARSE_SHARE = 8
+
+
+def _on_few_rows(fn, x: Run, y: Run):
+    """``fn(x, y)`` (a list of pieces of ``x``, or None), computed on the rows where the
+    sparser of the two holds keys when they are few."""
+    R = x.count.numel()
+    nx, ny = int(x.count.count_nonzero()), int(y.count.count_nonzero())
+    if not nx or not ny:
+        return [] if fn is _meet_pair else [x]
+    sparse = x if nx <= ny else y
+    if min(nx, ny) * SPARSE_SHARE > R:
+        return fn(x, y)
+    idx = sparse.count.nonzero().view(-1)
+    parts = fn(_gather(x, idx), _gather(y, idx))
+    if parts is None:
+        return None
+    if fn is _meet_pair:
+        return [_spread_zero(p, idx, R) for p in parts]
+    return _spread(x, idx, parts)
+
+
+def _spread_zero(p: Run, idx: Tensor, R: int) -> Run:
+    """A piece over rows ``idx`` as a run over all ``R`` rows (empty elsewhere)."""
+    count = p.count.new_zeros(R)
+    count[idx] = p.count
+    if isinstance(p, Range):
+        start = p.start.new_zeros(R)
+        start[idx] = p.start
+        return Range(start, count, p.step)
+    lo = p.lo.new_zeros(R)
+    lo[idx] = p.lo
+    return Take(p.table, lo, count)
+
+
 def minus(x: Run, y: Run):
     """The keys of ``x`` not in ``y``, per row, as runs of ``x``'s kind (at most
     ``MAX_CUTS + 1``), or None where no rule covers it."""
+    return _on_few_rows(_minus_pair, x, y)
+
+
+def meet(x: Run, y: Run):
+    """The keys of ``x`` also in ``y``, per row, as runs, or None where no rule covers it."""
+    return _on_few_rows(_meet_pair, x, y)
+
+
+def _minus_pair(x: Run, y: Run):
     span = _span_rule(x, y)
     if span is not None:
         a, b = span
-        return [piece(x, torch.zeros_like(a), a), piece(x, b, x.count)]
+        return [piece(x, None, a), piece(x, b, x.count)]
     hits = _hits(x, y)
     if hits is None:
         return None
@@ -414,8 +524,7 @@ def minus(x: Run, y: Run):
             for j in range(bounds.size(1) - 1)]
 
 
-def meet(x: Run, y: Run):
-    """The keys of ``x`` also in ``y``, per row, as runs, or None where no rule covers it."""
+def _meet_pair(x: Run, y: Run):
     span = _span_rule(x, y)
     if span is not None:
         return [piece(x, *span)]
