@@ -11,9 +11,25 @@ Operators take implicit graphs as they are: ``graph_attention`` computes on cont
 ranges read straight from the rule (:mod:`attngraph.ops.ranges`); the torch backend, and
 the fused CUDA kernels (``backend="cupy"``), run on each row chunk's edges generated on the
 fly; pictures bin from the runs. What needs the whole edge
-list (``graph.src``, ``graph.edge_index``, ``&``, ``-``, ``transpose``, ``permute``, tile
-plans, stage functions, which return per-edge tensors anyway) materialises it once and
-caches it; :meth:`ImplicitGraph.materialize` does so explicitly.
+list (``graph.src``, ``graph.edge_index``, ``transpose``, ``permute``, tile plans, stage
+functions, which return per-edge tensors anyway, and ``|``, ``&``, ``-`` with an explicit
+graph) materialises it once and caches it; :meth:`ImplicitGraph.materialize` does so
+explicitly.
+
+``|``, ``&`` and ``-`` of two implicit graphs give an implicit graph whose rule combines
+the two rules' runs row chunk by row chunk (:func:`attngraph.runs.union_runs`,
+:func:`~attngraph.runs.meet_runs`, :func:`~attngraph.runs.minus_runs`): a union is one
+graph's runs plus the pieces of the other's outside them, found by counting keys below a
+bound, never by generating keys, so counting, degrees and attention on it cost about what
+its parts cost. A run minus (or met with) an interval, a lattice whose step divides its
+own, or a slice of the same sorted table is a slice of the run; a run minus a few keys of
+another (global ids, a lattice crossing a window's tail: up to
+:data:`attngraph.runs.MAX_CUTS` per row) is cut into pieces there. What no such rule
+covers (a window minus a dense lattice inside it, two unrelated tables) is generated for
+the rows of each chunk and kept as a table of those rows' keys: still a rule and exact,
+but those rows cost per edge. A composition's runs are disjoint but not in key order;
+:meth:`ImplicitGraph.rows` and :meth:`ImplicitGraph.materialize` place each key at its
+rank, so the edges come out in canonical order, equal to the explicit composition's.
 """
 from __future__ import annotations
 
@@ -42,19 +58,22 @@ class ImplicitGraph(TokenGraph):
 
     Made by the structured generators with ``implicit=True`` (``full``, ``causal``,
     ``sliding_window``, ``dilated_window``, ``dilated_block``, ``global_tokens``,
-    ``longformer``, ``strided``, ``fixed``, ``document``) and by ``|`` of two implicit
-    graphs. Same edges, same canonical order, same answers as the explicit graph; memory
-    holds the rule only.
+    ``longformer``, ``strided``, ``fixed``, ``document``, ``hash_buckets``, ``qk_drop``)
+    and by ``|``, ``&``, ``-`` of two implicit graphs. Same edges, same canonical order,
+    same answers as the explicit graph; memory holds the rule only.
 
     Args:
         runs: ``runs(rows) -> [Range | Take, ...]``: the key runs of query rows ``rows``
             (an int64 tensor of consecutive row ids), each run's per-row tensors aligned
             with ``rows``; inside a row the runs' keys are strictly increasing across their
-            concatenation (as :func:`attngraph.runs.from_runs` requires).
+            concatenation (as :func:`attngraph.runs.from_runs` requires), or, with
+            ``ordered=False``, the runs of a row are disjoint, in any order.
         num_src, num_dst: key and query counts.
         name: the rule in words, for ``repr``.
         state: the rule's tensors by name (moved by :meth:`to`; ``runs`` reads them from
             the mapping it is given as ``state``).
+        ordered: whether the runs of a row come in key order (the generators' do; a
+            composition's do not, and its edges are placed by rank).
     """
 
     __slots__ = ("_runs", "_state", "_name", "_explicit", "_num_edges", "_index_dtype",

@@ -8,6 +8,11 @@ table of key ids (global tokens, a hash bucket, the keys of some blocks) -- a :c
 ``(dst, src)`` order without sorting, in row chunks of about
 :data:`attngraph.chunks.CHUNK_EDGES` edges, so temporaries stay small whatever ``E`` is.
 Implicit graphs (:mod:`attngraph.implicit`) keep the rule itself and call it per row chunk.
+
+The run algebra at the end (:func:`union_runs`, :func:`meet_runs`, :func:`minus_runs`)
+combines two rules' runs of the same rows into disjoint runs of the same kinds, counting
+keys below bounds (:func:`below`) instead of generating them; :func:`from_runs` with
+``ordered=False`` turns such runs, disjoint but not in key order, into canonical edges.
 """
 from __future__ import annotations
 
@@ -372,7 +377,10 @@ def _span_rule(x: Run, y: Run):
         return None
     # an empty y gives b = a: the cut removes nothing
     first = y.start if isinstance(y, Range) else _take_at(y.table, y.lo)
-    end = first + cy if isinstance(y, Range) and y.step == 1 else key_at(y, cy - 1) + 1
+    if isinstance(y, Range):
+        end = first + cy if y.step == 1 else key_at(y, cy - 1) + 1
+    else:
+        end = torch.where(cy > 0, key_at(y, cy - 1) + 1, first)
     a = below(x, first)
     b = torch.maximum(a, below(x, end))
     if compat is not None:
