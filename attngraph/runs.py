@@ -390,20 +390,22 @@ def _span_rule(x: Run, y: Run):
 
 
 def _hits(x: Run, y: Run):
-    """Positions of ``x`` whose keys are in ``y``, as ``[R, H]`` (ascending per row, ``count``
-    where a row has fewer than H), or None where more than :data:`MAX_CUTS` per row or too
-    many candidates to look at."""
+    """``(rows, hits)``: the rows where keys of ``x`` are in ``y``, and those keys'
+    positions in ``x``, ``[len(rows), H]`` (ascending per row, ``count`` where a row has
+    fewer than H); None where more than :data:`MAX_CUTS` per row or too many candidates to
+    look at."""
     cx = x.count
     R = cx.numel()
+    none = cx.new_zeros(0)
     if not R:
-        return cx.view(0, 0)
+        return none, None
     first = x.start if isinstance(x, Range) else _take_at(x.table, x.lo)
     last = key_at(x, cx - 1)
     idx = None
     if isinstance(y, Take) and sorted_table(y.table):
         # only rows whose keys reach the table's first..last key can be cut
         if not y.table.numel():
-            return cx.view(-1, 1)[:, :0]
+            return none, None
         t0, t1 = y.table[0], y.table[-1]
         idx = ((cx > 0) & (last >= t0) & (first <= t1)).nonzero().view(-1)
         first, last = first[idx], last[idx]
@@ -415,7 +417,7 @@ def _hits(x: Run, y: Run):
     if total > CUT_CANDIDATES_PER_ROW * R + 4096:
         return None
     if not total:
-        return cx.view(-1, 1)[:, :0]
+        return none, None
     row = torch.repeat_interleave(torch.arange(nc.numel(), device=cx.device), nc,
                                   output_size=total)
     k = torch.arange(total, device=cx.device) - (torch.cumsum(nc, 0) - nc)[row]
@@ -432,15 +434,18 @@ def _hits(x: Run, y: Run):
         on = _take_at(x.table, x.lo[row] + pos) == key
     row, pos = row[on], pos[on]
     if not row.numel():
-        return cx.view(-1, 1)[:, :0]
+        return none, None
     nh = torch.bincount(row, minlength=R)
     H = int(nh.max())
     if H > MAX_CUTS:
         return None
-    hits = cx.view(-1, 1).repeat(1, H)
-    rank = torch.arange(row.numel(), device=cx.device) - (torch.cumsum(nh, 0) - nh)[row]
-    hits[row, rank] = pos
-    return hits
+    rows = nh.nonzero().view(-1)
+    local = torch.cumsum(nh > 0, 0) - 1                 # row -> its place in rows
+    nh = nh[rows]
+    hits = cx[rows].view(-1, 1).repeat(1, H)
+    rank = torch.arange(row.numel(), device=cx.device) - (torch.cumsum(nh, 0) - nh)[local[row]]
+    hits[local[row], rank] = pos
+    return rows, hits
 
 
 def _gather(run: Run, idx: Tensor) -> Run:
@@ -451,19 +456,27 @@ def _gather(run: Run, idx: Tensor) -> Run:
 
 def _spread(x: Run, idx: Tensor, parts) -> list:
     """Pieces of ``x`` over all rows from ``parts``, its pieces over rows ``idx``: the other
-    rows keep ``x`` whole, in the first piece."""
-    out = []
-    for j, p in enumerate(parts):
-        count = x.count.clone() if j == 0 else torch.zeros_like(x.count)
-        count[idx] = p.count
+    rows keep ``x`` whole, in the first piece (the others share one allocation)."""
+    R = x.count.numel()
+    count = x.count.clone()
+    count[idx] = parts[0].count
+    more = x.count.new_zeros(2, len(parts) - 1, R)
+    if isinstance(x, Range):
+        start = x.start.clone()
+        start[idx] = parts[0].start
+        out = [Range(start, count, x.step)]
+    else:
+        lo = x.lo.clone()
+        lo[idx] = parts[0].lo
+        out = [Take(x.table, lo, count)]
+    for j, p in enumerate(parts[1:]):
+        more[0, j, idx] = p.count
         if isinstance(x, Range):
-            start = x.start.clone() if j == 0 else torch.zeros_like(x.start)
-            start[idx] = p.start
-            out.append(Range(start, count, x.step))
+            more[1, j, idx] = p.start
+            out.append(Range(more[1, j], more[0, j], x.step))
         else:
-            lo = x.lo.clone() if j == 0 else torch.zeros_like(x.lo)
-            lo[idx] = p.lo
-            out.append(Take(x.table, lo, count))
+            more[1, j, idx] = p.lo
+            out.append(Take(x.table, more[1, j], more[0, j]))
     return out
 
 
@@ -521,15 +534,19 @@ def _minus_pair(x: Run, y: Run):
     if span is not None:
         a, b = span
         return [piece(x, None, a), piece(x, b, x.count)]
-    hits = _hits(x, y)
-    if hits is None:
+    found = _hits(x, y)
+    if found is None:
         return None
-    if not hits.size(1):
+    rows, hits = found
+    if hits is None:
         return [x]
-    bounds = torch.cat([torch.full_like(x.count, -1).view(-1, 1), hits,
-                        x.count.view(-1, 1)], 1)
-    return [piece(x, torch.minimum(bounds[:, j] + 1, x.count), bounds[:, j + 1])
-            for j in range(bounds.size(1) - 1)]
+    R = x.count.numel()
+    sub = _gather(x, rows) if rows.numel() < R else x
+    bounds = torch.cat([torch.full_like(sub.count, -1).view(-1, 1), hits,
+                        sub.count.view(-1, 1)], 1)
+    parts = [piece(sub, torch.minimum(bounds[:, j] + 1, sub.count), bounds[:, j + 1])
+             for j in range(bounds.size(1) - 1)]
+    return parts if rows.numel() == R else _spread(x, rows, parts)
 
 
 def _meet_pair(x: Run, y: Run):
@@ -539,11 +556,17 @@ def _meet_pair(x: Run, y: Run):
     span = _span_rule(y, x)
     if span is not None:
         return [piece(y, *span)]
-    hits = _hits(x, y)
-    if hits is None:
+    found = _hits(x, y)
+    if found is None:
         return None
-    return [piece(x, hits[:, j], torch.minimum(hits[:, j] + 1, x.count))
-            for j in range(hits.size(1))]
+    rows, hits = found
+    if hits is None:
+        return []
+    R = x.count.numel()
+    sub = _gather(x, rows) if rows.numel() < R else x
+    parts = [piece(sub, hits[:, j], torch.minimum(hits[:, j] + 1, sub.count))
+             for j in range(hits.size(1))]
+    return parts if rows.numel() == R else [_spread_zero(p, rows, R) for p in parts]
 
 
 def _live(runs) -> list:

@@ -7,8 +7,9 @@ rules. Rounds interleave the variants (part a, part b, composition, the order ro
 round), so load from other work on the machine falls on all of them alike. The ratio is
 ``composition / (a + b)`` per round, reported as the median with its range.
 
-    python benchmarks/compose.py --n 100000 --rounds 5
-    python benchmarks/compose.py --n 100000 --rounds 5 --out benchmarks/results/cpu/compose.md
+    python benchmarks/compose.py --n 100000 --rounds 5 --threads 1
+    python benchmarks/compose.py --n 100000 --rounds 5 --threads 1 \
+        --out benchmarks/results/cpu/compose.md
 """
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def run(n: int, rounds: int, heads: int, dim: int, cases, ops):
         make_a, make_b, op = CASES[case]
         for name, fn in ops.items():
             times = {"a": [], "b": [], "a op b": []}
-            makers = {"a": make_a, "b": lambda n: make_b(n),
-                      "a op b": lambda n: op(make_a(n), make_b(n))}
+            makers = {"a": make_a, "b": make_b,
+                      "a op b": lambda n, make_a=make_a, make_b=make_b, op=op:
+                      op(make_a(n), make_b(n))}
             order = list(times)
             fn(makers["a op b"](n))                 # warm-up
             for r in range(rounds):
@@ -113,8 +115,12 @@ def main(argv=None) -> None:
     p.add_argument("--cases", default=",".join(map(str, range(len(CASES)))),
                    help="comma-separated case numbers (0-based)")
     p.add_argument("--ops", default="num_edges,in_degree(),graph_attention")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's own)")
     p.add_argument("--out", default=None, help="write a markdown table here")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cases = [list(CASES)[int(i)] for i in args.cases.split(",")]
     ops = {k: v for k, v in operations(args.n, args.heads, args.dim).items()
            if k in args.ops.split(",")}
