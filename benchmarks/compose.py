@@ -101,7 +101,7 @@ def markdown(rows, args) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for case, name, a, b, c, ratio, lo, hi in rows:
-        lines.append(f"| `{case}` | {name} | {a:.4f} | {b:.4f} | {c:.4f} | "
+        lines.append(f"| `{case.replace('|', chr(92) + '|')}` | {name} | {a:.4f} | {b:.4f} | {c:.4f} | "
                      f"{ratio:.2f} [{lo:.2f}, {hi:.2f}] |")
     return "\n".join(lines) + "\n"
 
