@@ -84,11 +84,11 @@ def run(n: int, rounds: int, heads: int, dim: int, cases, ops):
     return rows
 
 
-def markdown(rows, args) -> str:
+def markdown(rows, args, argv) -> str:
     lines = [
         "# Implicit compositions beside their parts",
         "",
-        f"Command: `python benchmarks/compose.py {' '.join(sys.argv[1:])}`",
+        f"Command: `python benchmarks/compose.py {' '.join(argv)}`",
         "",
         f"N = {args.n:,} tokens; graph_attention: forward, float32, H = {args.heads}, "
         f"D = {args.dim}, backend auto (key ranges); {args.rounds} interleaved rounds, "
@@ -126,7 +126,7 @@ def main(argv=None) -> None:
            if k in args.ops.split(",")}
     rows = run(args.n, args.rounds, args.heads, args.dim, cases, ops)
     if args.out:
-        Path(args.out).write_text(markdown(rows, args))
+        Path(args.out).write_text(markdown(rows, args, sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -231,3 +231,17 @@ def test_ranked_fill_orders_disjoint_runs():
             for k in range(int(run.count[i])):
                 dense[i, int(R.run_values(run, torch.tensor(i), torch.tensor(k)))] = True
     assert got.equal(ag.TokenGraph.from_dense(dense))
+
+
+def test_the_benchmark_puts_the_composition_beside_its_parts(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks import compose
+
+    out = tmp_path / "compose.md"
+    compose.main(["--n", "3000", "--rounds", "1", "--cases", "0,3", "--ops",
+                  "num_edges,graph_attention", "--out", str(out)])
+    text = out.read_text()
+    assert "| a | b | a op b | ratio |" in text and text.count("| graph_attention |") == 2
+    assert "\\| dilated_window(4, 100)" in text and "--n 3000 --rounds 1" in text
