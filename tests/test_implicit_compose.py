@@ -13,6 +13,17 @@ from attngraph import runs as R
 from attngraph.implicit import ImplicitGraph
 
 N = 96          # divisible by the blocks below
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Hundreds of compositions of tiny graphs: one thread (intra-op threads only add
+    start-up cost at this size); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 OPS = {"|": operator.or_, "&": operator.and_, "-": operator.sub}
 
 
