@@ -258,6 +258,16 @@ def test_choose_engine_by_the_model():
                                           64, 64, torch.bfloat16, True)
               + plan_module.merge_seconds(8192, 8, 64, True))
     assert c.hybrid_s == pytest.approx(expect)
+    # hash buckets, planned in bucket order: the edges a break-even plan would leave over
+    # do not pay for the merge, so every non-empty tile goes to FlexAttention
+    h = ag.masks.hash_buckets(torch.randint(0, 128, (8192,),
+                                            generator=torch.Generator().manual_seed(0)))
+    c = plan_module.choose_engine(h, "cuda", **kw)
+    assert c.engine == "flex" and c.min_density == 0.0 and c.residual_edges == 0
+    assert plan_module.flex_density(h, **kw) == 0.0
+    plan = flex_tiles.engine_plan(h, **kw)
+    assert plan.order is not None and plan.num_residual_edges == 0
+    assert plan.num_tiles == c.tiles
     # no model off CUDA; without the fused kernels every non-empty tile is FlexAttention's
     assert plan_module.choose_engine(window, "cpu", **kw).engine is None
     c = plan_module.choose_engine(rnd, "cuda", **kw, fused_available=False)
@@ -281,7 +291,7 @@ def test_auto_on_cuda_asks_the_model(monkeypatch):
     # without cupy the flex engine plans every non-empty tile
     monkeypatch.setattr(dispatch, "WITH_CUPY", False)
     line = explain("auto", _cuda_inputs(ag.masks.random(2048, 64, seed=0)))
-    assert line.startswith("flex") and "cupy is not installed" in line
+    assert line.startswith("flex") and "the fused kernels are not available" in line
 
 
 def test_benchmark_model_uses_the_library():

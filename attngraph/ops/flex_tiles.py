@@ -15,8 +15,8 @@ FlexAttention's (gradients of q, k, v, the lse, and of an edge bias read by the
 ``score_mod``) plus the per-edge backward, joined by autograd through the merge.
 
 Which tiles go to FlexAttention is decided by the H100 model (:func:`attngraph.ops.plan.
-flex_min_density`): a tile pays when it holds more edges than the fused kernels would run in
-its time. GQA is FlexAttention's ``enable_gqa``. An edge bias on tile edges is a ``score_mod``
+flex_density`): a tile pays when it holds more edges than the fused kernels would run in its
+time, unless every non-empty tile on FlexAttention (no residual, no merge) is faster. GQA is FlexAttention's ``enable_gqa``. An edge bias on tile edges is a ``score_mod``
 adding a dense per-tile table (``[tiles, block², columns]``) built from the bias; where that
 table would exceed ``BIAS_TABLE_ELEMENTS`` the engine refuses (:func:`bias_refusal`).
 
@@ -41,7 +41,7 @@ from torch import Tensor
 from attngraph.graph import TokenGraph
 from attngraph.ops import chunked
 from attngraph.ops.numerics import compute_dtype, merge
-from attngraph.ops.plan import FLEX_BLOCK, TilePlan, flex_min_density
+from attngraph.ops.plan import FLEX_BLOCK, TilePlan, flex_density
 
 __all__ = ["attention", "engine_plan", "block_mask", "packed_masks", "tile_mask_mod",
            "bias_refusal", "BIAS_TABLE_ELEMENTS", "EAGER_SCORE_ELEMENTS"]
@@ -182,13 +182,13 @@ def _bias_score_mod(plan: TilePlan, bias: Tensor) -> Callable:
 def engine_plan(graph: TokenGraph, *, heads: int, kv_heads: int, head_dim: int,
                 value_dim: int, dtype: torch.dtype, requires_grad: bool = False,
                 fused_available: bool = True) -> TilePlan:
-    """The engine's tile plan: ``FLEX_BLOCK²`` tiles in the graph's own token order, a tile
-    on FlexAttention from the H100 model's break-even density
-    (:func:`attngraph.ops.plan.flex_min_density`; 0, every non-empty tile, without the
-    fused kernels). Cached with the graph."""
-    G = max(1, heads // max(kv_heads, 1))
-    density = (flex_min_density(heads, G, head_dim, value_dim, dtype, requires_grad)
-               if fused_available else 0.0)
+    """The engine's tile plan: ``FLEX_BLOCK²`` tiles in the graph's own token order, at the
+    density the H100 model picks (:func:`attngraph.ops.plan.flex_density`: the break-even
+    density, or every non-empty tile where no residual and no merge is faster, as without
+    the fused kernels). Cached with the graph."""
+    density = flex_density(graph, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                           value_dim=value_dim, dtype=dtype, requires_grad=requires_grad,
+                           fused_available=fused_available)
     return graph.tile_plan(FLEX_BLOCK, min_density=density)
 
 

@@ -25,7 +25,8 @@ __all__ = ["TilePlan", "tile_plan", "best_block", "build_plan", "tile_counts", "
            "DEFAULT_BLOCK", "SEGMENT_TILES", "H100", "FA2_FLOPS", "FA2_SOURCE",
            "FLEX_FRACTION", "FLEX_SOURCE", "FLEX_BLOCK", "FLEX_BACKWARD_FLOPS",
            "warp_instructions", "fused_kernels", "fused_seconds", "flex_seconds",
-           "merge_seconds", "flex_min_density", "EngineChoice", "choose_engine"]
+           "merge_seconds", "flex_min_density", "flex_density", "EngineChoice",
+           "choose_engine"]
 
 DEFAULT_BLOCK = 128
 
@@ -593,6 +594,43 @@ def _flex_counts(graph: TokenGraph):
     return counts
 
 
+def _hybrid(counts: Tensor, num_edges: int, num_dst: int, density: float, heads: int,
+            groups: int, head_dim: int, value_dim: int, dtype: torch.dtype, backward: bool):
+    """``(seconds, tiles, tile edges)`` of the hybrid when tiles of at least ``density``
+    go to FlexAttention and the other edges to the fused kernels, merged."""
+    take = counts >= max(density * FLEX_BLOCK * FLEX_BLOCK, 1)
+    tiles, tile_edges = int(take.sum()), int(counts[take].sum())
+    t = flex_seconds(tiles, heads, head_dim, value_dim, backward)
+    if num_edges - tile_edges:
+        t += fused_seconds(num_edges - tile_edges, heads, groups, head_dim, value_dim, dtype,
+                           backward)
+        if tiles:
+            t += merge_seconds(num_dst, heads, value_dim, backward)
+    return t, tiles, tile_edges
+
+
+def flex_density(graph: TokenGraph, *, heads: int, kv_heads: int, head_dim: int,
+                 value_dim: int, dtype: torch.dtype, requires_grad: bool = False,
+                 fused_available: bool = True) -> float:
+    """The FlexAttention engine's ``min_density`` for ``graph``: the break-even density
+    (:func:`flex_min_density`), or 0 (every non-empty tile on FlexAttention: no residual,
+    no merge) where the H100 model finds that faster, as when the edges a break-even plan
+    leaves over are too few to pay for the merge; 0 without the fused kernels."""
+    if not fused_available:
+        return 0.0
+    graph = graph.materialize()
+    G = max(1, heads // max(kv_heads, 1))
+    bwd = bool(requires_grad)
+    counts = _flex_counts(graph)
+    best, best_t = 0.0, None
+    for d in (flex_min_density(heads, G, head_dim, value_dim, dtype, bwd), 0.0):
+        t = _hybrid(counts, graph.num_edges, graph.num_dst, d, heads, G, head_dim,
+                    value_dim, dtype, bwd)[0]
+        if best_t is None or t < best_t:
+            best, best_t = d, t
+    return best
+
+
 def choose_engine(graph: TokenGraph, device_type: str, *, heads: int, kv_heads: int,
                   head_dim: int, value_dim: int, dtype: torch.dtype,
                   requires_grad: bool = False, fused_available: bool = True) -> EngineChoice:
@@ -601,9 +639,10 @@ def choose_engine(graph: TokenGraph, device_type: str, *, heads: int, kv_heads: 
 
     On ``"cuda"`` both are timed by the model of benchmarks/results/model/model.md (the same
     tile counts, at ``FLEX_BLOCK`` in the graph's :attr:`~TokenGraph.order`, and constants):
-    the engine puts a tile on FlexAttention when it holds at least
-    :func:`flex_min_density` of its cells as edges, the rest on the fused kernels, and the
-    two merge by log-sum-exp (:func:`merge_seconds`). ``requires_grad`` times forward and
+    the engine's plan (:func:`flex_density`) puts a tile on FlexAttention when it holds at
+    least the break-even fraction of its cells as edges (:func:`flex_min_density`), or
+    every non-empty tile where that is faster, the rest on the fused kernels, and the two
+    merge by log-sum-exp (:func:`merge_seconds`). ``requires_grad`` times forward and
     backward. Without the fused kernels (``fused_available=False``, or inputs they do not
     take) every non-empty tile goes to FlexAttention. On another device there is no model:
     ``engine`` is None. The decision is a model, never a measurement; it takes the device
@@ -615,19 +654,16 @@ def choose_engine(graph: TokenGraph, device_type: str, *, heads: int, kv_heads: 
     graph = graph.materialize()
     G = max(1, heads // max(kv_heads, 1))
     bwd = bool(requires_grad)
-    density = (flex_min_density(heads, G, head_dim, value_dim, dtype, bwd)
-               if fused_available else 0.0)
-    counts = _flex_counts(graph)
-    take = counts >= max(density * FLEX_BLOCK * FLEX_BLOCK, 1)
-    tiles, tile_edges = int(take.sum()), int(counts[take].sum())
+    if fused_kernels(dtype, head_dim, value_dim, G) is None:
+        fused_available = False
+    density = flex_density(graph, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                           value_dim=value_dim, dtype=dtype, requires_grad=bwd,
+                           fused_available=fused_available)
+    hybrid, tiles, tile_edges = _hybrid(_flex_counts(graph), graph.num_edges, graph.num_dst,
+                                        density, heads, G, head_dim, value_dim, dtype, bwd)
     residual = graph.num_edges - tile_edges
     fused = (fused_seconds(graph.num_edges, heads, G, head_dim, value_dim, dtype, bwd)
              if fused_available else float("inf"))
-    hybrid = flex_seconds(tiles, heads, head_dim, value_dim, bwd)
-    if residual:
-        hybrid += fused_seconds(residual, heads, G, head_dim, value_dim, dtype, bwd)
-        if tiles:
-            hybrid += merge_seconds(graph.num_dst, heads, value_dim, bwd)
     engine = "flex" if tiles and hybrid < fused else "fused"
     what = "forward + backward" if bwd else "forward"
     ms = lambda t: "n/a" if t == float("inf") else f"{t * 1e3:.3g} ms"  # noqa: E731
@@ -635,7 +671,7 @@ def choose_engine(graph: TokenGraph, device_type: str, *, heads: int, kv_heads: 
               f"({tiles} tiles of {FLEX_BLOCK}², {residual} residual edges) "
               f"{ms(hybrid)} vs the fused kernels {ms(fused)}")
     if not fused_available:
-        reason += " (the fused kernels are not available: cupy is not installed)"
+        reason += " (the fused kernels are not available for these inputs)"
     return EngineChoice(engine=engine, hybrid_s=hybrid, fused_s=fused, tiles=tiles,
                         tile_edges=tile_edges, residual_edges=residual, min_density=density,
                         reason=reason)
