@@ -12,6 +12,7 @@ each and the median of the per-round ratios. Plans and BlockMasks are built befo
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import time
@@ -60,7 +61,8 @@ def markdown(rows, args) -> str:
         f"D = {args.dim}, float32, no grad; {args.rounds} interleaved rounds on a shared, "
         f"noisy 2-core machine (median (min..max) ms). FlexAttention runs eagerly on CPU "
         f"(the whole [H, N, N] score matrix; torch has no CPU backward for it), so `auto` "
-        f"keeps the flash engine on CPU.",
+        f"keeps the flash engine on CPU. Load average at the end: "
+        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min).",
         "",
         "| mask | N | E | tiles fwd ms | flex fwd ms | flex / tiles (median of rounds) | "
         "max abs diff | flex plan |",
