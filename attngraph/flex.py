@@ -16,7 +16,7 @@ dense ``[Q_LEN, KV_LEN]`` mask never exists.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
