@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 # which a machine with a local CPU wheel of that release takes from disk instead of
 # downloading a multi-GB CUDA build. Override with `make test TORCH_SPEC=...`.
 HAVE_GPU   := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-TORCH_SPEC ?= $(if $(HAVE_GPU),torch>=2.4,torch==2.13.0)
+TORCH_SPEC ?= $(if $(HAVE_GPU),torch>=2.5,torch==2.13.0)
 
 .PHONY: demo test bench sanitize clean
 

@@ -6,7 +6,8 @@ kernel skips the ``mask_mod``) and *partial* blocks (``mask_mod(b, h, q_idx, kv_
 decides each cell). A graph's tile plan (``graph.tile_plan(block_size, min_density=0)``)
 already holds exactly that: its non-empty tiles, which of them are full, and the exact
 in-tile mask of the others, so :func:`to_block_mask` is a re-labelling of the plan plus a
-``mask_mod`` that looks cells up in those masks.
+``mask_mod`` that looks cells up in those masks, packed 32 cells to a word
+(:func:`attngraph.ops.flex_tiles.block_mask`, the BlockMask ``backend="flex"`` runs).
 
 :func:`from_block_mask` goes the other way: full blocks give all their cells, partial blocks
 give the cells where ``mask_mod`` is True, evaluated a chunk of blocks at a time, so the
@@ -15,7 +16,7 @@ dense ``[Q_LEN, KV_LEN]`` mask never exists.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -23,6 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from attngraph.graph import TokenGraph
 from attngraph.checks import check_int
+from attngraph.ops import flex_tiles
 
 __all__ = ["to_block_mask", "from_block_mask", "MASK_MOD_CHUNK_ELEMENTS"]
 
@@ -32,35 +34,6 @@ MASK_MOD_CHUNK_ELEMENTS = 1 << 22
 
 
 # ---------------------------------------------------------------------------- graph -> mask
-def _block_lists(q_block: Tensor, k_block: Tensor, num_q_blocks: int, num_k_blocks: int
-                 ) -> Tuple[Tensor, Tensor]:
-    """FlexAttention's ``(num_blocks [1, 1, nQ], indices [1, 1, nQ, nK])`` (int32) of the
-    blocks ``(q_block[t], k_block[t])``: per query block, its listed key blocks ascending,
-    then the others ascending, as ``create_block_mask`` orders them (entries past
-    ``num_blocks`` are never read, but stay valid block ids)."""
-    device = q_block.device
-    layout = torch.zeros(num_q_blocks, num_k_blocks, dtype=torch.int32, device=device)
-    layout[q_block, k_block] = 1
-    num_blocks = layout.sum(-1, dtype=torch.int32)
-    indices = torch.argsort(layout, dim=-1, descending=True, stable=True).to(torch.int32)
-    return num_blocks.view(1, 1, num_q_blocks), indices.view(1, 1, num_q_blocks, num_k_blocks)
-
-
-def _tile_mask_mod(tile_of: Tensor, masks: Tensor, block_size: int) -> Callable:
-    """``mask_mod(b, h, q_idx, kv_idx)``: the graph's mask cell, looked up in the tile plan.
-
-    ``tile_of [nQ, nK]`` holds each tile's index in ``masks`` (0: full, -1: empty), so the
-    predicate is exact everywhere (FlexAttention's eager path ignores the block lists and
-    evaluates it on every cell). Plain tensor indexing and arithmetic only: it works under
-    ``torch.vmap`` and ``torch.compile`` as FlexAttention evaluates it.
-    """
-    def graph_mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        tile = tile_of[q_idx // block_size, kv_idx // block_size]
-        return (tile >= 0) & masks[tile.clamp(min=0), q_idx % block_size, kv_idx % block_size]
-
-    return graph_mask_mod
-
-
 def to_block_mask(graph: TokenGraph, block_size: int = 128) -> BlockMask:
     """FlexAttention ``BlockMask`` of exactly the graph's mask.
 
@@ -96,16 +69,7 @@ def to_block_mask(graph: TokenGraph, block_size: int = 128) -> BlockMask:
                         f"build one with TokenGraph(edge_index, ...) or TokenGraph.from_dense")
     block_size = check_int("block_size", block_size, minimum=1)
     plan = graph.tile_plan(block_size, min_density=0.0, order=None)
-    nq, nk = plan.num_q_blocks, plan.num_k_blocks
-    full = plan.mask_index == 0
-    kv_num, kv_idx = _block_lists(plan.tile_q[~full], plan.tile_k[~full], nq, nk)
-    full_num, full_idx = _block_lists(plan.tile_q[full], plan.tile_k[full], nq, nk)
-    tile_of = torch.full((nq, nk), -1, dtype=torch.int32, device=graph.device)
-    tile_of[plan.tile_q, plan.tile_k] = plan.mask_index.to(torch.int32)
-    return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(block_size, block_size),
-        mask_mod=_tile_mask_mod(tile_of, plan.masks, block_size),
-        seq_lengths=(graph.num_dst, graph.num_src))
+    return flex_tiles.block_mask(plan)
 
 
 # ---------------------------------------------------------------------------- mask -> graph

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The checks only a GPU can make, in one command that fits a short loan (< 8 minutes):
-#   1. the `gpu`-marked tests;
+#   1. the `gpu`-marked tests (among them the tiles on FlexAttention, forward and backward,
+#      tests/test_flex_tiles.py);
 #   2. compute-sanitizer's memcheck, racecheck, initcheck and synccheck, each over a small
 #      fused forward + backward (benchmarks/gpu_sanitize_case.py);
-#   3. the `gpu` benchmark preset at N = 64k (the fused kernels and FlexAttention) beside the
-#      traffic model's predicted times (benchmarks/results/model/model.json);
+#   3. the `gpu` benchmark preset at N = 64k (the fused kernels, the tiles on FlexAttention
+#      with the residual on the fused kernels, and FlexAttention) beside the traffic model's
+#      predicted times (benchmarks/results/model/model.json; attngraph-flex beside the
+#      model's hybrid column);
 #   4. if time is left, the NVRTC compile gate for the machine's own architecture.
 # Every step has its own time limit and log; a failing step does not stop the others. The
 # last screen is a table: step, status, seconds, the key line of its log.
@@ -91,7 +94,7 @@ fi
 # ---------------------------------------------------------------- 3. benchmark beside the model
 bench_out="$out/bench"
 # shellcheck disable=SC2206  # BENCH_ARGS is split into flags on purpose
-bench_args=(${BENCH_ARGS:---n 64k --dim 64 --peers attngraph-cupy,flex --repeats 10 --warmup 2 --max-seconds 2})
+bench_args=(${BENCH_ARGS:---n 64k --dim 64 --peers attngraph-cupy,attngraph-flex,flex --repeats 10 --warmup 2 --max-seconds 2})
 reserve=25
 run_step bench-gpu 130 '(Traceback|Error|[0-9]+ (jobs|records))' \
   "$py" -m benchmarks --preset gpu "${bench_args[@]}" --name gpu_check --no-plots --quiet \
@@ -125,7 +128,7 @@ meta = data["meta"]
 print(f"measured: {meta.get('device_name')} torch {meta.get('torch')} -- {bench[0]}")
 dev = mm["device"].get("name") if isinstance(mm["device"], dict) else mm["device"]
 print(f"model: {dev}, N = {mm['n']}, H = {mm['heads']}, {mm['dtype']} -- {model_file} "
-      "(predicted, not measured; FlexAttention: forward only)")
+      "(predicted, not measured; FlexAttention: forward only; attngraph-flex: the hybrid)")
 rows = {(r["mask"], r["dim"]): r for r in model["rows"]}
 ms = lambda t: "-" if t is None else f"{1e3 * t:.3g}"  # noqa: E731
 print(f"{'mask':22s} {'D':>4s} {'peer':15s} {'fwd ms':>8s} {'model fwd lo/L2/hi':>22s} "
@@ -140,6 +143,8 @@ for rec in data["records"]:
         pred = {"fwd": (m["flex_fwd"],) * 3, "fwdbwd": (None,) * 3}
     elif rec["peer"] == "attngraph-cupy" and same:
         pred = {k: (m[k]["t_lo"], m[k]["t_mid"], m[k]["t_hi"]) for k in ("fwd", "fwdbwd")}
+    elif rec["peer"] == "attngraph-flex" and same and "hybrid_fwd" in m:
+        pred = {k: (m[f"hybrid_{k}"],) * 3 for k in ("fwd", "fwdbwd")}
     else:
         pred = {"fwd": (None,) * 3, "fwdbwd": (None,) * 3}
     ratio = "-" if not (got["fwd"] and pred["fwd"][1]) else f"{got['fwd'] / pred['fwd'][1]:.2f}x"

@@ -36,6 +36,10 @@ Peers, forward only, on the same roofline: FlexAttention computes every non-empt
 tile of the mask (4 * 128 * 128 * D FLOPs per tile and head) at 87.5 % of FlashAttention-2's
 rate; FlashAttention-2 computes the dense N x N product (it takes no sparse mask) at its
 published H100 rate. Sources are written next to each number.
+
+The hybrid, tiles on FlexAttention plus the residual edges on the fused kernels (backend
+``"flex"``), is timed by the library's :func:`attngraph.ops.plan.choose_engine`, the function
+``auto`` decides by on CUDA, from the same constants (they live in ``attngraph/ops/plan.py``).
 """
 from __future__ import annotations
 
@@ -51,23 +55,13 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-H100 = dict(
-    name="H100 SXM (model)",
-    warp_instr_per_s=132 * 4 * 1.98e9,
-    issue_source="NVIDIA H100 whitepaper: 132 SMs x 4 warp schedulers, 1.98 GHz boost",
-    hbm_bytes_per_s=3.35e12, hbm_source="NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3",
-    l2_bytes=50e6, l2_source="NVIDIA H100 whitepaper: 50 MB L2",
-    fp32_flops=67e12, fp32_source="NVIDIA H100 SXM datasheet: 67 TFLOP/s fp32 FMA",
-    bf16_tensor_flops=989e12, bf16_source="NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16",
-    sms=132, regs_per_sm=65536, max_warps_per_sm=64,
-)
-FA2_FLOPS = 370e12
-FA2_SOURCE = ("REFERENCES.md: FlashAttention-2 dense forward on H100, d = 128, ~370 TFLOP/s "
-              "at long sequences (used for d = 64 too)")
-FLEX_FRACTION = 0.875
-FLEX_SOURCE = ("REFERENCES.md: FlexAttention runs block-structured masks at 85-90 % of "
-               "FlashAttention speed: 87.5 % x FA2, on every non-empty 128 x 128 tile")
-TILE = 128
+from attngraph.ops.plan import (FA2_FLOPS, FA2_SOURCE, FLEX_BLOCK, FLEX_FRACTION,  # noqa: F401
+                                FLEX_SOURCE, H100, choose_engine, flex_seconds,
+                                tile_counts, warp_instructions)
+
+# The roofline figures and the fused kernels' instruction counts are the library's own
+# (attngraph/ops/plan.py): `auto` on CUDA decides by the same numbers this table prints.
+TILE = FLEX_BLOCK
 SECTOR = 32
 FORMULA = textwrap.dedent(__doc__.split("::")[1].split("\n\nwhere")[0]).strip("\n")
 
@@ -99,11 +93,14 @@ def _masks() -> Dict[str, Callable[[int], object]]:
         "bigbird(64)": lambda n: masks.bigbird(n, 64),
         "hash_buckets(64,sorted)": lambda n: _hash(n, True),
         "hash_buckets(64,unsorted)": lambda n: _hash(n, False),
+        "window_random(256,64)": lambda n: (masks.sliding_window(n, 256)
+                                            | masks.random(n, 64, seed=0)),
     }
 
 
 MASKS = tuple(["sliding_window(256)", "random(64)", "longformer(256,g16)", "bigbird(64)",
-               "hash_buckets(64,sorted)", "hash_buckets(64,unsorted)"])
+               "hash_buckets(64,sorted)", "hash_buckets(64,unsorted)",
+               "window_random(256,64)"])
 
 
 # ---------------------------------------------------------------------------- emulation
@@ -197,9 +194,22 @@ def reuse(items, rows_read, num_rows: int, warps: int, row_bytes: int) -> float:
 
 def tiles(graph, tile: int = TILE) -> int:
     """Non-empty ``tile x tile`` blocks of the mask (what FlexAttention computes)."""
-    nb = math.ceil(graph.num_src / tile)
-    key = (graph.dst // tile) * nb + graph.src // tile
-    return int(torch.unique(key).numel())
+    return int(tile_counts(graph, tile, tile)[0].numel())
+
+
+def hybrid(graph, dim: int, heads: int, dtype: torch.dtype) -> dict:
+    """Tiles on FlexAttention + residual edges on the fused kernels, forward and forward +
+    backward, as ``auto`` on CUDA models them (:func:`attngraph.ops.plan.choose_engine`:
+    the engine's plan in the graph's own token order, its break-even density, the merge)."""
+    out = {}
+    for mode, grad in (("fwd", False), ("fwdbwd", True)):
+        c = choose_engine(graph, "cuda", heads=heads, kv_heads=heads, head_dim=dim,
+                          value_dim=dim, dtype=dtype, requires_grad=grad)
+        out.update({f"hybrid_{mode}": c.hybrid_s, f"fused_formula_{mode}": c.fused_s,
+                    f"auto_{mode}": c.engine, f"hybrid_tiles_{mode}": c.tiles,
+                    f"hybrid_residual_{mode}": c.residual_edges,
+                    f"hybrid_density_{mode}": c.min_density})
+    return out
 
 
 # ---------------------------------------------------------------------------- the model
@@ -217,33 +227,6 @@ class Config:
     dims: tuple = (64, 128)
     dtype: torch.dtype = torch.bfloat16
     masks: tuple = MASKS
-
-
-def warp_instructions(kernel: str, edges: int, heads: int, groups: int = 1) -> float:
-    """Warp instructions a fused kernel issues (the per-edge formulas of the docstring);
-    ``groups``: query heads per kv head (G)."""
-    base, _, targs = kernel.partition("<")
-    args = [a.strip() for a in targs.rstrip(">").split(",")]
-    nt = int(args[1]) if len(args) > 1 else 1
-    gq = int(args[2]) if len(args) > 2 else 1
-    if base == "attn_fwd":
-        return edges * heads / gq * (2 * nt + 6 + gq * (3 * nt + 20))
-    vec = 4 if args and args[0] == "float" else 8
-    lpe, steps = nt, nt / 32          # *_vec args: T, LPE[, GQ]; 32 / LPE edges per step
-    if base == "attn_fwd_vec":
-        return edges * heads / gq * steps * (
-            2 + 2 * vec + 5 + gq * (3 * vec + 2 * math.log2(lpe) + 11))
-    if base == "attn_bwd_dq_vec":
-        return edges * heads / gq * steps * (
-            2 + 2 * vec + 5 + gq * (3 * vec + 4 * math.log2(lpe) + 7))
-    if base == "attn_bwd_dkdv_vec":
-        return edges * heads / groups * steps * (
-            2 + groups * (6 * vec + 4 * math.log2(lpe) + 11))
-    if base == "attn_bwd_dq":
-        return edges * heads / gq * (2 * nt + 6 + gq * (3 * nt + 26))
-    if base == "attn_bwd_dkdv":
-        return edges * heads / groups * (2 + groups * (6 * nt + 29))
-    return 0.0
 
 
 def model_launch(c: dict, *, e_emul: int, n_emul: int, edges: int, n: int, heads: int,
@@ -331,12 +314,13 @@ def run(cfg: Config, log: Callable[[str], None] = lambda s: None) -> dict:
                                  efficiency_lo=t_floor / t_lo if t_lo else 1.0,
                                  bound=max(ls, key=lambda x: x["t_mid"])["bound_mid"]
                                  if ls else "-")
-            flex = n_tiles * 4 * TILE * TILE * dim * cfg.heads / (FLEX_FRACTION * FA2_FLOPS)
+            flex = flex_seconds(n_tiles, cfg.heads, dim, dim)
+            hyb = hybrid(big, dim, cfg.heads, cfg.dtype)
             fa2 = 4 * n * n * dim * cfg.heads / FA2_FLOPS
             rows.append(dict(
                 mask=name, dim=dim, n=n, edges=E, density=E / (n * n), n_emulated=cfg.n_emulated,
                 edges_emulated=small.num_edges, tiles=n_tiles, launches=launches, **res,
-                flex_fwd=flex, fa2_fwd=fa2,
+                flex_fwd=flex, fa2_fwd=fa2, **hyb,
                 flex_ratio_hi=flex / res["fwd"]["t_hi"], flex_ratio_lo=flex / res["fwd"]["t_lo"],
                 flex_ratio_mid=flex / res["fwd"]["t_mid"],
                 fa2_ratio_hi=fa2 / res["fwd"]["t_hi"],
@@ -351,7 +335,7 @@ def run(cfg: Config, log: Callable[[str], None] = lambda s: None) -> dict:
                           n=cfg.n, n_emulated=cfg.n_emulated, heads=cfg.heads,
                           dims=list(cfg.dims), dtype=str(cfg.dtype).replace("torch.", ""),
                           formula=FORMULA),
-                rows=rows, summary=summary(rows))
+                rows=rows, summary=summary(rows), hybrid_summary=hybrid_summary(rows))
 
 
 def summary(rows: List[dict]) -> dict:
@@ -368,6 +352,34 @@ def summary(rows: List[dict]) -> dict:
             out[f"longformer_over_window_per_edge_D{dim}"] = [
                 (lf["fwd"][t] / lf["edges"]) / (w["fwd"][t] / w["edges"])
                 for t in ("t_hi", "t_mid", "t_lo")]
+    return out
+
+
+STRUCTURED = ("sliding_window(256)", "longformer(256,g16)", "bigbird(64)",
+              "hash_buckets(64,sorted)")
+SCATTERED = ("random(64)", "hash_buckets(64,unsorted)")
+MIXED = ("window_random(256,64)",)
+
+
+def hybrid_summary(rows: List[dict]) -> List[dict]:
+    """The hybrid's targets, per mask and head dim (forward, L2 model for the fused
+    kernels alone): <= 1.1x FlexAttention's time on structured masks, >= 10x faster than
+    FlexAttention on scattered ones, faster than both on a window with random edges."""
+    out = []
+    for r in rows:
+        if "hybrid_fwd" not in r:
+            continue
+        hyb, flex, fused = r["hybrid_fwd"], r["flex_fwd"], r["fwd"]["t_mid"]
+        if r["mask"] in STRUCTURED:
+            target, value, met = "hybrid / Flex <= 1.1", hyb / flex, hyb / flex <= 1.1
+        elif r["mask"] in SCATTERED:
+            target, value, met = "Flex / hybrid >= 10", flex / hyb, flex / hyb >= 10
+        elif r["mask"] in MIXED:
+            value = min(flex, fused) / hyb
+            target, met = "min(Flex, fused) / hybrid > 1", value > 1
+        else:
+            continue
+        out.append(dict(mask=r["mask"], dim=r["dim"], target=target, value=value, met=met))
     return out
 
 
@@ -416,6 +428,8 @@ def markdown(data: dict) -> str:
             f"{r['sectors_per_edge_fwd']:.2f} ({r['ideal_sectors_per_edge']:.0f}) | "
             f"{_ms(r['flex_fwd'])} | {r['flex_ratio_mid']:.3g} "
             f"({r['flex_ratio_hi']:.2g} .. {r['flex_ratio_lo']:.2g}) | {_ms(r['fa2_fwd'])} |")
+    if any("hybrid_fwd" in r for r in data["rows"]):
+        lines += _hybrid_markdown(data)
     s = data["summary"]
     lines += ["", "## What the model predicts", ""]
     for k, (hi_t, mid, lo_t) in s.items():
@@ -434,6 +448,45 @@ def markdown(data: dict) -> str:
               "BigBird, sorted buckets), where dense tensor-core math does ~15x the FLOPs per "
               "byte of a per-edge gather (989 vs 67 TFLOP/s).", ""]
     return "\n".join(lines)
+
+
+def _hybrid_markdown(data: dict) -> List[str]:
+    lines = [
+        "", "## Tiles on FlexAttention + residual edges on the fused kernels (`auto` on CUDA)",
+        "",
+        "The hybrid of `backend=\"flex\"` (`attngraph/ops/flex_tiles.py`), timed by the "
+        "library's own decision function, `attngraph.ops.plan.choose_engine` (what `auto` "
+        "runs on CUDA tensors): the 128² tiles holding at least the break-even density of "
+        "edges (a tile's FlexAttention time over one edge's fused-kernel time) go to "
+        "FlexAttention, the other edges to the fused kernels (instruction-issue time, no "
+        "imbalance), plus the log-sum-exp merge at HBM bandwidth; the backward is 2.5x a "
+        "tile's forward FLOPs. The plan is made in the graph's own token order (a hash "
+        "graph: by bucket), as the engine runs it. **Every time is a model.** 'fused' is the "
+        "L2-model time of the table above; 'auto' is the engine `auto` takes (fwd / "
+        "fwd+bwd). The hybrid's fused part carries no imbalance factor, so where the hybrid "
+        "is the fused kernels alone (random(64): no tile pays) it reads about 2 % below "
+        "the fused column; it is the same run.",
+        "",
+        "| mask | D | Flex tiles | hybrid tiles | residual edges | density | FlexAttention "
+        "fwd ms | fused fwd ms | **hybrid fwd ms** | hybrid / Flex | Flex / hybrid | fused / "
+        "hybrid | fused fwd+bwd ms | hybrid fwd+bwd ms | auto |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in data["rows"]:
+        if "hybrid_fwd" not in r:
+            continue
+        h, f, fu = r["hybrid_fwd"], r["flex_fwd"], r["fwd"]["t_mid"]
+        lines.append(
+            f"| {r['mask']} | {r['dim']} | {r['tiles']:,} | {r['hybrid_tiles_fwd']:,} | "
+            f"{r['hybrid_residual_fwd']:,} | {r['hybrid_density_fwd']:.3f} | {_ms(f)} | "
+            f"{_ms(fu)} | **{_ms(h)}** | {h / f:.3g} | {f / h:.3g} | {fu / h:.3g} | "
+            f"{_ms(r['fwdbwd']['t_mid'])} | {_ms(r['hybrid_fwdbwd'])} | "
+            f"{r['auto_fwd']} / {r['auto_fwdbwd']} |")
+    lines += ["", "Targets (forward, modelled):", ""]
+    for t in data.get("hybrid_summary", []):
+        lines.append(f"- {t['mask']}, D = {t['dim']}: {t['target']}: {t['value']:.3g} -- "
+                     f"{'met' if t['met'] else 'NOT met'} (model)")
+    return lines
 
 
 def write(data: dict, out_dir: Path) -> List[Path]:

@@ -113,6 +113,17 @@ class AttnGraphPeer(Peer):
     def refuse(self, ctx, mode):
         from attngraph.ops.dispatch import Inputs, backends
 
+        if self.backend == "flex":     # the dispatcher's reasons that need no graph
+            from attngraph.capabilities import flex_attention_missing
+            from attngraph.ops.flex_tiles import EAGER_SCORE_ELEMENTS
+
+            if (why := flex_attention_missing()) is not None:
+                return why
+            if ctx.device.type != "cuda" and mode == "fwdbwd":
+                return "FlexAttention has no backward on CPU"
+            if ctx.device.type != "cuda" and ctx.heads * ctx.n * ctx.n > EAGER_SCORE_ELEMENTS:
+                return "eager FlexAttention on CPU: the [H, N, N] scores exceed its limit"
+            return None
         inputs = Inputs(device=ctx.device, dtype=ctx.dtype, head_dim=ctx.dim,
                         value_dim=ctx.dim, requires_grad=mode == "fwdbwd")
         for b in backends():
@@ -121,6 +132,13 @@ class AttnGraphPeer(Peer):
         return f"attngraph has no backend {self.backend!r}"
 
     def estimate(self, ctx, mode):
+        if self.backend == "flex":
+            tok32 = ctx.n * ctx.heads * ctx.dim * 4
+            # eager (CPU): the [H, N, N] scores, their mask and probabilities in float32;
+            # compiled (CUDA): out, lse and the residual's; the BlockMask, plan and masks
+            dense = 3 * ctx.heads * ctx.n * ctx.n * 4 if ctx.device.type != "cuda" else 0
+            fwd = dense + 5 * tok32 + 17 * ctx.num_edges
+            return fwd if mode == "fwd" else 2 * fwd + 6 * tok32
         if self.backend == "tiles":
             from attngraph.chunks import MAX_TILE_ELEMENTS
 
@@ -147,6 +165,16 @@ class AttnGraphPeer(Peer):
         if self.backend == "tiles":
             t = time.perf_counter()
             plan = ctx.graph.tile_plan()
+            info["tile_plan_s"] = round(time.perf_counter() - t, 4)
+            info["tile_plan"] = plan.summary()
+        if self.backend == "flex":   # the engine's plan and BlockMask, built once per graph
+            from attngraph.ops import flex_tiles
+
+            t = time.perf_counter()
+            plan = flex_tiles.engine_plan(ctx.graph, heads=ctx.heads, kv_heads=ctx.heads,
+                                          head_dim=ctx.dim, value_dim=ctx.dim,
+                                          dtype=ctx.dtype)
+            flex_tiles.block_mask(plan)
             info["tile_plan_s"] = round(time.perf_counter() - t, 4)
             info["tile_plan"] = plan.summary()
         return info
@@ -354,6 +382,7 @@ PEERS: Dict[str, Callable[[], Peer]] = {
     "attngraph": lambda: AttnGraphPeer("torch"),
     "attngraph-cupy": lambda: AttnGraphPeer("cupy"),
     "attngraph-tiles": lambda: AttnGraphPeer("tiles"),
+    "attngraph-flex": lambda: AttnGraphPeer("flex"),
     "attngraph-compiled": lambda: CompiledAttnGraphPeer("torch"),
     "pyg": PyGPeer,
     "sdpa": lambda: SDPAPeer(None),

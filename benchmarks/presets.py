@@ -37,7 +37,8 @@ PRESETS = {
         groups=[dict(masks=["sliding_window(256)", "random(64)", "longformer(256,g16)",
                             "bigbird(64)"], n=[16 * K, 64 * K, 256 * K, 1024 * K])],
         heads=[8], dim=[64, 128], dtype=["bfloat16"],
-        peers=["attngraph", "attngraph-cupy", "pyg", "sdpa-efficient", "sdpa-math", "flex"],
+        peers=["attngraph", "attngraph-cupy", "attngraph-flex", "pyg", "sdpa-efficient",
+               "sdpa-math", "flex"],
         repeats=20, warmup=3, max_seconds=5.0,
         quick_n=[1 * K, 2 * K],
         about="GPU sweep: bf16, H = 8, D = 64/128, N = 16k..1M"),
@@ -56,10 +57,12 @@ PRESETS = {
                             "random(32)", "hash(64)", "window_random(128,16)"],
                      n=[4 * K, 8 * K, 16 * K, 32 * K])],
         heads=[4], dim=[64], dtype=["float32"],
-        peers=["attngraph-tiles", "attngraph", "flex", "sdpa"], base_peer="attngraph-tiles",
+        peers=["attngraph-tiles", "attngraph-flex", "attngraph", "flex", "sdpa"],
+        base_peer="attngraph-tiles",
         repeats=3, max_seconds=20.0, quick_n=[1 * K],
-        about="dense tiles + per-edge residual (attngraph-tiles) vs the per-edge path "
-              "(attngraph), compiled FlexAttention and dense SDPA, H = 4, D = 64, float32"),
+        about="dense tiles + per-edge residual (attngraph-tiles; the tiles on FlexAttention: "
+              "attngraph-flex) vs the per-edge path (attngraph), compiled FlexAttention and "
+              "dense SDPA, H = 4, D = 64, float32"),
     # Issue 14: context parallel attention, P processes on this machine (gloo): halo bytes
     # sent per rank vs ring attention's, and the time per forward + backward step.
     "distributed": dict(

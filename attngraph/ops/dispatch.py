@@ -2,8 +2,11 @@
 
 Backends are named for what runs: ``"ranges"`` (key ranges read from a graph's rule,
 :mod:`attngraph.ops.ranges`), ``"tiles"`` (dense tiles of a tile plan plus per-edge residual,
-:mod:`attngraph.ops.tiles`), ``"cupy"`` (the fused CUDA kernels, :mod:`attngraph.ops.cuda`)
-and ``"torch"`` (per-edge row chunks, :mod:`attngraph.ops.chunked`). Each says which inputs
+:mod:`attngraph.ops.tiles`), ``"flex"`` (the tiles on FlexAttention plus per-edge residual,
+:mod:`attngraph.ops.flex_tiles`), ``"cupy"`` (the fused CUDA kernels,
+:mod:`attngraph.ops.cuda`) and ``"torch"`` (per-edge row chunks, :mod:`attngraph.ops.chunked`).
+On CUDA, ``auto`` takes ``flex`` or ``cupy`` by the H100 model
+(:func:`attngraph.ops.plan.choose_engine`). Each says which inputs
 it takes and, when it refuses one, why; a backend never hands an input it refused to
 another. ``backend="auto"`` takes the first backend in preference order that accepts the
 input (and does not decline it under ``auto``); naming a backend that refuses raises an
@@ -18,8 +21,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from attngraph import capabilities
 from attngraph.capabilities import WITH_CUPY
-from attngraph.ops.plan import EDGE_COST_CELLS, best_block
+from attngraph.ops.plan import EDGE_COST_CELLS, best_block, choose_engine
 
 __all__ = ["Backend", "Inputs", "register_backend", "backends", "select_backend",
            "per_edge_backend", "explain", "WITH_CUPY"]
@@ -36,13 +40,23 @@ class Inputs:
     requires_grad: bool
     graph: object = None        # the TokenGraph, for backends that decide by its structure
     has_bias: bool = False      # an edge bias comes with the call (canonical edge order)
+    heads: int = 1              # query heads (a batch folded in: B * H)
+    kv_heads: int = 1           # key / value heads (B * H_kv)
+    bias_columns: int = 1       # columns of the edge bias ([E] or [E, nb])
+    bias_requires_grad: bool = False
 
     @classmethod
     def of(cls, q: Tensor, k: Tensor, v: Tensor, graph=None, edge_bias=None) -> "Inputs":
         """The inputs of a :func:`~attngraph.graph_attention` call."""
+        batch = q.size(0) if q.dim() == 4 else 1
         return cls(device=q.device, dtype=q.dtype, head_dim=q.size(-1), value_dim=v.size(-1),
                    requires_grad=any(t.requires_grad for t in (q, k, v)), graph=graph,
-                   has_bias=edge_bias is not None)
+                   has_bias=edge_bias is not None,
+                   heads=batch * q.size(-2) if q.dim() >= 2 else 1,
+                   kv_heads=batch * k.size(-2) if k.dim() >= 2 else 1,
+                   bias_columns=(1 if edge_bias is None or edge_bias.dim() < 2
+                                 else edge_bias.size(1)),
+                   bias_requires_grad=edge_bias is not None and edge_bias.requires_grad)
 
 
 @dataclass(frozen=True)
@@ -334,3 +348,103 @@ def _ranges_describe(x: Inputs) -> str:
 register_backend(Backend("ranges", priority=30, refuse=_ranges_refuse, run=_ranges_run,
                          stages=_torch_stages, auto_refuse=_ranges_auto_refuse,
                          describe=_ranges_describe))
+
+
+def _flex_plan(x: Inputs):
+    from attngraph.ops import flex_tiles
+
+    return flex_tiles.engine_plan(x.graph, heads=x.heads, kv_heads=x.kv_heads,
+                                  head_dim=x.head_dim, value_dim=x.value_dim, dtype=x.dtype,
+                                  requires_grad=x.requires_grad,
+                                  fused_available=_fused_available(x))
+
+
+def _fused_available(x: Inputs) -> bool:
+    """Whether the flex engine plans for residual edges on the fused kernels: on CUDA when
+    they run these tensors, and on CPU always (the engine there checks the plan it would
+    run on a GPU)."""
+    if x.device.type != "cuda":
+        return True
+    plain = Inputs(device=x.device, dtype=x.dtype, head_dim=x.head_dim,
+                   value_dim=x.value_dim, requires_grad=x.requires_grad)
+    return _cupy_refuse(plain) is None
+
+
+def _flex_refuse(x: Inputs) -> Optional[str]:
+    from attngraph.ops import flex_tiles
+
+    if (why := capabilities.flex_attention_missing()) is not None:
+        return why
+    if (why := _dtype_refuse(x)) is not None:
+        return why
+    if x.device.type not in ("cpu", "cuda"):
+        return f"runs FlexAttention on CUDA (compiled) or CPU (eager), got {x.device.type}"
+    if torch.compiler.is_compiling():
+        return "plans tiles on the host: not traced by torch.compile (the torch backend is)"
+    if x.graph is None:
+        return "plans tiles over a graph: no graph given"
+    if _implicit(x):
+        return ("an implicit graph has no edge list to plan tiles over: backend='ranges' "
+                "reads its key ranges from the rule (or pass graph.materialize())")
+    if x.device.type == "cpu":
+        if x.requires_grad or x.bias_requires_grad:
+            return ("FlexAttention has no backward on CPU (forward only, under "
+                    "torch.no_grad()); backend='tiles' runs the tiles with a backward")
+        cells = x.heads * x.graph.num_dst * x.graph.num_src
+        if cells > flex_tiles.EAGER_SCORE_ELEMENTS:
+            return (f"eager FlexAttention on CPU materialises the [H, N_dst, N_src] scores: "
+                    f"{cells:,} elements, above EAGER_SCORE_ELEMENTS = "
+                    f"{flex_tiles.EAGER_SCORE_ELEMENTS:,}")
+    if x.has_bias:
+        if x.bias_requires_grad and not capabilities.torch_at_least(
+                capabilities.FLEX_BIAS_GRAD_MIN_TORCH):
+            need = ".".join(map(str, capabilities.FLEX_BIAS_GRAD_MIN_TORCH))
+            return (f"a bias gradient through FlexAttention's score_mod needs torch >= "
+                    f"{need}, found {torch.__version__}")
+        return flex_tiles.bias_refusal(_flex_plan(x), x.bias_columns)
+    return None
+
+
+def _flex_choice(x: Inputs):
+    return choose_engine(x.graph, x.device.type, heads=x.heads, kv_heads=x.kv_heads,
+                         head_dim=x.head_dim, value_dim=x.value_dim, dtype=x.dtype,
+                         requires_grad=x.requires_grad, fused_available=_fused_available(x))
+
+
+def _flex_auto_refuse(x: Inputs) -> Optional[str]:
+    if x.device.type != "cuda":
+        return (f"auto takes FlexAttention tiles on CUDA only: on {x.device.type} "
+                f"FlexAttention runs eagerly (the whole score matrix, no backward) and "
+                f"ATen's flash kernel runs the tiles faster (backend='tiles'; "
+                f"benchmarks/results/cpu/tiles_flex.md); ask for backend='flex'")
+    if x.graph.num_edges == 0:
+        return "no edges to plan"
+    choice = _flex_choice(x)
+    if choice.engine != "flex":
+        return f"the fused kernels are faster: {choice.reason}"
+    return None
+
+
+def _flex_describe(x: Inputs) -> str:
+    how = ("dense tiles on FlexAttention (ops/flex_tiles.py, "
+           + ("compiled" if x.device.type == "cuda" else "eager, forward only")
+           + ") + per-edge residual, merged by log-sum-exp")
+    if x.graph is None:
+        return how
+    line = f"{how}: {_flex_plan(x)}"
+    if x.device.type == "cuda":
+        line += f"; {_flex_choice(x).reason}"
+    return line
+
+
+def _flex_run(q, k, v, graph, scale, bias):
+    from attngraph.ops import flex_tiles
+
+    residual = per_edge_backend("auto", Inputs.of(q, k, v))
+    plan = _flex_plan(Inputs.of(q, k, v, graph))
+    return flex_tiles.attention(q, k, v, graph, scale, bias, plan=plan, residual=residual.run)
+
+
+register_backend(Backend("flex", priority=15, refuse=_flex_refuse, run=_flex_run,
+                         stages=_torch_stages, auto_refuse=_flex_auto_refuse,
+                         describe=_flex_describe))

@@ -133,7 +133,9 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *,
         backend: ``"auto"``, ``"torch"`` (per-edge row chunks), ``"cupy"`` (the fused
             CUDA kernels), ``"tiles"`` (dense tiles where ``graph.tile_plan()`` finds them,
             the other edges per edge; ``"auto"`` takes it when the plan's modelled cost is
-            lower) or ``"ranges"`` (key ranges read from the rule of an implicit graph, or
+            lower), ``"flex"`` (the tiles on FlexAttention, the other edges per edge;
+            ``"auto"`` takes it on CUDA where the H100 model finds it faster than the fused
+            kernels) or ``"ranges"`` (key ranges read from the rule of an implicit graph, or
             of a hash / QK-drop graph). A backend that cannot run the input raises, with
             every backend's reason; :func:`attngraph.ops.dispatch.explain` says which one
             ``"auto"`` takes and why.

@@ -10,6 +10,7 @@ alone, O(E) per size) and builds only that plan; plans are cached with the graph
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -21,7 +22,11 @@ from attngraph.graph import TokenGraph
 
 __all__ = ["TilePlan", "tile_plan", "best_block", "build_plan", "tile_counts", "plan_cost",
            "planned_graph", "tile_of_edges", "EDGE_COST_CELLS", "CELL_COST", "BLOCK_SIZES",
-           "DEFAULT_BLOCK", "SEGMENT_TILES"]
+           "DEFAULT_BLOCK", "SEGMENT_TILES", "H100", "FA2_FLOPS", "FA2_SOURCE",
+           "FLEX_FRACTION", "FLEX_SOURCE", "FLEX_BLOCK", "FLEX_BACKWARD_FLOPS",
+           "warp_instructions", "fused_kernels", "fused_seconds", "flex_seconds",
+           "merge_seconds", "flex_min_density", "flex_density", "EngineChoice",
+           "choose_engine"]
 
 DEFAULT_BLOCK = 128
 
@@ -67,13 +72,15 @@ class TilePlan:
             its tiles, its place among its block's runs); one run's scores are one row of
             ``L * block_k`` keys, softmaxed at once.
         segments_per_block: int64 ``[num_q_blocks]``, runs per query block.
+        flex: what :mod:`attngraph.ops.flex_tiles` derives from the plan (its BlockMask,
+            packed in-tile masks), a dict built on first use and kept with the plan.
     """
 
     __slots__ = ("block_q", "block_k", "num_q_blocks", "num_k_blocks", "min_density",
                  "tile_q", "tile_k", "mask_index", "masks", "tile_edge_count", "residual",
                  "residual_edges", "graph", "order", "src_order", "source", "_edge_perm",
                  "segments", "segments_per_block", "_tile_edges", "_run_masks",
-                 "_additive_masks", "_empty_rows")
+                 "_additive_masks", "_empty_rows", "flex")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -418,3 +425,253 @@ def tile_plan(graph: TokenGraph, block_size: Optional[int] = None, *,
         if cacheable:
             cache[key] = plan
     return plan
+
+
+# ---------------------------------------------------------------------------- GPU model
+# The H100 roofline of the traffic model (benchmarks/model.py, benchmarks/results/model/
+# model.md), which reads these figures from here: what `auto` on CUDA decides by. Every
+# time it gives is a model, not a measurement.
+H100 = dict(
+    name="H100 SXM (model)",
+    warp_instr_per_s=132 * 4 * 1.98e9,
+    issue_source="NVIDIA H100 whitepaper: 132 SMs x 4 warp schedulers, 1.98 GHz boost",
+    hbm_bytes_per_s=3.35e12, hbm_source="NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3",
+    l2_bytes=50e6, l2_source="NVIDIA H100 whitepaper: 50 MB L2",
+    fp32_flops=67e12, fp32_source="NVIDIA H100 SXM datasheet: 67 TFLOP/s fp32 FMA",
+    bf16_tensor_flops=989e12, bf16_source="NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16",
+    sms=132, regs_per_sm=65536, max_warps_per_sm=64,
+)
+FA2_FLOPS = 370e12
+FA2_SOURCE = ("REFERENCES.md: FlashAttention-2 dense forward on H100, d = 128, ~370 TFLOP/s "
+              "at long sequences (used for d = 64 too)")
+FLEX_FRACTION = 0.875
+FLEX_SOURCE = ("REFERENCES.md: FlexAttention runs block-structured masks at 85-90 % of "
+               "FlashAttention speed: 87.5 % x FA2, on every non-empty 128 x 128 tile")
+# FlexAttention's tile (its default BLOCK_SIZE), the tile of the FlexAttention engine's plans.
+FLEX_BLOCK = 128
+# A tile's backward does 5 matmuls to the forward's 2 (FlashAttention's backward), modelled
+# at the forward's rate: fwd + bwd = (1 + 2.5) x fwd.
+FLEX_BACKWARD_FLOPS = 2.5
+_FUSED_FLOPS_PER_EDGE = {"fwd": 4, "dq": 6, "dkdv": 8}   # per edge, head, head-dim element
+
+
+def warp_instructions(kernel: str, edges: float, heads: int, groups: int = 1) -> float:
+    """Warp instructions a fused kernel issues on ``edges`` edges and ``heads`` query heads
+    (the per-edge counts written in benchmarks/results/model/model.md); ``groups``: query
+    heads per kv head (G)."""
+    base, _, targs = kernel.partition("<")
+    args = [a.strip() for a in targs.rstrip(">").split(",")]
+    nt = int(args[1]) if len(args) > 1 else 1
+    gq = int(args[2]) if len(args) > 2 else 1
+    if base == "attn_fwd":
+        return edges * heads / gq * (2 * nt + 6 + gq * (3 * nt + 20))
+    vec = 4 if args and args[0] == "float" else 8
+    lpe, steps = nt, nt / 32          # *_vec args: T, LPE[, GQ]; 32 / LPE edges per step
+    if base == "attn_fwd_vec":
+        return edges * heads / gq * steps * (
+            2 + 2 * vec + 5 + gq * (3 * vec + 2 * math.log2(lpe) + 11))
+    if base == "attn_bwd_dq_vec":
+        return edges * heads / gq * steps * (
+            2 + 2 * vec + 5 + gq * (3 * vec + 4 * math.log2(lpe) + 7))
+    if base == "attn_bwd_dkdv_vec":
+        return edges * heads / groups * steps * (
+            2 + groups * (6 * vec + 4 * math.log2(lpe) + 11))
+    if base == "attn_bwd_dq":
+        return edges * heads / gq * (2 * nt + 6 + gq * (3 * nt + 26))
+    if base == "attn_bwd_dkdv":
+        return edges * heads / groups * (2 + groups * (6 * nt + 29))
+    return 0.0
+
+
+def fused_kernels(dtype: torch.dtype, head_dim: int, value_dim: int, groups: int
+                  ) -> Optional[dict]:
+    """``{"fwd", "dq", "dkdv"}``: the fused kernels (``ops/cuda/attention.cu``) that run
+    these inputs (16-byte aligned rows, as torch allocates them), or None when the fused
+    kernels take no such input (float64, head dims above 256)."""
+    from attngraph.ops.cuda import loader
+    from attngraph.ops.cuda.stages import KERNEL_DTYPES
+
+    T = KERNEL_DTYPES.get(dtype)
+    width = max(head_dim, value_dim)
+    if T is None or width > loader.MAX_HEAD_DIM:
+        return None
+    nt = next(n for n in loader.HEAD_DIM_CHUNKS if 32 * n >= width)
+    vec = loader.vec_layout(T, head_dim, value_dim, groups)
+    fwd = (f"attn_fwd_vec<{T}, {vec[0]}, {vec[1]}>" if vec is not None
+           else f"attn_fwd<{T}, {nt}, {loader.group_heads(groups, nt)}>")
+    vec = loader.vec_layout(T, head_dim, value_dim, groups, "dq")
+    if vec is not None:
+        dq, dkdv = f"attn_bwd_dq_vec<{T}, {vec[0]}, {vec[1]}>", f"attn_bwd_dkdv_vec<{T}, {vec[0]}>"
+    else:
+        dq = f"attn_bwd_dq<{T}, {nt}, {loader.group_heads(groups, nt, 'dq')}>"
+        dkdv = f"attn_bwd_dkdv<{T}, {nt}>"
+    return dict(fwd=fwd, dq=dq, dkdv=dkdv)
+
+
+def fused_seconds(edges: float, heads: int, groups: int, head_dim: int, value_dim: int,
+                  dtype: torch.dtype, backward: bool = False) -> float:
+    """Modelled H100 time of the fused kernels on ``edges`` edges (``heads`` query heads):
+    per kernel the larger of instruction issue and fp32 FLOPs (the kernels are issue-bound
+    at every mask of model.md). ``inf`` where the fused kernels take no such input."""
+    kernels = fused_kernels(dtype, head_dim, value_dim, groups)
+    if kernels is None:
+        return float("inf")
+    total = 0.0
+    for stage in (("fwd", "dq", "dkdv") if backward else ("fwd",)):
+        issue = (warp_instructions(kernels[stage], edges, heads, groups)
+                 / H100["warp_instr_per_s"])
+        flops = _FUSED_FLOPS_PER_EDGE[stage] * edges * heads * max(head_dim, value_dim)
+        total += max(issue, flops / H100["fp32_flops"])
+    return total
+
+
+def flex_seconds(tiles: float, heads: int, head_dim: int, value_dim: int,
+                 backward: bool = False) -> float:
+    """Modelled H100 time of FlexAttention on ``tiles`` 128 x 128 tiles (``heads`` query
+    heads): ``2 * 128 * 128 * (D + D_v)`` FLOPs per tile and head at ``FLEX_FRACTION`` of
+    FlashAttention-2's rate; the backward ``FLEX_BACKWARD_FLOPS`` times the forward's."""
+    flops = tiles * 2 * FLEX_BLOCK * FLEX_BLOCK * (head_dim + value_dim) * heads
+    t = flops / (FLEX_FRACTION * FA2_FLOPS)
+    return t * (1 + FLEX_BACKWARD_FLOPS) if backward else t
+
+
+def merge_seconds(n: int, heads: int, value_dim: int, backward: bool = False) -> float:
+    """Modelled H100 time of the log-sum-exp merge of two partial results: two float32
+    ``(out, lse)`` read, one written, at HBM bandwidth (twice that with the backward)."""
+    per_row = 3 * (value_dim * 4 + 4)
+    t = n * heads * per_row / H100["hbm_bytes_per_s"]
+    return 2 * t if backward else t
+
+
+def flex_min_density(heads: int, groups: int, head_dim: int, value_dim: int,
+                     dtype: torch.dtype, backward: bool = False) -> float:
+    """The FlexAttention engine's break-even tile density on the H100 model: a 128 x 128
+    tile takes as long as this fraction of its cells as edges on the fused kernels; 0 (every
+    non-empty tile) where the fused kernels take no such input."""
+    edge = fused_seconds(1.0, heads, groups, head_dim, value_dim, dtype, backward)
+    if edge == float("inf"):
+        return 0.0
+    tile = flex_seconds(1.0, heads, head_dim, value_dim, backward)
+    return tile / (edge * FLEX_BLOCK * FLEX_BLOCK)
+
+
+class EngineChoice:
+    """What :func:`choose_engine` decided, and why.
+
+    Attributes:
+        engine: ``"flex"`` (tiles on FlexAttention + residual edges on the fused kernels),
+            ``"fused"`` (the fused kernels alone), or None (no model for the device).
+        hybrid_s, fused_s: modelled H100 seconds of either (None without a model).
+        tiles, tile_edges, residual_edges: the FlexAttention engine's plan, from tile counts.
+        min_density: its break-even tile density.
+        reason: one line saying which engine and why.
+    """
+
+    __slots__ = ("engine", "hybrid_s", "fused_s", "tiles", "tile_edges", "residual_edges",
+                 "min_density", "reason")
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields.pop(name, None))
+        assert not fields, fields
+
+    def __repr__(self) -> str:
+        return f"EngineChoice({self.engine!r}: {self.reason})"
+
+
+def _flex_counts(graph: TokenGraph):
+    """Tile counts at ``FLEX_BLOCK`` in the graph's own token order (``order="auto"``), as
+    the FlexAttention engine plans it; cached."""
+    order, src_order, cacheable = plan_order(graph, "auto", None)
+    key = ("flex_counts", order is not None)
+    cache = graph.caches.plan
+    if cacheable and key in cache:
+        return cache[key]
+    planned = graph if order is None else planned_graph(graph, order, src_order)
+    counts = tile_counts(planned, FLEX_BLOCK, FLEX_BLOCK)[1]
+    if cacheable:
+        cache[key] = counts
+    return counts
+
+
+def _hybrid(counts: Tensor, num_edges: int, num_dst: int, density: float, heads: int,
+            groups: int, head_dim: int, value_dim: int, dtype: torch.dtype, backward: bool):
+    """``(seconds, tiles, tile edges)`` of the hybrid when tiles of at least ``density``
+    go to FlexAttention and the other edges to the fused kernels, merged."""
+    take = counts >= max(density * FLEX_BLOCK * FLEX_BLOCK, 1)
+    tiles, tile_edges = int(take.sum()), int(counts[take].sum())
+    t = flex_seconds(tiles, heads, head_dim, value_dim, backward)
+    if num_edges - tile_edges:
+        t += fused_seconds(num_edges - tile_edges, heads, groups, head_dim, value_dim, dtype,
+                           backward)
+        if tiles:
+            t += merge_seconds(num_dst, heads, value_dim, backward)
+    return t, tiles, tile_edges
+
+
+def flex_density(graph: TokenGraph, *, heads: int, kv_heads: int, head_dim: int,
+                 value_dim: int, dtype: torch.dtype, requires_grad: bool = False,
+                 fused_available: bool = True) -> float:
+    """The FlexAttention engine's ``min_density`` for ``graph``: the break-even density
+    (:func:`flex_min_density`), or 0 (every non-empty tile on FlexAttention: no residual,
+    no merge) where the H100 model finds that faster, as when the edges a break-even plan
+    leaves over are too few to pay for the merge; 0 without the fused kernels."""
+    if not fused_available:
+        return 0.0
+    graph = graph.materialize()
+    G = max(1, heads // max(kv_heads, 1))
+    bwd = bool(requires_grad)
+    counts = _flex_counts(graph)
+    best, best_t = 0.0, None
+    for d in (flex_min_density(heads, G, head_dim, value_dim, dtype, bwd), 0.0):
+        t = _hybrid(counts, graph.num_edges, graph.num_dst, d, heads, G, head_dim,
+                    value_dim, dtype, bwd)[0]
+        if best_t is None or t < best_t:
+            best, best_t = d, t
+    return best
+
+
+def choose_engine(graph: TokenGraph, device_type: str, *, heads: int, kv_heads: int,
+                  head_dim: int, value_dim: int, dtype: torch.dtype,
+                  requires_grad: bool = False, fused_available: bool = True) -> EngineChoice:
+    """Tiles on FlexAttention plus residual edges on the fused kernels, or the fused kernels
+    alone: which the H100 model finds faster for ``graph`` on ``device_type``.
+
+    On ``"cuda"`` both are timed by the model of benchmarks/results/model/model.md (the same
+    tile counts, at ``FLEX_BLOCK`` in the graph's :attr:`~TokenGraph.order`, and constants):
+    the engine's plan (:func:`flex_density`) puts a tile on FlexAttention when it holds at
+    least the break-even fraction of its cells as edges (:func:`flex_min_density`), or
+    every non-empty tile where that is faster, the rest on the fused kernels, and the two
+    merge by log-sum-exp (:func:`merge_seconds`). ``requires_grad`` times forward and
+    backward. Without the fused kernels (``fused_available=False``, or inputs they do not
+    take) every non-empty tile goes to FlexAttention. On another device there is no model:
+    ``engine`` is None. The decision is a model, never a measurement; it takes the device
+    type (not a tensor), so it can be asked on any machine.
+    """
+    if device_type != "cuda":
+        return EngineChoice(engine=None, reason=f"the H100 model chooses engines for CUDA "
+                                                f"tensors only, not {device_type}")
+    graph = graph.materialize()
+    G = max(1, heads // max(kv_heads, 1))
+    bwd = bool(requires_grad)
+    if fused_kernels(dtype, head_dim, value_dim, G) is None:
+        fused_available = False
+    density = flex_density(graph, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                           value_dim=value_dim, dtype=dtype, requires_grad=bwd,
+                           fused_available=fused_available)
+    hybrid, tiles, tile_edges = _hybrid(_flex_counts(graph), graph.num_edges, graph.num_dst,
+                                        density, heads, G, head_dim, value_dim, dtype, bwd)
+    residual = graph.num_edges - tile_edges
+    fused = (fused_seconds(graph.num_edges, heads, G, head_dim, value_dim, dtype, bwd)
+             if fused_available else float("inf"))
+    engine = "flex" if tiles and hybrid < fused else "fused"
+    what = "forward + backward" if bwd else "forward"
+    ms = lambda t: "n/a" if t == float("inf") else f"{t * 1e3:.3g} ms"  # noqa: E731
+    reason = (f"H100 model ({what}, H = {heads}, D = {head_dim}): tiles on FlexAttention "
+              f"({tiles} tiles of {FLEX_BLOCK}², {residual} residual edges) "
+              f"{ms(hybrid)} vs the fused kernels {ms(fused)}")
+    if not fused_available:
+        reason += " (the fused kernels are not available for these inputs)"
+    return EngineChoice(engine=engine, hybrid_s=hybrid, fused_s=fused, tiles=tiles,
+                        tile_edges=tile_edges, residual_edges=residual, min_density=density,
+                        reason=reason)
