@@ -396,3 +396,15 @@ def test_reorder_bad_arguments(kwargs, error, message):
     g = neighborhood((4, 4), 3)
     with pytest.raises(error, match=message):
         ag.reorder(g, **kwargs)
+
+
+@pytest.mark.parametrize("module", ["neighborhood", "rectangles"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"attngraph.masks.{module}")
+    names = {name: getattr(mod, name) for name in mod.__all__}
+    result = doctest.testmod(mod, extraglobs={"torch": torch, **names},
+                             optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
