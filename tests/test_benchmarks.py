@@ -320,3 +320,23 @@ def test_scfa_cells_counts_the_cells_each_mask_allows():
         med, q1, q3, lo, hi = r["cost_ratio"]
         assert 0 < lo <= q1 <= med <= q3 <= hi
     assert table(rows).count("\n") == 4
+
+
+def test_rounds_table_takes_ratios_within_each_round(tmp_path):
+    from benchmarks import rounds
+
+    def write(name, times):
+        records = [dict(mask=m, peer=p, modes={"fwd": {"status": "ok", "median_s": t}})
+                   for (m, p), t in times.items()]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"meta": {}, "records": records}))
+        return path
+
+    files = [write("r1", {("a", "x"): 1.0, ("a", "y"): 2.0}),
+             write("r2", {("a", "x"): 4.0, ("a", "y"): 4.0}),
+             write("r3", {("a", "x"): 3.0, ("a", "y"): 12.0})]
+    text = rounds.tables([rounds.load(f) for f in files],
+                         [(("a", "x", "fwd"), ("a", "y", "fwd"))])
+    assert "| a | x | fwd | 1000, 4000, 3000 | 3000 (1000–4000) |" in text
+    # per-round ratios 0.5, 1.0, 0.25: median 0.5, not 3000 / 4000
+    assert "| 0.50, 1.00, 0.25 | 0.50 (0.25–1.00) |" in text
