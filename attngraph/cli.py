@@ -31,7 +31,10 @@ DEFAULT_SHOW_N = 512
 # Values the command line fills in for generator parameters that have no default.
 # (Random inputs: --buckets K draws ids in [0, K); --keep-fraction F keeps a fraction F.)
 _CLI_DEFAULTS = {"window": 16, "block": 16, "per_row": 8, "stride": 16, "dilation": 1,
-                 "seed": 0, "q_buckets": 8, "keep_q": 0.5, "keep_k": 0.5}
+                 "seed": 0, "q_buckets": 8, "keep_q": 0.5, "keep_k": 0.5, "prefix": 16,
+                 "shape": (32, 32), "kernel": 7}
+# Generator parameters that are the token count, given as --n.
+_TOKEN_COUNT = ("n", "num_nodes")
 
 
 # ---------------------------------------------------------------------------- options
@@ -41,6 +44,34 @@ def _int_list(text: str) -> List[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers like 0,5,9, got {text!r}") from None
+
+
+def _int_or_ints(text: str):
+    """'7' -> 7 (every axis), '7,5' -> [7, 5] (one per axis)."""
+    values = _int_list(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected an integer or integers like 7,5, got "
+                                         f"{text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _range_list(text: str) -> List[Tuple[int, int]]:
+    """'0:16,16:48' -> [(0, 16), (16, 48)]."""
+    try:
+        pairs = [tuple(int(v) for v in part.split(":"))
+                 for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected start:end ranges separated by commas, "
+                                         f"like 0:16,16:48; got {text!r}")
+    return pairs
+
+
+def _word_list(text: str):
+    """'full' -> 'full' (for every item), 'full,causal' -> ['full', 'causal']."""
+    words = [w for w in text.replace(" ", "").split(",") if w]
+    return words[0] if len(words) == 1 else words
 
 
 def _positive_int(text: str) -> int:
@@ -100,6 +131,14 @@ _SPECIAL = {
     "keep_k": _KEEP,
     "layout": _Option("--layout", "ROWS", "0/1 block layout rows, e.g. 110,011,001 "
                       "(N = columns x block)", _layout),
+    "shape": _Option("--shape", "S1,S2,..", "grid shape (N = the product)", _int_list),
+    "kernel": _Option("--kernel", "K|K1,K2,..", "odd window size, for every axis or per "
+                      "axis", _int_or_ints),
+    "q_ranges": _Option("--q-ranges", "A:B,..", "query ranges of the rectangles",
+                        _range_list),
+    "k_ranges": _Option("--k-ranges", "A:B,..", "key ranges of the rectangles", _range_list),
+    "kinds": _Option("--kinds", "full|causal,..", "kind of every rectangle, or one for all",
+                     _word_list),
 }
 _SEED = _Option("--seed", "INT", "random seed", int)
 # Parameters built from random draws also take --seed.
@@ -160,7 +199,7 @@ def _describe(fn: Callable) -> Optional[_Mask]:
     for p in sig.parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             return None
-        if p.name == "n":
+        if p.name in _TOKEN_COUNT:
             takes_n = True
             continue
         if p.name in _SPECIAL:
@@ -339,8 +378,9 @@ def _mask_kwargs(m: _Mask, args: argparse.Namespace, error: Callable[[str], None
     gen = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
     kw: Dict[str, object] = {}
     drawn: Dict[str, object] = {}
-    if "n" in inspect.signature(m.fn).parameters:
-        kw["n"] = n
+    for name in _TOKEN_COUNT:
+        if name in inspect.signature(m.fn).parameters:
+            kw[name] = n
     for p in m.params:
         value = getattr(args, _dest(p.option.flag))
         if p.name == "q_buckets":

@@ -226,6 +226,17 @@ class TokenGraph:
         return cls._from_canonical(src, dst, num_src, num_dst)
 
     @classmethod
+    def from_ranges(cls, q_ranges, k_ranges, kinds, *, num_nodes: int,
+                    implicit: bool = False) -> "TokenGraph":
+        """Union of rectangles ``q_ranges[r] x k_ranges[r]``, each ``"full"`` or ``"causal"``
+        (aligned at the bottom-right: key offset ``<= query offset + (k_len - q_len)``)
+        over ``num_nodes`` tokens; ``implicit`` keeps the rectangles as the rule
+        (:func:`attngraph.masks.from_ranges`, which documents the arguments)."""
+        from attngraph.masks.rectangles import from_ranges
+
+        return from_ranges(q_ranges, k_ranges, kinds, num_nodes=num_nodes, implicit=implicit)
+
+    @classmethod
     def from_networkx(cls, G) -> "TokenGraph":
         """Inverse of :meth:`to_networkx` (integer node ids, or ``("key", j)`` / ``("query", i)``)."""
         nodes = list(G.nodes)

@@ -5,6 +5,8 @@
   density image computed from the edge list, so a graph over 10^8 tokens is never densified.
 * :func:`plot_graph` draws a small graph as an arc diagram: tokens on a line, one arc per
   edge from key to query, width and opacity from attention weights.
+* :func:`plot_grid` draws, for tokens that are the cells of a 2-D grid (an image), the
+  keys of a few queries on the grid itself: a neighbourhood reads as a window there.
 * :func:`mask_png` renders :func:`plot_mask` to PNG bytes (``TokenGraph._repr_png_``) on an
   explicit Agg canvas, leaving pyplot's global state alone.
 
@@ -25,13 +27,15 @@ from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from attngraph import chunks
 from attngraph.graph import TokenGraph
 from attngraph.runs import Range, from_runs
 
-__all__ = ["plot_mask", "plot_graph", "mask_png", "MAX_ARC_NODES", "MAX_ARC_EDGES"]
+__all__ = ["plot_mask", "plot_graph", "plot_grid", "mask_png", "MAX_ARC_NODES",
+           "MAX_ARC_EDGES"]
 
 # plot_graph refuses larger graphs: beyond this, labels and arcs stop being readable.
 MAX_ARC_NODES = 64
@@ -490,6 +494,82 @@ def _labels(graph: TokenGraph, tokens):
         raise ValueError(f"tokens must label every node: expected {ns} key and {nd} query "
                          f"labels, got {len(keys)} and {len(queries)}")
     return keys, queries
+
+
+_GRID_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+                "#e377c2", "#17becf")
+
+
+def plot_grid(graph: TokenGraph, shape: Sequence[int], queries: Sequence, *,
+              ax: Optional[Axes] = None, title: Optional[str] = None) -> Axes:
+    """Draw the keys of some queries on the 2-D grid the tokens are the cells of.
+
+    Token ``y * W + x`` is cell ``(y, x)`` of an ``H x W`` grid (row-major, the numbering of
+    :func:`attngraph.masks.neighborhood`). Each query's keys are filled in its own colour
+    (keys of several queries: the colours mixed), the query cell is outlined in black and
+    marked with a dot. Only the given queries' rows are read (``graph.rows``), so an
+    implicit graph stays a rule.
+
+    Args:
+        graph: a self-attention :class:`~attngraph.TokenGraph` over ``H * W`` tokens.
+        shape: ``(H, W)``.
+        queries: up to 8 query cells, each a token id or a ``(y, x)`` pair.
+        ax: matplotlib Axes to draw on; a new figure (via pyplot) when None.
+        title: first title line; the stats line follows it.
+
+    Returns:
+        the matplotlib Axes.
+    """
+    _check_graph(graph)
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                       for s in shape)):
+        raise ValueError(f"shape must be (H, W), two positive ints, got {shape!r}")
+    h, w = shape
+    if graph.num_dst != h * w or graph.num_src != h * w:
+        raise ValueError(f"shape {tuple(shape)} has {h * w} cells but the graph has "
+                         f"{graph.num_dst} queries and {graph.num_src} keys")
+    if not isinstance(queries, (list, tuple)) or not 1 <= len(queries) <= len(_GRID_COLORS):
+        raise ValueError(f"queries must be a list of 1 to {len(_GRID_COLORS)} cells, got "
+                         f"{queries!r}")
+    ids = []
+    for q in queries:
+        if isinstance(q, (list, tuple)) and len(q) == 2:
+            y, x = q
+            if not (0 <= y < h and 0 <= x < w):
+                raise ValueError(f"query cell {tuple(q)} lies outside the {h} x {w} grid")
+            ids.append(int(y) * w + int(x))
+        elif isinstance(q, int) and not isinstance(q, bool) and 0 <= q < h * w:
+            ids.append(q)
+        else:
+            raise ValueError(f"a query is a token id in [0, {h * w}) or a (y, x) cell, got "
+                             f"{q!r}")
+    if ax is None:
+        ax = _new_axes((min(9.0, 1.0 + 0.2 * w), min(9.0, 1.2 + 0.2 * h)))
+    rgb = np.ones((h * w, 3))
+    hits = np.zeros(h * w)
+    for q, color in zip(ids, _GRID_COLORS):
+        _, src = graph.rows(q, q + 1)
+        keys = src.cpu().numpy()
+        c = np.array(mcolors.to_rgb(color))
+        # average the colours of the queries that share a key
+        rgb[keys] = np.where(hits[keys, None] > 0,
+                             (rgb[keys] * hits[keys, None] + c) / (hits[keys, None] + 1), c)
+        hits[keys] += 1
+    ax.imshow(rgb.reshape(h, w, 3), interpolation="nearest")
+    for q in ids:
+        y, x = divmod(q, w)
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="black",
+                               linewidth=1.5))
+        ax.plot([x], [y], "o", color="white", markersize=3)
+    ax.set_xticks(np.arange(-0.5, w, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, h, 1), minor=True)
+    ax.grid(which="minor", color="#dddddd", linewidth=0.5)
+    ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    _title(ax, graph, title)
+    return ax
 
 
 def mask_png(graph: TokenGraph, *, resolution: int = 512, dpi: int = 100) -> bytes:

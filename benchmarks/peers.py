@@ -21,7 +21,10 @@ compiled``         (compiled in the warm-up)
                    (``is_causal=True``; flash takes no mask)
 ``flex``           ``torch.compile(flex_attention)`` with a ``BlockMask`` from
                    ``create_block_mask`` (block size 128) and a mask_mod that computes the
-                   same mask (see :meth:`benchmarks.specs.MaskSpec.mask_mod`)
+                   same mask (see :meth:`benchmarks.specs.MaskSpec.mask_mod`); for a spec
+                   whose tokens run in the graph's order (``neighborhood_hilbert``) the
+                   mask_mod reads positions through that order and each call permutes
+                   q, k, v in and the output back, as attngraph's tiles do
 =================  =========================================================================
 
 ``estimate(ctx, mode)`` is each peer's memory model (bytes above the inputs, setup
@@ -308,6 +311,7 @@ def _compiled(name: str) -> Callable:
 
 class FlexPeer(Peer):
     name = "flex"
+    perm = None              # the graph's token order when FlexAttention runs in it
     layout = "bhnd"
     BLOCK = 128
 
@@ -344,6 +348,18 @@ class FlexPeer(Peer):
         if mask_mod is None:
             raise Unavailable(how)
         self._check_mask_mod(ctx, mask_mod)
+        self.perm = None
+        if ctx.spec.flex_in_order and ctx.graph.order is not None:
+            # The tokens in the graph's order, as attngraph's tiles compute: the mask_mod
+            # sees positions in that order, the inputs are permuted in and out per call.
+            perm = ctx.graph.order.to(ctx.device)
+            base = mask_mod
+
+            def mask_mod(b, h, q, kv):
+                return base(b, h, perm[q], perm[kv])
+
+            self.perm = perm
+            how += ", tokens in the graph's order"
         build = create_block_mask if self._eager(ctx) else _compiled("create_block_mask")
         info = {"mask_mod": how, "block_mask_build": "eager" if self._eager(ctx) else "compiled"}
         t = time.perf_counter()
@@ -374,7 +390,12 @@ class FlexPeer(Peer):
             raise AssertionError(f"flex mask_mod disagrees with the {ctx.spec} graph")
 
     def forward(self, q, k, v):
-        return _compiled("flex_attention")(q, k, v, block_mask=self.block_mask)
+        perm = self.perm
+        if perm is None:
+            return _compiled("flex_attention")(q, k, v, block_mask=self.block_mask)
+        q, k, v = (x.index_select(2, perm) for x in (q, k, v))
+        out = _compiled("flex_attention")(q, k, v, block_mask=self.block_mask)
+        return out.new_empty(out.shape).index_copy(2, perm, out)
 
 
 # ---------------------------------------------------------------------- registry

@@ -55,7 +55,10 @@ PRESETS = {
     "tiles": dict(
         groups=[dict(masks=["sliding_window(128)", "longformer(128,g16)", "bigbird(64)",
                             "random(32)", "hash(64)", "window_random(128,16)"],
-                     n=[4 * K, 8 * K, 16 * K, 32 * K])],
+                     n=[4 * K, 8 * K, 16 * K, 32 * K]),
+                # 2-D neighbourhood attention on a 128 x 128 grid, kernel 13, tokens in
+                # row-major and in Hilbert order (FlexAttention given the same order)
+                dict(masks=["neighborhood(13)", "neighborhood_hilbert(13)"], n=[16 * K])],
         heads=[4], dim=[64], dtype=["float32"],
         peers=["attngraph-tiles", "attngraph-flex", "attngraph", "flex", "sdpa"],
         base_peer="attngraph-tiles",

@@ -16,6 +16,12 @@ A mask spec is written ``name(arg, ...)`` or ``name:arg:...`` on the command lin
                             LSH of random queries gives
 ``window_random(w,r)``      ``sliding_window(n, w) | random(n, r, seed=0)``: a window
                             with random long-range edges (the mixed mask)
+``neighborhood(k)``         ``attngraph.masks.neighborhood((s, s), k)``: 2-D neighbourhood
+                            attention over an ``s x s`` grid, ``s = ceil(sqrt(n))``,
+                            tokens in row-major order
+``neighborhood_hilbert(k)`` the same mask with ``graph.order`` set to the grid's Hilbert
+                            order (``attngraph.reorder(g, "hilbert", shape=(s, s))``);
+                            FlexAttention gets the tokens in that order too
 ==========================  ==========================================================
 """
 from __future__ import annotations
@@ -57,7 +63,8 @@ def human_bytes(b: Optional[float]) -> str:
 
 
 _ARITY = {"sliding_window": 1, "random": 1, "longformer": 2, "bigbird": 1, "causal": 0,
-          "full": 0, "hash": 1, "window_random": 2}
+          "full": 0, "hash": 1, "window_random": 2, "neighborhood": 1,
+          "neighborhood_hilbert": 1}
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,33 @@ class MaskSpec:
         if self.kind == "bigbird":
             b = self.args[0]
             return -(-n // b) * b
+        if self.is_grid:
+            return self.grid_side(n) ** 2
         return n
+
+    @property
+    def is_grid(self) -> bool:
+        return self.kind in ("neighborhood", "neighborhood_hilbert")
+
+    @property
+    def flex_in_order(self) -> bool:
+        """FlexAttention runs on the tokens permuted into the graph's order (and back)."""
+        return self.kind == "neighborhood_hilbert"
+
+    @staticmethod
+    def grid_side(n: int) -> int:
+        """Side of the square grid of a neighbourhood mask over (at least) ``n`` tokens."""
+        side = math.isqrt(max(n, 1))
+        return side if side * side >= n else side + 1
+
+    def _grid(self, n: int, implicit: bool = False):
+        from attngraph import masks, reorder
+
+        side = self.grid_side(n)
+        g = masks.neighborhood((side, side), self.args[0], implicit=implicit)
+        if self.kind == "neighborhood_hilbert":
+            g.order = reorder(g, "hilbert", shape=(side, side))
+        return g
 
     def build(self, n: int, graph: str = "int64"):
         """The :class:`attngraph.TokenGraph` of this mask over ``n`` tokens (on the CPU):
@@ -113,6 +146,8 @@ class MaskSpec:
             return masks.hash_buckets(self.buckets(n))
         if self.kind == "window_random":
             return masks.sliding_window(n, self.args[0]) | masks.random(n, self.args[1], seed=0)
+        if self.is_grid:
+            return self._grid(n)
         raise AssertionError(self.kind)
 
     def _rule(self, n: int):
@@ -124,6 +159,8 @@ class MaskSpec:
             return masks.longformer(n, self.args[0], self.global_indices(n), implicit=True)
         if self.kind in ("causal", "full"):
             return getattr(masks, self.kind)(n, implicit=True)
+        if self.is_grid:
+            return self._grid(n, implicit=True)
         raise ValueError(f"{self.label} has no implicit form (structured masks do)")
 
     def buckets(self, n: int):
@@ -156,6 +193,9 @@ class MaskSpec:
         if self.kind == "window_random":
             w = min(self.args[0], n)
             return n * (2 * w + 1) - w * (w + 1) + n * min(self.args[1], n)
+        if self.is_grid:
+            side = self.grid_side(n)
+            return side * side * min(self.args[0], side) ** 2
         return n * n
 
     # ------------------------------------------------------------------ FlexAttention
@@ -174,6 +214,16 @@ class MaskSpec:
             return (lambda b, h, q, kv: (q - kv).abs() <= w), "formula |q-kv|<=w"
         if self.kind == "causal":
             return (lambda b, h, q, kv: kv <= q), "formula kv<=q"
+        if self.is_grid:
+            side, k = self.grid_side(n), self.args[0]
+
+            def in_window(qc, kc):         # NATTEN: window of k, shifted inward at borders
+                start = torch.clamp(qc - k // 2, min=0, max=side - k)
+                return (kc >= start) & (kc < start + k)
+
+            return ((lambda b, h, q, kv: in_window(q // side, kv // side)
+                     & in_window(q % side, kv % side)),
+                    "formula: window of k per grid axis, row-major numbering")
         if self.kind == "full":
             return (lambda b, h, q, kv: q >= 0), "formula True"
         if self.kind == "hash":

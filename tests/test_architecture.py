@@ -101,6 +101,7 @@ DELEGATIONS = {
     ("attngraph.graph", "tile_plan"): "attngraph.ops.plan",
     ("attngraph.graph", "to_block_mask"): "attngraph.flex",
     ("attngraph.graph", "from_block_mask"): "attngraph.flex",
+    ("attngraph.graph", "from_ranges"): "attngraph.masks.rectangles",
     ("attngraph.graph", "plot"): "attngraph.viz",
     ("attngraph.graph", "_repr_png_"): "attngraph.viz",
     ("attngraph.stacked", "plot"): "attngraph.viz",

@@ -114,7 +114,8 @@ def test_cupy_peer_reports_the_dispatch_reason():
 
 
 @pytest.mark.parametrize("mask", ["sliding_window(3)", "longformer(2,g3)", "bigbird(4)",
-                                  "causal", "random(5)"])
+                                  "causal", "random(5)", "neighborhood(5)",
+                                  "neighborhood_hilbert(3)"])
 def test_flex_mask_mod_matches_the_graph(mask):
     spec = specs.parse_mask(mask)
     n = spec.valid_n(40)
@@ -124,6 +125,45 @@ def test_flex_mask_mod_matches_the_graph(mask):
     kv = torch.arange(n).view(1, -1)
     assert torch.equal(fn(None, None, q, kv).expand(n, n), g.to_dense()), how
     assert spec.expected_edges(n) >= g.num_edges
+
+
+def test_neighborhood_specs_are_a_square_grid_in_two_orders():
+    row_major = specs.parse_mask("neighborhood(13)")
+    hilbert = specs.parse_mask("neighborhood_hilbert(13)")
+    assert row_major.valid_n(16384) == hilbert.valid_n(16200) == 16384
+    assert row_major.valid_n(1000) == 32 * 32
+    g, h = row_major.build(1024), hilbert.build(1024)
+    assert g.equal(masks.neighborhood((32, 32), 13)) and h.equal(g)
+    assert g.order is None
+    assert torch.equal(h.order, ag.reorder(g, "hilbert", shape=(32, 32)))
+    assert row_major.expected_edges(1024) == g.num_edges
+    assert hilbert.build(1024, graph="implicit").is_implicit
+    assert not row_major.flex_in_order and hilbert.flex_in_order
+
+
+def test_flex_peer_runs_in_the_graphs_order(monkeypatch):
+    """For neighborhood_hilbert, FlexAttention's block mask is the mask in Hilbert order and
+    each call permutes q, k, v in and the output back: the same result as in token order."""
+    from torch.nn.attention import flex_attention as fa
+
+    from benchmarks import peers
+
+    monkeypatch.setattr(peers, "_compiled", lambda name: getattr(fa, name))   # eager
+    spec = specs.parse_mask("neighborhood_hilbert(3)")
+    n = spec.valid_n(64)
+    g = spec.build(n)
+    ctx = peers.Context(spec, g, n, 2, 8, torch.float32, torch.device("cpu"), int(1e9))
+    peer = peers.FlexPeer()
+    info = peer.setup(ctx)
+    assert "graph's order" in info["mask_mod"]
+    q_idx = torch.arange(n).view(-1, 1)
+    kv_idx = torch.arange(n).view(1, -1)
+    got = peer.block_mask.mask_mod(None, None, q_idx, kv_idx)
+    assert torch.equal(got.expand(n, n), g.permuted().to_dense())
+    q, k, v = (torch.randn(n, 2, 8) for _ in range(3))
+    out = peer.to_node_major(peer.forward(*(peer.to_native(x) for x in (q, k, v))))
+    torch.testing.assert_close(out, ag.graph_attention(q, k, v, g, backend="torch"),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_random_mask_mod_refuses_over_the_dense_limit():
@@ -280,3 +320,23 @@ def test_scfa_cells_counts_the_cells_each_mask_allows():
         med, q1, q3, lo, hi = r["cost_ratio"]
         assert 0 < lo <= q1 <= med <= q3 <= hi
     assert table(rows).count("\n") == 4
+
+
+def test_rounds_table_takes_ratios_within_each_round(tmp_path):
+    from benchmarks import rounds
+
+    def write(name, times):
+        records = [dict(mask=m, peer=p, modes={"fwd": {"status": "ok", "median_s": t}})
+                   for (m, p), t in times.items()]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"meta": {}, "records": records}))
+        return path
+
+    files = [write("r1", {("a", "x"): 1.0, ("a", "y"): 2.0}),
+             write("r2", {("a", "x"): 4.0, ("a", "y"): 4.0}),
+             write("r3", {("a", "x"): 3.0, ("a", "y"): 12.0})]
+    text = rounds.tables([rounds.load(f) for f in files],
+                         [(("a", "x", "fwd"), ("a", "y", "fwd"))])
+    assert "| a | x | fwd | 1000, 4000, 3000 | 3000 (1000–4000) |" in text
+    # per-round ratios 0.5, 1.0, 0.25: median 0.5, not 3000 / 4000
+    assert "| 0.50, 1.00, 0.25 | 0.50 (0.25–1.00) |" in text

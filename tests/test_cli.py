@@ -25,7 +25,13 @@ SHOW_ARGS = {
     "fixed": ["--block", "8"],
     "hash_buckets": ["--buckets", "4", "--seed", "3"],
     "qk_drop": ["--keep-fraction", "0.7"],
+    "prefix_lm": ["--prefix", "12"],
+    "neighborhood": ["--shape", "12,10", "--kernel", "5,3", "--dilation", "2"],
+    "from_ranges": ["--q-ranges", "0:16,16:48,8:30", "--k-ranges", "0:16,0:48,30:40",
+                    "--kinds", "full,causal,full"],
 }
+# Masks whose token count comes from their other parameters, not --n.
+NO_N = ("document", "block_sparse", "neighborhood")
 
 
 def assert_png_drawn(path):
@@ -43,7 +49,7 @@ def run_cli(*args, timeout=300):
 @pytest.mark.parametrize("mask", MASK_NAMES)
 def test_show_every_mask(mask, tmp_path, capsys):
     out = tmp_path / f"{mask}.png"
-    n = [] if mask in ("document", "block_sparse") else ["--n", "48"]
+    n = [] if mask in NO_N else ["--n", "48"]
     assert cli.main(["show", mask, *n, *SHOW_ARGS.get(mask, []), "--dpi", "60",
                      "--out", str(out)]) == 0
     assert "TokenGraph(" in capsys.readouterr().out
@@ -100,6 +106,23 @@ def test_sort_by_bucket_permutes_into_blocks():
     assert torch.equal(s.to_dense(), expected)
 
 
+def test_show_new_masks_options_reach_the_generators(tmp_path, capsys):
+    """--shape / --kernel (one for all axes or one per axis), --q-ranges / --k-ranges /
+    --kinds (one kind for all) and --n as num_nodes reach the generators."""
+    png = tmp_path / "m.png"
+    cli.main(["show", "neighborhood", "--shape", "6,5", "--kernel", "3", "--causal",
+              "--out", str(png)])
+    want = ag.masks.neighborhood((6, 5), 3, causal=True)
+    assert f"num_edges={want.num_edges}," in capsys.readouterr().out
+    cli.main(["show", "from_ranges", "--n", "20", "--q-ranges", "0:20,0:20", "--k-ranges",
+              "0:20,0:7", "--kinds", "causal,full", "--implicit", "--out", str(png)])
+    out = capsys.readouterr().out
+    assert f"num_edges={ag.masks.prefix_lm(20, 7).num_edges}," in out and "implicit" in out
+    cli.main(["show", "from_ranges", "--n", "20", "--q-ranges", "0:10,10:20", "--k-ranges",
+              "0:10,10:20", "--kinds", "causal", "--out", str(png)])
+    assert "num_edges=110," in capsys.readouterr().out
+
+
 def test_show_subprocess(tmp_path):
     out = tmp_path / "window.png"
     r = run_cli("show", "sliding_window", "--n", "100", "--window", "5", "--out", str(out))
@@ -121,9 +144,18 @@ def test_show_subprocess(tmp_path):
     (["show", "sliding_window", "--n", "100", "--style", "arcs"], "use attngraph.viz.plot_mask"),
     (["show", "causal", "--bogus", "1"], "unrecognized arguments: --bogus"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["show", "neighborhood", "--kernel", "4"], "kernel must be odd"),
+    (["show", "neighborhood", "--shape", "8,8", "--kernel", "3,3,3"], "one per axis"),
+    (["show", "from_ranges", "--q-ranges", "0:4", "--k-ranges", "0:4"], "needs --kinds"),
+    (["show", "from_ranges", "--q-ranges", "0-4", "--k-ranges", "0:4", "--kinds", "full"],
+     "start:end ranges"),
+    (["show", "from_ranges", "--n", "8", "--q-ranges", "0:4", "--k-ranges", "0:4",
+      "--kinds", "diagonal"], "not a known kind"),
+    (["show", "prefix_lm", "--n", "8", "--prefix", "9"], "prefix must be <= 8"),
 ], ids=["typo", "unknown-mask", "parameter-not-taken", "n-not-taken", "missing-parameter",
         "invalid-value", "bad-list", "bad-fraction", "sort-needs-buckets", "too-large-for-arcs",
-        "unknown-option", "unknown-command"])
+        "unknown-option", "unknown-command", "even-kernel", "kernel-rank", "missing-kinds",
+        "bad-range", "unknown-kind", "prefix-too-long"])
 def test_errors_exit_nonzero_with_a_message(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([*args, "--out", str(tmp_path / "x.png")])

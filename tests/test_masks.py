@@ -509,7 +509,8 @@ def test_invalid_arguments(call, error, match):
 def test_all_exports():
     expected = {"batch", "full", "causal", "sliding_window", "dilated_window", "dilated_block",
                 "strided", "global_tokens", "longformer", "random", "bigbird", "block_sparse",
-                "fixed", "document", "hash_buckets", "qk_drop", "lsh_buckets", "stack"}
+                "fixed", "document", "hash_buckets", "qk_drop", "lsh_buckets", "stack",
+                "prefix_lm", "neighborhood", "from_ranges"}
     assert set(masks.__all__) == expected
     assert all(callable(getattr(masks, name)) for name in expected)
 

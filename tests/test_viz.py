@@ -160,6 +160,44 @@ def test_plot_mask_rejects_bad_arguments(kwargs, error):
         viz.plot_mask(longformer_small(), ax=new_axes(), **kwargs)
 
 
+# ---------------------------------------------------------------------------- plot_grid
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
+def test_plot_grid_colours_exactly_the_queries_keys(implicit, monkeypatch):
+    """Each query's keys, and only those cells, take its colour; an implicit graph is read
+    row by row from its rule."""
+    from attngraph.implicit import ImplicitGraph
+
+    def forbidden(self, *args):
+        raise AssertionError("the edge list was built")
+
+    monkeypatch.setattr(ImplicitGraph, "materialize", forbidden)
+    shape = (9, 11)
+    g = ag.masks.neighborhood(shape, 3, 2, implicit=implicit)
+    ax = viz.plot_grid(g, shape, [(4, 5), 0], ax=new_axes(), title="grid")
+    img = ax.get_images()[0].get_array()
+    dense = ag.masks.neighborhood(shape, 3, 2).to_dense()
+    red = torch.tensor(matplotlib.colors.to_rgb(viz._GRID_COLORS[1]), dtype=torch.float64)
+    blue = torch.tensor(matplotlib.colors.to_rgb(viz._GRID_COLORS[0]), dtype=torch.float64)
+    cells = torch.as_tensor(img, dtype=torch.float64).reshape(-1, 3)
+    blue_cells = (cells - blue).abs().sum(1) < 1e-6
+    red_cells = (cells - red).abs().sum(1) < 1e-6
+    assert torch.equal(blue_cells, dense[4 * 11 + 5])   # the two windows don't overlap
+    assert torch.equal(red_cells, dense[0])
+    assert_not_blank(png_bytes(ax), min_ink=0.01)
+
+
+@pytest.mark.parametrize("args, message", [
+    (((9,), [0]), "shape must be"),
+    (((3, 3), [0]), "has 9 cells but the graph has 99"),
+    (((9, 11), []), "queries must be a list"),
+    (((9, 11), [(9, 0)]), "outside the 9 x 11 grid"),
+    (((9, 11), [99]), "a query is a token id"),
+], ids=["rank", "size", "no-queries", "cell-outside", "id-outside"])
+def test_plot_grid_rejects_bad_arguments(args, message):
+    with pytest.raises(ValueError, match=message):
+        viz.plot_grid(ag.masks.neighborhood((9, 11), 3), *args, ax=new_axes())
+
+
 # ---------------------------------------------------------------------------- plot_graph
 def test_plot_graph_arcs_with_tokens_and_weights():
     g = ag.masks.sliding_window(12, 2, causal=True) | ag.masks.global_tokens(12, [0])
