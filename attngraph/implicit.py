@@ -58,8 +58,8 @@ class ImplicitGraph(TokenGraph):
 
     Made by the structured generators with ``implicit=True`` (``full``, ``causal``,
     ``sliding_window``, ``dilated_window``, ``dilated_block``, ``global_tokens``,
-    ``longformer``, ``strided``, ``fixed``, ``document``, ``hash_buckets``, ``qk_drop``)
-    and by ``|``, ``&``, ``-`` of two implicit graphs. Same edges, same canonical order,
+    ``longformer``, ``strided``, ``fixed``, ``document``, ``hash_buckets``, ``qk_drop``,
+    ``neighborhood``, ``prefix_lm``, ``from_ranges``) and by ``|``, ``&``, ``-`` of two implicit graphs. Same edges, same canonical order,
     same answers as the explicit graph; memory holds the rule only.
 
     Args:
