@@ -427,10 +427,12 @@ def _flash_backward(ops, piece: Dense, q, k, v, scale, cdt, lse_rows, out_rows, 
         dk_b, dv_b = (t.view(nb, f, *t.shape[1:]).sum(1) for t in (dk_b, dv_b))
     kidx = piece.keys.reshape(-1)
     dq, dk_b = dq[..., :D], dk_b[..., :D]
-    dk_b = dk_b.reshape(nb, H_kv, G, W, D).sum(2).permute(0, 2, 1, 3)
-    dv_b = dv_b[..., :Dv].reshape(nb, H_kv, G, W, Dv).sum(2).permute(0, 2, 1, 3)
-    _add_rows(dk, kidx, dk_b)
-    _add_rows(dv, kidx, dv_b)
+    dv_b = dv_b[..., :Dv]
+    if G > 1:                                # GQA: the query heads of a key head summed
+        dk_b = dk_b.reshape(nb, H_kv, G, W, D).sum(2)
+        dv_b = dv_b.reshape(nb, H_kv, G, W, Dv).sum(2)
+    _add_rows(dk, kidx, dk_b.transpose(1, 2))
+    _add_rows(dv, kidx, dv_b.transpose(1, 2))
     return dq.permute(0, 2, 1, 3).reshape(nb * bq, H, D), qo
 
 
