@@ -118,12 +118,20 @@ class Run:
                     step_s=self.times, train_bpb=c)
 
 
-def train(args, data) -> list:
-    """Both models, one step each in turn, the order swapping every step."""
+def train(args, data, on_eval=None) -> list:
+    """Both models, one step each in turn, the order swapping every step; ``on_eval(results)``
+    after every evaluation (the record so far)."""
     runs = [Run("sdpa", args, data), Run("attngraph", args, data)]
     for step in range(args.steps):
         for run in (runs if step % 2 == 0 else runs[::-1]):
             run.step()
+        if on_eval is not None and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            on_eval(summarize(runs))
+    return summarize(runs)
+
+
+def summarize(runs) -> list:
+    """Each run's record, with its per-step speed-up over sdpa."""
     results = [r.result() for r in runs]
     dense = results[0]["step_s"]
     for r in results:                          # the first step (warm-up) left out
@@ -136,6 +144,7 @@ def train(args, data) -> list:
 def report(results: list, args, meta: dict) -> str:
     g = sparse_mask(args)
     density = g.num_edges / (args.length * (args.length + 1) / 2)
+    done = len(results[0]["train_bpb"])
     lines = ["| attention | mask | held-out bpb | vs sdpa | train bpb | steps | ms / step | "
              "speed-up (median) | IQR | min-max |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -169,7 +178,9 @@ def report(results: list, args, meta: dict) -> str:
         f"Held-out loss after the last step (the same tokens for both); train bpb is the "
         f"mean of the last tenth of the steps; ms / step is the median step (the first "
         f"left out). Speed-up is sdpa's step s over attngraph's step s, per step: median, "
-        f"interquartile range and range.\n\n{table}\n")
+        f"interquartile range and range.\n\n"
+        + ("" if done == args.steps else f"(Partial record: {done} of {args.steps} steps.)\n\n")
+        + f"{table}\n")
     return table
 
 
@@ -202,9 +213,9 @@ def main(argv=None) -> int:
     load_before = list(os.getloadavg())
     data = stdlib_bytes(int(args.text_mb * 1e6))
     print(f"text: {data[0].numel():,} training bytes, {data[1].numel():,} held out")
-    results = train(args, data)
-    meta = run_meta(sys.argv[1:] if argv is None else argv, load_before)
-    print(report(results, args, meta))
+    cmd = sys.argv[1:] if argv is None else argv
+    results = train(args, data, lambda partial: report(partial, args, run_meta(cmd, load_before)))
+    print(report(results, args, run_meta(cmd, load_before)))
     return 0
 
 
