@@ -13,8 +13,9 @@ segment's end, so that its one partial block is its narrowest; a block's keys ar
 of its rows' intervals, one contiguous span of positions. Where the span is dense enough
 (``rows * span <= EDGE_COST_CELLS * edges``, the tile path's measured break-even) the block
 runs as dense math over contiguous K/V rows with an exact mask from the intervals; blocks
-of similar width (within ``PAD_WIDTH``) are batched wherever they lie (the causal prefixes of a hash bucket grow block by block), the columns every row of a
-batch covers form a piece of their own without a mask (a causal prefix and its diagonal
+of similar width (within ``PAD_WIDTH``) are batched wherever they lie (the causal
+prefixes of a hash bucket grow block by block), the columns every row of a batch covers
+form a piece of their own without a mask (a causal prefix and its diagonal
 tail, as FlashAttention splits them), and spans longer than a piece's budget are cut into
 key pieces. On CPU a dense piece runs on ATen's fused flash-attention kernel, which returns
 the log-sum-exp; elsewhere (or when key and value head dims differ) on ``bmm``, mask and
