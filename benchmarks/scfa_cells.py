@@ -17,8 +17,15 @@ alike; the ratio ``(sparse time / sparse cells) / (dense time / dense cells)`` i
 round and reported as a median with its quartiles and range, beside the per-round speed-up
 ``dense time / sparse time``.
 
+``--breakdown`` adds where a sparse call's time goes: the cells the key-range path computes
+(its dense pieces, padding and masked-out cells included) per attended cell, and one
+forward + backward under ``torch.profiler`` split into ATen's flash kernel, gathers and
+scatters of rows (``index_select``, ``index_add_``, ...), mask building (compares,
+``where``) and the rest (planning, merges, Python), as shares of the profiled time.
+
     python benchmarks/scfa_cells.py --lengths 8192 --rounds 10
     python benchmarks/scfa_cells.py --lengths 8192,16384 --out benchmarks/results/cpu/scfa_cells.md
+    python benchmarks/scfa_cells.py --lengths 8192 --rounds 3 --breakdown
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import attngraph as ag
+from attngraph.ops import ranges
 
 
 def build_mask(variant: str, q: torch.Tensor, k: torch.Tensor, seed: int):
@@ -62,6 +70,47 @@ def fwd_bwd(variant: str, q, k, v, dout, graph) -> float:
         o = ag.graph_attention(q, k, v, graph)
     o.backward(dout)
     return time.perf_counter() - t0
+
+
+KERNEL = "_scaled_dot_product_flash_attention_for_cpu"
+GATHER = {"aten::index_select", "aten::index_add_", "aten::scatter_add_", "aten::index",
+          "aten::index_put_", "aten::_index_put_impl_", "aten::index_copy_", "aten::gather"}
+MASK = {"aten::where", "aten::lt", "aten::ge", "aten::le", "aten::gt", "aten::bitwise_and",
+        "aten::bitwise_not", "aten::masked_fill_", "aten::logical_and"}
+
+
+def computed_cells(graph, dim: int) -> int:
+    """Cells the key-range path computes on ``graph`` (a StackedGraph: its inner graph, one
+    head per row): its dense pieces' rows x keys, padding and masked-out cells included,
+    plus the edges of its per-edge pieces."""
+    g = getattr(graph, "graph", graph)
+    g = g if g.is_implicit else g.rule
+    total = 0
+    for p in ranges.pieces(g, 0, g.num_dst, 1, dim, flash=True):
+        total += p.rows.numel() * p.keys.size(1) if isinstance(p, ranges.Dense) \
+            else p.src.numel()
+    return total
+
+
+def breakdown(variant: str, q, k, v, dout, graph) -> dict:
+    """Shares of one profiled forward + backward: kernel, gathers, masks, the rest."""
+    fwd_bwd(variant, q, k, v, dout, graph)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fwd_bwd(variant, q, k, v, dout, graph)
+    parts = dict(kernel=0.0, gather=0.0, mask=0.0)
+    total = 0.0
+    for e in prof.key_averages():
+        t = e.self_cpu_time_total
+        total += t
+        if KERNEL in e.key:
+            parts["kernel"] += t
+        elif e.key in GATHER:
+            parts["gather"] += t
+        elif e.key in MASK:
+            parts["mask"] += t
+    parts = {n: t / total for n, t in parts.items()}
+    parts["rest"] = 1.0 - sum(parts.values())
+    return parts
 
 
 def quartiles(xs) -> tuple:
@@ -107,6 +156,10 @@ def measure(L: int, variants: list, args) -> list:
             cost_ratio=quartiles([s / d for s, d in zip(per_cell, dense_per_cell)]),
             speedup=quartiles([d / s for d, s in zip(times["dense"], times[var])]),
             build_ms=statistics.median(builds[var]) * 1e3 if builds[var] else None))
+        if args.breakdown and var != "dense":
+            graph = build_mask(var, q.detach(), k.detach(), seed=args.seed)
+            rows[-1]["computed"] = computed_cells(graph, D) / graph.num_edges
+            rows[-1]["shares"] = breakdown(var, q, k, v, dout, graph)
     return rows
 
 
@@ -120,6 +173,15 @@ def table(rows: list) -> str:
                    f"{r['ns_per_cell']:.2f} | {c[0]:.2f}x | {c[1]:.2f}-{c[2]:.2f} | "
                    f"{c[3]:.2f}-{c[4]:.2f} | {s[0]:.2f}x | {s[1]:.2f}-{s[2]:.2f} | "
                    + (f"{r['build_ms']:.0f} |" if r["build_ms"] is not None else "- |"))
+    parts = [r for r in rows if "shares" in r]
+    if parts:
+        out += ["", "| L | variant | computed cells per attended cell | flash kernel | gathers, "
+                "scatters | masks | rest |", "|---:|---|---:|---:|---:|---:|---:|"]
+        for r in parts:
+            sh = r["shares"]
+            out.append(f"| {r['L']} | {r['variant']} | {r['computed']:.2f} | "
+                       + " | ".join(f"{100 * sh[n]:.0f} %" for n in ("kernel", "gather",
+                                                                      "mask", "rest")) + " |")
     return "\n".join(out)
 
 
@@ -134,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the table (markdown)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also the computed cells and a profiled split of each sparse call")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,5 @@
 """The example scripts run end to end at CI size (``--quick``) and print what they promise."""
+import json
 import math
 import os
 import re
@@ -64,3 +65,29 @@ def test_scfa_lm_trains_every_variant(tmp_path):
     assert all(float(lo) <= float(q1) <= float(med) <= float(q3) <= float(hi)
                for med, q1, q3, lo, hi in spread), table
     assert (tmp_path / "scfa_lm.png").stat().st_size > 1000
+
+
+def test_hf_sparse_lm_trains_sdpa_and_attngraph(tmp_path):
+    """The transformers Llama trains with a Longformer graph beside SDPA, timed interleaved."""
+    pytest.importorskip("transformers")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "hf_sparse_lm.py"), "--quick",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=EXAMPLES.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "hf_sparse_lm.md").read_text()
+    rows = re.findall(r"^\| (\w+) \| ([^|]+) \| (\S+) \| (\S+) % \| (\S+) \| (\d+) \|", table,
+                      re.M)
+    assert [r[0] for r in rows] == ["sdpa", "attngraph"], table
+    assert "longformer" in rows[1][1], table
+    assert all(0 < float(r[2]) < 9 and int(r[5]) == 4 for r in rows), table   # 8: uniform
+    # the same initial weights and batches: the two start (and stay, 4 steps) close
+    assert abs(float(rows[1][3])) < 5, table
+    spread = re.findall(r"\| (\d+\.\d+)x \| (\d+\.\d+)-(\d+\.\d+) \| "
+                        r"(\d+\.\d+)-(\d+\.\d+) \|$", table, re.M)
+    assert len(spread) == 2, table
+    assert all(float(lo) <= float(q1) <= float(med) <= float(q3) <= float(hi)
+               for med, q1, q3, lo, hi in spread), table
+    record = json.loads((tmp_path / "hf_sparse_lm.json").read_text())
+    assert [r["name"] for r in record["results"]] == ["sdpa", "attngraph"]
+    assert all(len(r["step_s"]) == 4 for r in record["results"])

@@ -6,13 +6,16 @@ An :class:`~attngraph.implicit.ImplicitGraph` gives each query row a few runs of
 run of a row is an interval ``[u0, u0 + count)``: the key itself for a step-1 range, the
 lattice index for a dilated one (rows grouped by residue), the table index for a take.
 
-Rows are processed in chunks. Inside a chunk, each run's active rows are cut into blocks of
-``BLOCK`` rows; a block's keys are the union of its rows' intervals, one contiguous span of
-positions. Where the span is dense enough (``rows * span <= EDGE_COST_CELLS * edges``, the
-tile path's measured break-even) the block runs as dense math over contiguous K/V rows
-with an exact mask from the intervals; blocks of similar width are batched wherever they
-lie (the causal prefixes of a hash bucket grow block by block), the columns every row of a
-batch covers form a piece of their own without a mask (a causal prefix and its diagonal
+Rows are processed in chunks. Inside a chunk, each run's active rows are sorted by (first
+position, count) and cut into blocks of ``BLOCK`` rows inside each segment of rows that
+share a first position (a hash bucket, the kept keys of QK-drop, a residue group), from the
+segment's end, so that its one partial block is its narrowest; a block's keys are the union
+of its rows' intervals, one contiguous span of positions. Where the span is dense enough
+(``rows * span <= EDGE_COST_CELLS * edges``, the tile path's measured break-even) the block
+runs as dense math over contiguous K/V rows with an exact mask from the intervals; blocks
+of similar width (within ``PAD_WIDTH``) are batched wherever they lie (the causal
+prefixes of a hash bucket grow block by block), the columns every row of a batch covers
+form a piece of their own without a mask (a causal prefix and its diagonal
 tail, as FlashAttention splits them), and spans longer than a piece's budget are cut into
 key pieces. On CPU a dense piece runs on ATen's fused flash-attention kernel, which returns
 the log-sum-exp; elsewhere (or when key and value head dims differ) on ``bmm``, mask and
@@ -52,12 +55,15 @@ class Dense(NamedTuple):
     ids) with ``mask`` (True: an edge) ``[nb, bq, W]``, ``[1, bq, W]`` when every block
     has the same pattern, or None when every cell is an edge. ``row0``: the first row when
     block b's rows are ``row0 + b * bq + r`` (none padded); ``key0``: ``(first, step)``
-    when block b's keys are ``first + b * step + w``: such operands are read in place."""
+    when block b's keys are ``first + b * step + w``: such operands are read in place.
+    ``empty`` (with a mask; None: read it from the mask) ``[nb|1, bq]``: True on the rows
+    the mask leaves without a key."""
     rows: Tensor
     keys: Tensor
     mask: Optional[Tensor]
     row0: Optional[int] = None
     key0: Optional[Tuple[int, int]] = None
+    empty: Optional[Tensor] = None
 
 
 class Sparse(NamedTuple):
@@ -99,21 +105,33 @@ def pieces(graph, r0: int, r1: int, heads: int, dim: int,
         n_a = active.numel()
         if not n_a:
             continue
-        if group is None and _is_take(run):
-            # rows reading the same stretch of the table side by side (hash buckets)
-            active = active[torch.sort(u0[active], stable=True).indices]
         if group is not None:
             active = active[torch.sort(group[active], stable=True).indices]
-            g = group[active]
-            starts = torch.ones(n_a, dtype=torch.bool, device=device)
-            starts[1:] = g[1:] != g[:-1]
-            first_of_group = torch.cummax(torch.where(starts, torch.arange(
-                n_a, device=device), 0), 0).values
-            new_block = torch.remainder(torch.arange(n_a, device=device) - first_of_group,
-                                        bq) == 0
-            block_first = new_block.nonzero().view(-1)
+            seg = group[active]
         else:
+            # rows by (first position, count): the rows of a hash bucket (a stretch of the
+            # table) side by side, each bucket's causal prefixes growing row by row
+            active = active[torch.sort(cnt[active], stable=True).indices]
+            active = active[torch.sort(u0[active], stable=True).indices]
+            seg = u0[active]
+        starts = torch.ones(n_a, dtype=torch.bool, device=device)
+        starts[1:] = seg[1:] != seg[:-1]
+        first = starts.nonzero().view(-1)
+        if group is None and n_a < first.numel() * bq // 2:
+            # rows of distinct first positions (sliding windows): blocks in that order
             block_first = torch.arange(0, n_a, bq, device=device)
+        else:
+            # blocks inside a segment (a residue group, a bucket), cut from its end: the
+            # partial block is the first, the narrowest of a growing staircase
+            seg_len = torch.diff(first, append=first.new_tensor([n_a]))
+            lead = torch.remainder(seg_len - 1, bq) + 1        # rows of the first block
+            cuts = [first]
+            extra = (seg_len - lead) // bq                     # full blocks after it
+            if bool((extra > 0).any()):
+                j = torch.arange(int(extra.max()), device=device)
+                at = (first + lead).unsqueeze(1) + j * bq
+                cuts.append(at[j < extra.unsqueeze(1)])
+            block_first = torch.sort(torch.cat(cuts)).values
         nb = block_first.numel()
         block_len = torch.diff(block_first, append=block_first.new_tensor([n_a]))
         slot = block_first.unsqueeze(1) + lane                          # [nb, bq]
@@ -166,6 +184,16 @@ def _segments(W: int, inner_lo: int, inner_hi: int, w_piece: int):
             yield o, min(w_piece, b - o)
 
 
+# Batching blocks of unequal widths pads the narrower ones: by at most this share of the
+# narrowest block's width (and PAD_MIN keys), against one more piece per batch.
+PAD_WIDTH = 0.125
+PAD_MIN = 16
+
+
+def _pad(width: int) -> int:
+    return max(PAD_MIN, int(PAD_WIDTH * width))
+
+
 def _dense_batches(ids, width, lo_b, hi_b, lo_m, hi_m, rows_m, valid, g_b, key_of,
                    contiguous: bool, num_src: int, heads: int, max_elements: int):
     bq = rows_m.size(1)
@@ -175,8 +203,8 @@ def _dense_batches(ids, width, lo_b, hi_b, lo_m, hi_m, rows_m, valid, g_b, key_o
     i = 0
     while i < len(w_list):
         j, W = i + 1, w_list[i]
-        # widths ascend: a batch pads its blocks to at most 1.25x the narrowest
-        while j < len(w_list) and w_list[j] <= 1.25 * w_list[i] and \
+        # widths ascend: a batch pads its blocks to at most PAD_WIDTH of the narrowest
+        while j < len(w_list) and w_list[j] <= w_list[i] + _pad(w_list[i]) and \
                 (j - i + 1) * min(w_list[j], w_piece) * bq * heads <= max_elements:
             W = w_list[j]
             j += 1
@@ -220,12 +248,16 @@ def _dense_batches(ids, width, lo_b, hi_b, lo_m, hi_m, rows_m, valid, g_b, key_o
                                and bool((rel_hi == rel_hi[:1]).all()))
             if same:
                 rel_lo, rel_hi = rel_lo[:1], rel_hi[:1]
-            if bool((rel_lo <= 0).all()) and bool((rel_hi >= wc).all()):
-                mask = None
-            else:
-                w = torch.arange(wc, device=device)
-                mask = (w >= rel_lo.unsqueeze(-1)) & (w < rel_hi.unsqueeze(-1))
-            yield Dense(rows, keys, mask, row0, key0)
+            from_start = bool((rel_lo <= 0).all())
+            if from_start and bool((rel_hi >= wc).all()):
+                yield Dense(rows, keys, None, row0, key0)
+                continue
+            w = torch.arange(wc, device=device)
+            mask = w < rel_hi.unsqueeze(-1)             # one compare for causal prefixes
+            if not from_start:
+                mask &= w >= rel_lo.unsqueeze(-1)
+            empty = rel_hi.clamp_max(wc) <= rel_lo.clamp_min(0)
+            yield Dense(rows, keys, mask, row0, key0, empty)
 
 
 def _sparse(rows, lo, cnt, group, key_of, max_edges):
@@ -285,12 +317,15 @@ class _Operand:
         return t if repeat == 1 else t.repeat_interleave(repeat, dim=1)
 
 
-def _operands(piece: Dense, q, k, v, cdt):
+def _operands(piece: Dense, q, k, v, cdt, qo: Optional[_Operand] = None):
+    """The piece's q, k, v operands; ``qo``: its rows' q operand, already gathered (the
+    pieces of one batch of blocks share their rows)."""
     nb, bq = piece.rows.shape
     W = piece.keys.size(1)
-    rows = piece.rows.clamp_min(0)
-    rspan = None if piece.row0 is None else (piece.row0, bq)
-    return (_Operand(q, rows, rspan, bq, cdt), _Operand(k, piece.keys, piece.key0, W, cdt),
+    if qo is None:
+        rspan = None if piece.row0 is None else (piece.row0, bq)
+        qo = _Operand(q, piece.rows.clamp_min(0), rspan, bq, cdt)
+    return (qo, _Operand(k, piece.keys, piece.key0, W, cdt),
             _Operand(v, piece.keys, piece.key0, W, cdt))
 
 
@@ -334,27 +369,27 @@ def _additive(mask: Optional[Tensor], cdt: torch.dtype) -> Optional[Tensor]:
     """``[nb|1, bq, W]`` bool mask -> ``[nb|1, 1, bq, W]`` additive 0 / -inf."""
     if mask is None:
         return None
-    bias = torch.zeros(mask.shape, dtype=cdt, device=mask.device)
-    return bias.masked_fill_(~mask, float("-inf")).unsqueeze(1)
+    zero = torch.zeros((), dtype=cdt, device=mask.device)
+    return torch.where(mask, zero, zero - float("inf")).unsqueeze(1)
 
 
-def _flash_forward(ops, piece: Dense, q, k, v, scale, cdt):
+def _flash_forward(ops, piece: Dense, q, k, v, scale, cdt, qo=None):
     nb, bq = piece.rows.shape
     H, H_kv, Dv = q.size(1), k.size(1), v.size(-1)
     G = H // H_kv
-    qo, ko, vo = _operands(piece, q, k, v, cdt)
+    qo, ko, vo = _operands(piece, q, k, v, cdt, qo)
     o, lse = ops[0](qo.heads(nb), ko.heads(nb, G), vo.heads(nb, G),
                     attn_mask=_additive(piece.mask, cdt), scale=scale)
     if piece.mask is not None:              # a row without edges here: lse -inf, not 0
-        empty = ~piece.mask.any(-1)                                   # [nb|1, bq]
+        empty = ~piece.mask.any(-1) if piece.empty is None else piece.empty  # [nb|1, bq]
         if bool(empty.any()):
             lse = lse.masked_fill(empty.unsqueeze(1), float("-inf"))
     return (o.permute(0, 2, 1, 3).reshape(nb * bq, H, Dv),
-            lse.permute(0, 2, 1).reshape(nb * bq, H))
+            lse.permute(0, 2, 1).reshape(nb * bq, H), qo)
 
 
 def _flash_backward(ops, piece: Dense, q, k, v, scale, cdt, lse_rows, out_rows, do_rows,
-                    dlse_rows, dk, dv):
+                    dlse_rows, dk, dv, qo=None):
     """Like :func:`_dense_backward`, from the rows' merged ``out_rows`` and ``lse_rows``
     (+inf where a row has no edge at all); ``dlse_rows`` (or None) enters as one more value
     column of ones whose output the kernel takes as 0, so that ``dS = P (dP - delta +
@@ -363,7 +398,7 @@ def _flash_backward(ops, piece: Dense, q, k, v, scale, cdt, lse_rows, out_rows, 
     W = piece.keys.size(1)
     H, H_kv = q.size(1), k.size(1)
     G, D, Dv = H // H_kv, q.size(-1), v.size(-1)
-    qo, ko, vo = _operands(piece, q, k, v, cdt)
+    qo, ko, vo = _operands(piece, q, k, v, cdt, qo)
     Q, K, V = qo.heads(nb), ko.heads(nb, G), vo.heads(nb, G)
 
     def heads_major(x):                      # [nb * bq, H, C] -> [nb, H, bq, C]
@@ -395,11 +430,13 @@ def _flash_backward(ops, piece: Dense, q, k, v, scale, cdt, lse_rows, out_rows, 
         dk_b, dv_b = (t.view(nb, f, *t.shape[1:]).sum(1) for t in (dk_b, dv_b))
     kidx = piece.keys.reshape(-1)
     dq, dk_b = dq[..., :D], dk_b[..., :D]
-    dk_b = dk_b.reshape(nb, H_kv, G, W, D).sum(2).permute(0, 2, 1, 3)
-    dv_b = dv_b[..., :Dv].reshape(nb, H_kv, G, W, Dv).sum(2).permute(0, 2, 1, 3)
-    _add_rows(dk, kidx, dk_b)
-    _add_rows(dv, kidx, dv_b)
-    return dq.permute(0, 2, 1, 3).reshape(nb * bq, H, D)
+    dv_b = dv_b[..., :Dv]
+    if G > 1:                                # GQA: the query heads of a key head summed
+        dk_b = dk_b.reshape(nb, H_kv, G, W, D).sum(2)
+        dv_b = dv_b.reshape(nb, H_kv, G, W, Dv).sum(2)
+    _add_rows(dk, kidx, dk_b.transpose(1, 2))
+    _add_rows(dv, kidx, dv_b.transpose(1, 2))
+    return dq.permute(0, 2, 1, 3).reshape(nb * bq, H, D), qo
 
 
 def _threads() -> int:
@@ -423,14 +460,16 @@ def _repeat_blocks(x: Tensor, f: int) -> Tensor:
     return x.unsqueeze(1).expand(x.size(0), f, *x.shape[1:]).reshape(-1, *x.shape[1:])
 
 
-def _dense_forward(piece: Dense, q, k, v, scale, cdt):
+def _dense_forward(piece: Dense, q, k, v, scale, cdt, qo=None):
+    """``(out, lse)`` of the piece's rows ``[nb * bq, H, Dv]``, ``[nb * bq, H]``, and its
+    q operand (for the next piece of the same rows)."""
     ops = flash_ops(q, v)
     if ops is not None:
-        return _flash_forward(ops, piece, q, k, v, scale, cdt)
+        return _flash_forward(ops, piece, q, k, v, scale, cdt, qo)
     nb, bq = piece.rows.shape
     H, H_kv = q.size(1), k.size(1)
     G = H // H_kv
-    qo, ko, vo = _operands(piece, q, k, v, cdt)
+    qo, ko, vo = _operands(piece, q, k, v, cdt, qo)
     s = _dense_scores(piece, qo, ko, H, G, scale)
     m = s.amax(-1)
     p = torch.softmax(s, -1)
@@ -443,18 +482,18 @@ def _dense_forward(piece: Dense, q, k, v, scale, cdt):
     o = p.new_empty(H, nb, bq, v.size(-1))
     for h in range(H):
         torch.bmm(p[h], vo.head(h // G, nb), out=o[h])
-    return _heads_to_rows(o), lse.permute(1, 2, 0).reshape(nb * bq, H)
+    return _heads_to_rows(o), lse.permute(1, 2, 0).reshape(nb * bq, H), qo
 
 
 def _dense_backward(piece: Dense, q, k, v, scale, cdt, lse_rows, delta_rows, do_rows,
-                    dk, dv):
+                    dk, dv, qo=None):
     """Gradients of one dense piece: returns dq of its rows ``[nb * bq, H, D]``, adds dk,
     dv in place. ``lse_rows``, ``delta_rows [nb * bq, H]``, ``do_rows [nb * bq, H, Dv]``."""
     nb, bq = piece.rows.shape
     W = piece.keys.size(1)
     H, H_kv = q.size(1), k.size(1)
     G, D, Dv = H // H_kv, q.size(-1), v.size(-1)
-    qo, ko, vo = _operands(piece, q, k, v, cdt)
+    qo, ko, vo = _operands(piece, q, k, v, cdt, qo)
     p = _dense_scores(piece, qo, ko, H, G, scale)
     p.sub_(lse_rows.t().reshape(H, nb, bq, 1)).exp_()
     do_h = do_rows.view(nb, bq, H, Dv).permute(2, 0, 1, 3)            # [H, nb, bq, Dv]
@@ -472,7 +511,7 @@ def _dense_backward(piece: Dense, q, k, v, scale, cdt, lse_rows, delta_rows, do_
     kidx = piece.keys.reshape(-1)
     _add_rows(dk, kidx, dk_b.mul_(scale))
     _add_rows(dv, kidx, dv_b)
-    return _heads_to_rows(dq).mul_(scale)
+    return _heads_to_rows(dq).mul_(scale), qo
 
 
 # ---------------------------------------------------------------------------- sparse pieces
@@ -528,23 +567,37 @@ def _forward(q, k, v, graph, scale):
         acc_o.zero_()
         acc_l.fill_(float("-inf"))
         seen = torch.zeros(r1 - r0, dtype=torch.bool, device=q.device)
+        # the key pieces of one batch of blocks share its rows: their partials merge in
+        # the batch's own (out, lse) first, then once into the chunk's accumulators
+        batch = None                                # [piece, out, lse, q operand]
         for piece in pieces(graph, r0, r1, H, max(q.size(-1), Dv), flash=flash):
             if isinstance(piece, Dense):
-                o, l = _dense_forward(piece, q, k, v, scale, cdt)
-                if piece.row0 is not None:
-                    a = piece.row0 - r0
-                    _merge_slice(acc_o, acc_l, seen, a, a + o.size(0), o, l)
+                if batch is not None and piece.rows is batch[0].rows:
+                    o, l, batch[3] = _dense_forward(piece, q, k, v, scale, cdt, batch[3])
+                    batch[1], batch[2] = merge(batch[1], batch[2], o, l)
                     continue
-                keep = (piece.rows.view(-1) >= 0).nonzero().view(-1)
-                rows = piece.rows.view(-1).index_select(0, keep) - r0
-                o, l = o.index_select(0, keep), l.index_select(0, keep)
+                if batch is not None:
+                    _flush_forward(acc_o, acc_l, seen, r0, *batch[:3])
+                batch = list((piece,) + _dense_forward(piece, q, k, v, scale, cdt))
             else:
                 o, l = _sparse_forward(piece, q, k, v, scale, cdt)
-                rows = piece.rows - r0
-            _merge_into(acc_o, acc_l, seen, rows, o, l)
+                _merge_into(acc_o, acc_l, seen, piece.rows - r0, o, l)
+        if batch is not None:
+            _flush_forward(acc_o, acc_l, seen, r0, *batch[:3])
         if acc_o.data_ptr() != out[r0:r1].data_ptr():
             out[r0:r1] = acc_o
     return out, lse
+
+
+def _flush_forward(acc_o, acc_l, seen, r0, piece: Dense, o, l):
+    """Merge a batch's partial ``(o, lse)`` into the chunk's accumulators."""
+    if piece.row0 is not None:
+        a = piece.row0 - r0
+        _merge_slice(acc_o, acc_l, seen, a, a + o.size(0), o, l)
+        return
+    keep = (piece.rows.view(-1) >= 0).nonzero().view(-1)
+    rows = piece.rows.view(-1).index_select(0, keep) - r0
+    _merge_into(acc_o, acc_l, seen, rows, o.index_select(0, keep), l.index_select(0, keep))
 
 
 def _merge_slice(acc_o, acc_l, seen, a, b, o, lse):
@@ -565,33 +618,53 @@ def _backward(q, k, v, out, lse, dout, dlse, graph, scale):
     N, H = q.size(0), q.size(1)
     H_kv = k.size(1)
     G, D, Dv = H // H_kv, q.size(-1), v.size(-1)
+    if dlse is not None and not bool(dlse.any()):
+        dlse = None                          # lse unused (autograd passes zeros): no column
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
+    ops = flash_ops(q, v)
     for r0, r1 in _row_chunks(graph, H):
         do_c = dout[r0:r1].to(cdt)
         o_c = out[r0:r1].to(cdt)
         delta, l_c, dl_c = backward_preamble(o_c, do_c, lse[r0:r1],
                                              None if dlse is None else dlse[r0:r1], dtype=cdt)
-        ops = flash_ops(q, v)
         acc = torch.zeros(r1 - r0, H, D, dtype=cdt, device=q.device)
+        # the key pieces of one batch of blocks share its rows: their rows' out, dout and
+        # lse are gathered once, their dq summed before it goes into the chunk's
+        batch = None                            # [rows, local, pad, gathered, dq, q operand]
         for piece in pieces(graph, r0, r1, H, max(D, Dv), flash=ops is not None):
             if isinstance(piece, Dense):
-                rows = piece.rows.view(-1)
-                pad = rows < 0
-                local = torch.where(pad, 0, rows - r0)
-                l_rows = l_c.index_select(0, local).masked_fill(pad.unsqueeze(-1), float("inf"))
+                if batch is None or piece.rows is not batch[0]:
+                    if batch is not None:
+                        _flush_backward(acc, *batch[1:5])
+                    rows = piece.rows.view(-1)
+                    pad = rows < 0
+                    if piece.row0 is not None:
+                        a = piece.row0 - r0
+                        local = torch.arange(a, a + rows.numel(), device=q.device)
+                        l_rows = l_c[a:a + rows.numel()]
+                        got = (o_c[a:a + rows.numel()], do_c[a:a + rows.numel()],
+                               None if dl_c is None else dl_c[a:a + rows.numel()],
+                               delta[a:a + rows.numel()])
+                    else:
+                        local = torch.where(pad, 0, rows - r0)
+                        l_rows = l_c.index_select(0, local).masked_fill(pad.unsqueeze(-1),
+                                                                        float("inf"))
+                        got = (o_c.index_select(0, local) if ops is not None else None,
+                               do_c.index_select(0, local),
+                               None if dl_c is None else dl_c.index_select(0, local),
+                               delta.index_select(0, local) if ops is None else None)
+                    batch = [piece.rows, local, pad, (l_rows,) + got, None, None]
+                l_rows, o_rows, do_rows, dl_rows, d_rows = batch[3]
                 if ops is not None:
-                    dq_b = _flash_backward(
-                        ops, piece, q, k, v, scale, cdt, l_rows, o_c.index_select(0, local),
-                        do_c.index_select(0, local),
-                        None if dl_c is None else dl_c.index_select(0, local), dk, dv)
+                    dq_b, batch[5] = _flash_backward(ops, piece, q, k, v, scale, cdt, l_rows,
+                                                     o_rows, do_rows, dl_rows, dk, dv,
+                                                     batch[5])
                 else:
-                    dq_b = _dense_backward(piece, q, k, v, scale, cdt, l_rows,
-                                           delta.index_select(0, local),
-                                           do_c.index_select(0, local), dk, dv)
-                keep = (~pad).nonzero().view(-1)
-                _add_rows(acc, local.index_select(0, keep), dq_b.index_select(0, keep))
+                    dq_b, batch[5] = _dense_backward(piece, q, k, v, scale, cdt, l_rows,
+                                                     d_rows, do_rows, dk, dv, batch[5])
+                batch[4] = dq_b if batch[4] is None else batch[4].add_(dq_b)
             else:
                 local = piece.rows - r0
                 dst, qe, ke = _sparse_gather(piece, q, k, cdt)
@@ -607,8 +680,19 @@ def _backward(q, k, v, out, lse, dout, dlse, graph, scale):
                 _add_rows(acc, local, dq_r)
                 _add_rows(dk, piece.src, (ds.view(-1, H_kv, G, 1) * qe).sum(2) * scale)
                 _add_rows(dv, piece.src, (p.view(-1, H_kv, G, 1) * do_e).sum(2))
+        if batch is not None:
+            _flush_backward(acc, *batch[1:5])
         dq[r0:r1] = acc
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _flush_backward(acc, local, pad, gathered, dq_b):
+    """Add a batch's dq (its rows' sum over its key pieces) into the chunk's."""
+    if not bool(pad.any()):
+        _add_rows(acc, local, dq_b)
+        return
+    keep = (~pad).nonzero().view(-1)
+    _add_rows(acc, local.index_select(0, keep), dq_b.index_select(0, keep))
 
 
 class _RangeAttention(torch.autograd.Function):
