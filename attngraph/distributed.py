@@ -31,6 +31,7 @@ collective. A collective that fails (a peer died, or the group's timeout passed)
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -204,17 +205,19 @@ def _mix(x: Tensor) -> Tuple[int, int]:
 
 def _fingerprint(graph: TokenGraph) -> int:
     """A cheap hash of the graph, computed once per graph. Explicit: sizes and edges.
-    Implicit: the rule's name and counts, and the keys of 16 sample rows (never the whole
-    edge list)."""
+    Implicit: sizes, and the degrees (and keys, where at most 1024) of 16 sample rows:
+    never the whole edge list, nor a pass over every row."""
     fp = graph.caches.distributed.get("fingerprint")
     if fp is None:
         if graph.is_implicit:
-            parts = [repr(graph)]
             n = graph.num_dst
+            parts: list = [type(graph).__name__, graph.num_src, n]
             for i in sorted({(n - 1) * j // 15 for j in range(16)} if n else ()):
-                _, keys = graph.rows(i, i + 1)
-                parts.append((keys.numel(), _mix(keys)))
-            fp = hash(tuple(parts)) & (2 ** 62 - 1)
+                deg = int(graph.degrees(i, i + 1)[0])
+                parts.append(deg)
+                if deg <= 1024:
+                    parts.append(_mix(graph.rows(i, i + 1)[1]))
+            fp = zlib.crc32(repr(parts).encode())     # str hashes differ between processes
         else:
             mix = (graph.src.long() * 2654435761 + graph.dst.long() * 40503 + 17) % 2147483647
             fp = hash((graph.num_src, graph.num_dst, graph.num_edges, int(mix.sum()),
@@ -343,13 +346,15 @@ def _count_below(table: Tensor, lo: Tensor, count: Tensor, x: int) -> Tensor:
         b = torch.where(live & ~less, mid, b)
 
 
-def _shifted(table: Tensor, r0: int, cache: dict) -> Tensor:
-    """``table - r0``, kept for the table last asked about (a rule's state table is the
-    same tensor at every call)."""
+def _shifted(table: Tensor, r0: int, r1: int, cache: dict) -> Tensor:
+    """``table - r0`` clamped to the own ids ``[0, r1 - r0)``, kept for the table last asked
+    about (a rule's state table is the same tensor at every call). The own part of a row
+    reads only entries inside the range; the clamp keeps the others valid ids for the key
+    range backend, which reads whole spans of the table under a mask."""
     hit = cache.get("table")
     if hit is not None and hit[0] is table:
         return hit[1]
-    shifted = table - r0
+    shifted = (table - r0).clamp_(0, max(r1 - r0 - 1, 0))
     cache["table"] = (table, shifted)
     return shifted
 
@@ -373,7 +378,7 @@ def _cut(runs: list, r0: int, r1: int, cache: dict):
         else:
             below = _count_below(run.table, run.lo, count, r0)
             upto = _count_below(run.table, run.lo, count, r1)
-            own.append(Take(_shifted(run.table, r0, cache), run.lo + below, upto - below))
+            own.append(Take(_shifted(run.table, r0, r1, cache), run.lo + below, upto - below))
             halo.append(Take(run.table, run.lo, below))
             halo.append(Take(run.table, run.lo + upto, count - upto))
         far = below + count - upto
@@ -434,7 +439,9 @@ def _interval_runs(rows: Tensor, state, *, iptr: Tensor, lo: Tensor, hi: Tensor)
 # ---------------------------------------------------------------------------- the plan
 def _default_ship_degree(graph: TokenGraph) -> int:
     """Remote edges above which a row ships its query: 8x the mean degree, at least 64
-    (the cost of pulling that many keys exceeds sending a query and its result back)."""
+    (the cost of pulling that many keys exceeds sending a query and its result back). The
+    mean is the whole graph's for an explicit graph, the rank's own rows' for an implicit
+    one or a graph of a rank's rows (never a pass over other ranks' rows)."""
     return max(64, 8 * math.ceil(graph.num_edges / max(graph.num_dst, 1)))
 
 
@@ -487,9 +494,9 @@ def halo_plan(graph: TokenGraph, ranges: Sequence[Tuple[int, int]], group=None, 
     graph (the own-key part stays a rule), O(own edges) for an explicit one.
 
     ``ship_degree``: rows with more remote edges ship their query (default
-    :func:`_default_ship_degree`; a rows-only graph uses its own rows' mean degree); ``-1``
-    ships none. ``edges``: plan an implicit graph on its own rows' edges (needed for an edge
-    bias, which follows the canonical edge order)."""
+    :func:`_default_ship_degree`); ``-1`` ships none. ``edges``: plan an implicit graph on
+    its own rows' edges (needed for an edge bias, which follows the canonical edge
+    order)."""
     rank, world = _world(group)
     rows_only = False
     if graph.num_src != graph.num_dst:
@@ -497,8 +504,6 @@ def halo_plan(graph: TokenGraph, ranges: Sequence[Tuple[int, int]], group=None, 
         rows_only = _rows_only(graph, ranges, rank)
     else:
         ranges = _check_ranges(ranges, graph.num_dst, world)
-    if ship_degree is None:
-        ship_degree = _default_ship_degree(graph)
     explicit = rows_only or not graph.is_implicit or edges
     key = ("halo_plan", ranges, rank, world, id(group), ship_degree, explicit)
     cached = graph.caches.distributed.get(key)
@@ -515,6 +520,8 @@ def halo_plan(graph: TokenGraph, ranges: Sequence[Tuple[int, int]], group=None, 
         dst = plan_rows.dst.long()
         own = (src >= r0) & (src < r1)
         remote = torch.bincount(dst[~own], minlength=n_own)
+        if ship_degree is None:
+            ship_degree = _default_ship_degree(plan_rows if graph.is_implicit else graph)
         dense = (remote > ship_degree) if ship_degree >= 0 else \
             torch.zeros(n_own, dtype=torch.bool, device=dev)
         own_idx = own.nonzero().flatten()
@@ -533,11 +540,16 @@ def halo_plan(graph: TokenGraph, ranges: Sequence[Tuple[int, int]], group=None, 
         # pass 1: remote edges per row (counts only)
         step = chunks.ROW_CHUNK
         remote = torch.zeros(n_own, dtype=torch.long, device=dev)
+        own_edges = 0
         for a in range(0, n_own, step):
             b = min(a + step, n_own)
-            _, _, far = _cut(graph.runs(r0 + a, r0 + b), r0, r1, cache)
+            runs = graph.runs(r0 + a, r0 + b)
+            own_edges += sum(int(r.count.sum()) for r in runs)
+            _, _, far = _cut(runs, r0, r1, cache)
             if far is not None:
                 remote[a:b] = far
+        if ship_degree is None:
+            ship_degree = max(64, 8 * math.ceil(own_edges / max(n_own, 1)))
         dense = (remote > ship_degree) if ship_degree >= 0 else \
             torch.zeros(n_own, dtype=torch.bool, device=dev)
         # pass 2: the remote edges, in chunks of about CHUNK_EDGES
@@ -992,21 +1004,17 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group
                 raise TypeError(f"edge_bias must be a torch.Tensor, got "
                                 f"{type(edge_bias).__name__}")
             e0, e1 = _own_edge_span(graph, rows_only, r0, r1)
-            if edge_bias.dim() in (1, 2) and edge_bias.size(0) == e1 - e0 and e0 >= 0:
-                pass
-            elif (edge_bias.dim() in (1, 2) and not rows_only
-                  and edge_bias.size(0) == graph.num_edges):
+            own_edges = e1 - e0 if e0 >= 0 else e1
+            if not (edge_bias.dim() in (1, 2) and edge_bias.size(0) == own_edges):
+                if (edge_bias.dim() not in (1, 2) or rows_only
+                        or edge_bias.size(0) != graph.num_edges):
+                    raise ValueError(f"edge_bias must have this rank's {own_edges} edges or "
+                                     f"all {graph.num_edges} in its first dim, got "
+                                     f"{list(edge_bias.shape)}")
                 if e0 < 0:                   # implicit: this rank's first edge, counted
-                    e0 = shard_edges(graph, [(0, r0)])[0]
-                    e1 = e0 + e1
+                    e0, e1 = shard_edges(graph, [(0, r0)])[0], None
+                    e1 = e0 + own_edges
                 edge_bias = edge_bias[e0:e1]
-            elif e0 < 0 and edge_bias.dim() in (1, 2) and edge_bias.size(0) == e1:
-                pass
-            else:
-                own = e1 - max(e0, 0) if e0 >= 0 else e1
-                raise ValueError(f"edge_bias must have this rank's {own} edges or all "
-                                 f"{graph.num_edges} in its first dim, got "
-                                 f"{list(edge_bias.shape)}")
     except Exception as e:          # reported by every rank, raised by every rank
         error = f"{type(e).__name__}: {e}"
     _agree(group, world, error, facts)

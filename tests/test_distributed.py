@@ -105,3 +105,71 @@ def test_no_process_group_is_a_clear_error():
 
 def test_ring_bytes():
     assert agd.ring_bytes(1000, 4, 2, 64, 64, 2) == 750 * 2 * 128 * 2
+
+
+# ---------------------------------------------------------------------------- implicit graphs
+@pytest.mark.parametrize("world", [2, 3])
+def test_implicit_graphs_sharded_equal_one_process(world, tmp_path):
+    """Every implicit family (windows, dilated, strided, Longformer / global tokens pulled or
+    shipped, documents, hash buckets, QK drop, a union), an implicit graph with an edge
+    bias, and an explicit graph of which each rank holds only its rows: forward and every
+    gradient equal one process within 1e-10 (float64), two runs are bitwise equal, and no
+    rank materialises the graph or asks for another rank's rows (beyond the fingerprint's
+    16 sample rows, each counted, then read where it has at most 1024 keys)."""
+    results = launch(world, "implicit", tmp_path)
+    for rank, res in enumerate(results):
+        assert set(res) == set(dist_worker.implicit_cases())
+        for name, case in res.items():
+            for key, err in case["err"].items():
+                assert err < 1e-10, f"rank {rank} {name} {key}: {err}"
+            assert case["bitwise"], f"rank {rank} {name}: two runs differ"
+            assert case["materialised"] == 0, f"rank {rank} {name} materialised the graph"
+            assert case["foreign_rows"] <= 32, f"rank {rank} {name}: {case['foreign_rows']}"
+        # the rule stays a rule where no bias asks for the canonical edge order
+        assert res["window"]["own_implicit"] and res["hash"]["own_implicit"]
+        assert not res["longformer_bias"]["own_implicit"]
+        assert 0 < res["window"]["halo"] <= 2 * 4
+        assert res["longformer_shipped"]["halo"] < res["longformer_pulled"]["halo"]
+    assert sum(r["longformer_shipped"]["shipped"] for r in results) > 0
+    assert sum(r["rows_only"]["guests"] for r in results) > 0
+
+
+@pytest.mark.parametrize("kind, says", [("implicit_shard_size", "ValueError: q has"),
+                                        ("implicit_graph", "different graphs"),
+                                        ("rows_only_size", "rank 0: ValueError: graph must")])
+def test_bad_implicit_or_rows_only_input_raises_on_every_rank(kind, says, tmp_path):
+    for rank, res in enumerate(launch(3, kind, tmp_path)):
+        assert res["raised"] is not None, f"rank {rank} did not raise"
+        assert says in res["raised"], res["raised"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_killed_rank_leaves_the_others_raising(world, tmp_path):
+    """The last rank is killed (SIGKILL) as it enters the halo exchange: every other rank
+    raises a RuntimeError naming the exchange that failed, within the group's timeout; none
+    hangs."""
+    timeout_s = 10
+    ctx = mp.get_context("spawn")
+    port = _port()
+    procs = [ctx.Process(target=dist_worker.kill_main,
+                         args=(r, world, port, str(tmp_path), timeout_s))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    import time
+
+    deadline = time.monotonic() + TIME_LIMIT
+    for p in procs:
+        p.join(max(1.0, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung after its peer died"
+    assert procs[-1].exitcode == -9
+    for r in range(world - 1):
+        assert procs[r].exitcode == 0
+        res = torch.load(tmp_path / f"kill-{r}.pt")
+        assert res["raised"] is not None and res["raised"].startswith("RuntimeError"), res
+        assert "attngraph.distributed: the " in res["raised"], res
+        assert "failed on rank" in res["raised"] and "a peer may have died" in res["raised"]
+        assert res["seconds"] < timeout_s + 5, res
