@@ -647,28 +647,34 @@ def _ship_plan(remote: _Remote, dense: Tensor, n_own: int, world: int, group, de
 
 
 # ---------------------------------------------------------------------------- compute
-def _exchange_back(grad: Tensor, idx: Optional[Tensor], n: int, out_counts, in_counts,
-                   group, what: str) -> "_Back":
-    """The adjoint of an exchange, started: gradients go back to the senders; :meth:`_Back.
-    wait` adds them to the rows they came from, peer by peer (unique indices within a peer:
-    deterministic)."""
-    return _Back(_Pending(grad, in_counts, out_counts, group, what), idx, n, in_counts)
+def _exchange_back(grad: Tensor, idx: Optional[Tensor], out_counts, in_counts, group,
+                   what: str) -> "_Back":
+    """The adjoint of an exchange, started: gradients go back to the senders, who add them
+    to the rows they came from (:meth:`_Back.add_into`)."""
+    return _Back(_Pending(grad, in_counts, out_counts, group, what), idx, in_counts)
 
 
 class _Back:
-    def __init__(self, pending: _Pending, idx, n, counts):
-        self.pending, self.idx, self.n, self.counts = pending, idx, n, counts
+    def __init__(self, pending: _Pending, idx, counts):
+        self.pending, self.idx, self.counts = pending, idx, counts
 
     def wait(self) -> Tensor:
+        return self.pending.wait()
+
+    def add_into(self, targets: Sequence[Tensor], shape_of, nd: int, cut=None) -> None:
+        """Add the returned rows into ``targets`` (token dim ``nd``) at ``idx``, peer by
+        peer (indices unique within a peer: deterministic); ``shape_of(m)`` is the shape of
+        ``m`` returned rows, ``cut`` splits them between the targets."""
         back = self.pending.wait()
-        if self.idx is None:
-            return back
-        out = back.new_zeros((self.n,) + tuple(back.shape[1:]))
         offset = 0
         for count in self.counts:
-            out.index_add_(0, self.idx[offset:offset + count], back[offset:offset + count])
+            if count:
+                at = self.idx[offset:offset + count]
+                rows = _unrows(back[offset:offset + count], shape_of(count), nd)
+                pieces = cut(rows) if cut is not None else (rows,)
+                for t, piece in zip(targets, pieces):
+                    t.index_add_(nd, at, piece.to(t.dtype))
             offset += count
-        return out
 
 
 def _rows(t: Tensor, nd: int) -> Tensor:
@@ -763,7 +769,8 @@ class _ContextParallel(torch.autograd.Function):
             hr = plan.halo_rows
             if hr.numel():
                 halo_t = _unrows(halo, _kv_shape(kd, vd, halo.size(0), nd), nd)
-                q_h = qd.index_select(nd, hr)
+                q_h = qd.detach().index_select(nd, hr).requires_grad_(grad)
+                sv["q_h"] = q_h
                 b_h = bd.index_select(0, plan.halo_order) if bd is not None else None
                 out_b, lse_b = _attend(q_h, halo_t[..., :D], halo_t[..., D:], plan.halo,
                                        scale, b_h, backend, nd)
@@ -802,52 +809,66 @@ class _ContextParallel(torch.autograd.Function):
             + ([sv["parts"]] if plan.ship_any else [])
         gp = _grad((out, lse), parts, (dout, dlse))
         gp = [torch.zeros_like(x) if g is None else g for x, g in zip(parts, gp)]
-        del out, lse, ctx.saved
-        leaves = [qd, kd, vd] + ([bd] if bd is not None else [])
-        acc: List[Optional[Tensor]] = [None] * 4          # dq, dk, dv, dbias, in this order
-
-        def add(grads):
-            for i, g in enumerate(grads[:4]):
-                if g is not None:
-                    acc[i] = g if acc[i] is None else acc[i] + g
-
-        # 1. the shipped rows: their parts' gradients to the ranks that computed them, the
-        #    guests' query (and bias) gradients back
+        del out, lse, dout, dlse, ctx.saved
+        D = kd.size(-1)
+        # 1. the shipped rows: their parts' gradients go to the ranks that computed them;
+        #    the guests' query (and bias) gradients come back
+        guest_kv, dq_ship, db_ship = None, None, None
         if plan.ship_any:
-            d_guest = _exchange_back(gp[-1], None, 0, plan.ship_counts, plan.guest_counts,
+            d_guest = _exchange_back(gp[-1], None, plan.ship_counts, plan.guest_counts,
                                      group, "shipped results (backward)").wait()
             gl = [sv["gq"], kd, vd] + ([sv["gb"]] if sv["gb"] is not None else [])
             gg = _grad((sv["g_msg"],), gl, (d_guest,))
             gg = [torch.zeros_like(x) if g is None else g for x, g in zip(gl, gg)]
-            dq_ship = _exchange_back(gg[0], plan.ship_idx, qd.size(nd),
-                                     plan.guest_counts, plan.ship_counts, group,
-                                     "query shipping (backward)")
-            db_ship = (_exchange_back(gg[3], plan.ship_edge_idx, bd.size(0),
-                                      plan.guest_edge_counts, plan.ship_edge_counts, group,
-                                      "bias shipping (backward)")
-                       if bd is not None else None)
-            add([None, gg[1], gg[2]])
-            add([_unrows(dq_ship.wait(), qd.shape, nd), None, None,
-                 db_ship.wait() if db_ship is not None else None])
-        # 2. the halo part: its dK/dV start back to the keys' owners
-        dhalo = None
+            dq_ship = _exchange_back(gg[0], plan.ship_idx, plan.guest_counts,
+                                     plan.ship_counts, group, "query shipping (backward)")
+            if bd is not None:
+                db_ship = _exchange_back(gg[3], plan.ship_edge_idx, plan.guest_edge_counts,
+                                         plan.ship_edge_counts, group,
+                                         "bias shipping (backward)")
+            guest_kv = (gg[1], gg[2])
+            del gg
+        # 2. the halo part; its dK/dV start back to the keys' owners
+        dq_h, db_h, dhalo = None, None, None
         if has_halo:
-            g = _grad((sv["out_b"], sv["lse_b"]), leaves + [sv["halo"]], (gp[2], gp[3]))
-            add(g[:-1] + [None] * (4 - len(leaves)))
-            dhalo = g[-1]
+            hl = [sv["q_h"], sv["halo"]] + ([bd] if bd is not None else [])
+            dq_h, dhalo, *db = _grad((sv["out_b"], sv["lse_b"]), hl, (gp[2], gp[3]))
+            db_h = db[0] if db else None
         if dhalo is None:
             dhalo = torch.zeros_like(sv["halo"])
-        back = _exchange_back(dhalo, plan.send_idx, kd.size(nd), plan.recv_counts,
-                              plan.send_counts, group, "halo exchange (backward)")
+        back = _exchange_back(dhalo, plan.send_idx, plan.recv_counts, plan.send_counts,
+                              group, "halo exchange (backward)")
         # 3. the own-key part, while they travel
-        add(_grad((sv["out_a"], sv["lse_a"]), leaves, (gp[0], gp[1])))
-        n_own = kd.size(nd)
-        dkv = _unrows(back.wait(), _kv_shape(kd, vd, n_own, nd), nd)
-        D = kd.size(-1)
-        add([None, dkv[..., :D], dkv[..., D:]])
-        dq, dk, dv, dbias = (torch.zeros_like(x) if a is None and x is not None else a
-                             for a, x in zip(acc, (qd, kd, vd, bd)))
+        leaves = [qd, kd, vd] + ([bd] if bd is not None else [])
+        dq, dk, dv, *db = _grad((sv["out_a"], sv["lse_a"]), leaves, (gp[0], gp[1]))
+        del gp
+        dq, dk, dv = (torch.zeros_like(x) if g is None else g
+                      for x, g in zip((qd, kd, vd), (dq, dk, dv)))
+        dbias = None
+        if bd is not None:
+            dbias = db[0] if db[0] is not None else torch.zeros_like(bd)
+            for extra in (db_h,):
+                if extra is not None:
+                    dbias.add_(extra)
+        # 4. the small contributions, added in place in one fixed order
+        if guest_kv is not None:
+            dk.add_(guest_kv[0])
+            dv.add_(guest_kv[1])
+        if dq_h is not None:
+            dq.index_add_(nd, plan.halo_rows, dq_h)
+        if dq_ship is not None:
+            dq_ship.add_into([dq], lambda m: _row_shape(qd, m, nd), nd)
+        if db_ship is not None:
+            db_ship.add_into([dbias], lambda m: (m,) + tuple(bd.shape[1:]), 0)
+        back.add_into([dk, dv], lambda m: _kv_shape(kd, vd, m, nd), nd,
+                      cut=lambda t: (t[..., :D], t[..., D:]))
         return dq, dk, dv, dbias, None, None, None, None, None
+
+
+def _row_shape(x: Tensor, m: int, nd: int) -> Tuple[int, ...]:
+    shape = list(x.shape)
+    shape[nd] = m
+    return tuple(shape)
 
 
 def _grad(outputs, inputs, grads) -> List[Optional[Tensor]]:
