@@ -173,3 +173,40 @@ def test_a_killed_rank_leaves_the_others_raising(world, tmp_path):
         assert "attngraph.distributed: the " in res["raised"], res
         assert "failed on rank" in res["raised"] and "a peer may have died" in res["raised"]
         assert res["seconds"] < timeout_s + 5, res
+
+
+# ---------------------------------------------------------------------------- memory at scale
+def test_memory_at_4m_tokens_over_4_ranks(tmp_path):
+    """Implicit sliding_window(N, 256), H = 1, D = 64, float32, 4 ranks (spawned, gloo). The
+    explicit graph would have 2.15e9 edges (34 GB of int64 ids: the whole graph on every
+    rank does not fit this machine). Peak resident memory each step adds to a rank (its high
+    water mark, reset before the step, minus the memory before it):
+
+    * forward at N = 4M: at most 3x the rank's rows of q + 600 MB (q, k, v are 3x; out, the
+      halo and the work fit in the 600 MB);
+    * forward + backward at N = 1M: at most 3x its rows of q, k, v and out + 600 MB (out,
+      the gradients of q, k, v and of out, and the work)."""
+    import json
+
+    import dist_memory
+
+    M = 1 << 20
+    jobs = [(1 * M, True), (4 * M, False)]
+    ctx = mp.start_processes(dist_memory.main, args=(4, _port(), str(tmp_path), jobs),
+                             nprocs=4, join=False, start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + 900
+    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the memory test did not finish in 900 s")
+    for rank in range(4):
+        backward, forward = json.loads((tmp_path / f"mem-{rank}.json").read_text())
+        assert "error" not in backward and "error" not in forward, (backward, forward)
+        rows = forward["rows_bytes"]
+        assert rows == (1 << 20) * 64 * 4
+        assert forward["peak"] <= 3 * rows + 600e6, forward
+        assert backward["peak"] <= 3 * 4 * backward["rows_bytes"] + 600e6, backward
+        assert forward["halo"] <= 2 * 256 and forward["plan_bytes"] < 2e6
