@@ -314,11 +314,12 @@ class _Pending:
             raise _failed(what, e) from e
 
     def wait(self) -> Tensor:
-        try:
-            self.work.wait()
-        except Exception as e:
-            raise _failed(self.what, e) from e
-        self.send = None
+        if self.send is not None:
+            try:
+                self.work.wait()
+            except Exception as e:
+                raise _failed(self.what, e) from e
+            self.send = None
         return self.out.to(self.device)
 
 
@@ -728,7 +729,7 @@ class _ContextParallel(torch.autograd.Function):
     own-key part's backward runs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, plan: HaloPlan, group, scale, backend, grad):
+    def forward(ctx, q, k, v, bias, plan: HaloPlan, group, scale, backend, grad, overlap):
         nd = q.dim() - 3
         D = k.size(-1)
         n_own = q.size(nd)
@@ -742,6 +743,8 @@ class _ContextParallel(torch.autograd.Function):
             halo_kv = _Pending(send, plan.recv_counts, plan.send_counts, group,
                                "halo exchange")
             del send
+            if not overlap:
+                halo_kv.wait()
             if plan.ship_any:
                 gq_p = _Pending(_rows(qd.detach(), nd).index_select(0, plan.ship_idx),
                                 plan.guest_counts, plan.ship_counts, group, "query shipping")
@@ -791,7 +794,7 @@ class _ContextParallel(torch.autograd.Function):
                 o_rows, l_rows = _merge_shipped(plan, o_rows, l_rows, parts, grad)
             out = _unrows(o_rows, out_a.shape, nd)
             lse = _unrows(l_rows, lse_a.shape, nd)
-        ctx.plan, ctx.group, ctx.nd, ctx.saved = plan, group, nd, sv
+        ctx.plan, ctx.group, ctx.nd, ctx.saved, ctx.overlap = plan, group, nd, sv, overlap
         ctx.final = (out, lse)
         return out.detach(), lse.detach()
 
@@ -838,6 +841,8 @@ class _ContextParallel(torch.autograd.Function):
             dhalo = torch.zeros_like(sv["halo"])
         back = _exchange_back(dhalo, plan.send_idx, plan.recv_counts, plan.send_counts,
                               group, "halo exchange (backward)")
+        if not ctx.overlap:
+            back.wait()
         # 3. the own-key part, while they travel
         leaves = [qd, kd, vd] + ([bd] if bd is not None else [])
         dq, dk, dv, *db = _grad((sv["out_a"], sv["lse_a"]), leaves, (gp[0], gp[1]))
@@ -862,7 +867,7 @@ class _ContextParallel(torch.autograd.Function):
             db_ship.add_into([dbias], lambda m: (m,) + tuple(bd.shape[1:]), 0)
         back.add_into([dk, dv], lambda m: _kv_shape(kd, vd, m, nd), nd,
                       cut=lambda t: (t[..., :D], t[..., D:]))
-        return dq, dk, dv, dbias, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None, None
 
 
 def _row_shape(x: Tensor, m: int, nd: int) -> Tuple[int, ...]:
@@ -952,7 +957,7 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group
                     ranges: Optional[Sequence[Tuple[int, int]]] = None,
                     scale: Optional[float] = None, edge_bias: Optional[Tensor] = None,
                     return_lse: bool = False, backend: str = "auto",
-                    ship_degree: Optional[int] = None
+                    ship_degree: Optional[int] = None, overlap: bool = True
                     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """This rank's rows of :func:`attngraph.graph_attention` over a sharded sequence.
 
@@ -974,6 +979,9 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group
             query to the keys' owners instead of pulling its keys, and merges their
             partial results by log-sum-exp; default 8x the mean degree (at least 64),
             ``-1``: never.
+        overlap: compute every row's own-key part while the halo travels (forward) and
+            the own-key backward while the halo's dK/dV travel back (default); ``False``
+            waits for each exchange first (the same results, bit for bit).
 
     Returns this rank's ``out`` (and ``lse``), differentiable in q, k, v and edge_bias.
     Collective: every rank of the group must call it with the same graph (or its rows of
@@ -1044,7 +1052,8 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *, group
                      edges=edge_bias is not None)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, edge_bias))
-    out, lse = _ContextParallel.apply(q, k, v, edge_bias, plan, group, scale, backend, grad)
+    out, lse = _ContextParallel.apply(q, k, v, edge_bias, plan, group, scale, backend, grad,
+                                      bool(overlap))
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
