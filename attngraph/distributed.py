@@ -755,12 +755,18 @@ class _ContextParallel(torch.autograd.Function):
             b_own = bd.index_select(0, plan.own_order) if bd is not None else None
             out_a, lse_a = _attend(qd, kd, vd, plan.own, scale, b_own, backend, nd)
             sv.update(out_a=out_a, lse_a=lse_a)
+            # the merges read each part through leaves of its own: a backend's out may
+            # depend on its lse (a merge inside it), and the gradients each part's backward
+            # takes are the merge's partial derivatives, not totals through the other output
+            out_a, lse_a = _leaf(out_a, grad), _leaf(lse_a, grad)
+            sv.update(out_a_m=out_a, lse_a_m=lse_a)
             # 3. queries shipped here, over own keys; their parts go back
             if plan.ship_any:
                 gq = gq_p.wait().requires_grad_(grad)
                 gb = gb_p.wait().requires_grad_(grad) if gb_p is not None else None
                 gq_t = _unrows(gq, qd.shape, nd)
-                g_out, g_lse = _attend(gq_t, kd, vd, plan.guest, scale, gb, backend, nd)
+                guest = plan.guest.materialize() if backend == "tiles" else plan.guest
+                g_out, g_lse = _attend(gq_t, kd, vd, guest, scale, gb, backend, nd)
                 g_msg = torch.cat([_rows(g_out, nd).to(g_lse.dtype), _rows(g_lse, nd)], 1)
                 parts_p = _Pending(g_msg.detach(), plan.ship_counts, plan.guest_counts,
                                    group, "shipped results")
@@ -778,6 +784,8 @@ class _ContextParallel(torch.autograd.Function):
                 out_b, lse_b = _attend(q_h, halo_t[..., :D], halo_t[..., D:], plan.halo,
                                        scale, b_h, backend, nd)
                 sv.update(out_b=out_b, lse_b=lse_b)
+                out_b, lse_b = _leaf(out_b, grad), _leaf(lse_b, grad)
+                sv.update(out_b_m=out_b, lse_b_m=lse_b)
                 oa, h = _heads(o_rows.index_select(0, hr), l_rows)
                 ob, _ = _heads(_rows(out_b, nd).to(oa.dtype), l_rows)
                 om, lm = merge(oa, l_rows.index_select(0, hr), ob, _rows(lse_b, nd))
@@ -808,7 +816,8 @@ class _ContextParallel(torch.autograd.Function):
         qd, kd, vd, bd = sv["qd"], sv["kd"], sv["vd"], sv["bd"]
         has_halo = "out_b" in sv
         # the parts' gradients, through the merges
-        parts = [sv["out_a"], sv["lse_a"]] + ([sv["out_b"], sv["lse_b"]] if has_halo else []) \
+        parts = [sv["out_a_m"], sv["lse_a_m"]] \
+            + ([sv["out_b_m"], sv["lse_b_m"]] if has_halo else []) \
             + ([sv["parts"]] if plan.ship_any else [])
         gp = _grad((out, lse), parts, (dout, dlse))
         gp = [torch.zeros_like(x) if g is None else g for x, g in zip(parts, gp)]
@@ -868,6 +877,10 @@ class _ContextParallel(torch.autograd.Function):
         back.add_into([dk, dv], lambda m: _kv_shape(kd, vd, m, nd), nd,
                       cut=lambda t: (t[..., :D], t[..., D:]))
         return dq, dk, dv, dbias, None, None, None, None, None, None
+
+
+def _leaf(t: Tensor, grad: bool) -> Tensor:
+    return t.detach().requires_grad_(grad and t.dtype.is_floating_point)
 
 
 def _row_shape(x: Tensor, m: int, nd: int) -> Tuple[int, ...]:

@@ -103,8 +103,37 @@ def test_no_process_group_is_a_clear_error():
         agd.graph_attention(q, q, q, g)
 
 
-def test_ring_bytes():
+def test_ring_and_allgather_bytes():
     assert agd.ring_bytes(1000, 4, 2, 64, 64, 2) == 750 * 2 * 128 * 2
+    assert agd.allgather_bytes(1000, 4, 2, 64, 64, 2) == (750 * 2 * 128 * 2,
+                                                          1000 * 2 * 128 * 2)
+
+
+@pytest.mark.parametrize("build", [
+    lambda imp: masks.longformer(3000, 8, [0, 1500, 2999], implicit=imp),
+    lambda imp: masks.document([100, 2500, 30, 370], causal=True, implicit=imp),
+    lambda imp: masks.hash_buckets(torch.randint(0, 8, (3000,), generator=torch.Generator()
+                                                 .manual_seed(0)), implicit=imp)])
+def test_shard_ranges_of_an_implicit_graph_streams_its_degrees(build, monkeypatch):
+    """An implicit graph's ranges are read from its rule a row chunk at a time (here 256
+    rows): the same cuts and edge counts as the explicit graph's, and edge balance beats
+    token balance wherever rows are uneven."""
+    from attngraph import chunks
+
+    monkeypatch.setattr(chunks, "ROW_CHUNK", 256)
+    explicit, implicit = build(False), build(True)
+    for world in (2, 3, 4, 7):
+        ranges = agd.shard_ranges(implicit, world)
+        assert ranges == agd.shard_ranges(explicit, world)
+        edges = agd.shard_edges(implicit, ranges)
+        assert edges == agd.shard_edges(explicit, ranges)
+        assert sum(edges) == explicit.num_edges
+        # the balanced cost is edges + tokens (a row's work): never above token balance's
+        even = agd.shard_ranges(explicit, world, balance="tokens")
+        cost = [e + b - a for e, (a, b) in zip(edges, ranges)]
+        cost_even = [e + b - a for e, (a, b) in zip(agd.shard_edges(explicit, even), even)]
+        assert max(cost) <= max(cost_even)
+    assert not getattr(implicit, "_explicit", None)          # never materialised
 
 
 # ---------------------------------------------------------------------------- implicit graphs
@@ -113,7 +142,8 @@ def test_implicit_graphs_sharded_equal_one_process(world, tmp_path):
     """Every implicit family (windows, dilated, strided, Longformer / global tokens pulled or
     shipped, documents, hash buckets, QK drop, a union), an implicit graph with an edge
     bias, and an explicit graph of which each rank holds only its rows: forward and every
-    gradient equal one process within 1e-10 (float64), two runs are bitwise equal, and no
+    gradient equal one process within 1e-10 (float64), two runs and a run without overlap
+    are bitwise equal, and no
     rank materialises the graph or asks for another rank's rows (beyond the fingerprint's
     16 sample rows, each counted, then read where it has at most 1024 keys)."""
     results = launch(world, "implicit", tmp_path)
