@@ -75,7 +75,8 @@ def shard_ranges(graph_or_n: Union[TokenGraph, int], world_size: int, *,
     """Contiguous token ranges ``[(start, end), ...]``, one per rank, covering all tokens.
 
     ``balance="edges"`` (for a graph) cuts so that each range has about the same number of
-    edges plus tokens: a global token's row weighs what it costs. ``"tokens"`` (and any
+    edges plus tokens: a global token's row weighs what it costs, and each cut falls on the
+    side of its row that leaves the running total nearer the share. ``"tokens"`` (and any
     plain token count) cuts into equal numbers of tokens. An implicit graph's degrees are
     read from its rule a row chunk at a time (O(N) time, no edges). Ranges may be empty
     when there are more ranks than tokens. A single row heavier than a rank's share (a
@@ -98,7 +99,11 @@ def shard_ranges(graph_or_n: Union[TokenGraph, int], world_size: int, *,
         while t < len(targets) and (cum.numel() and targets[t] <= int(cum[-1])):
             at = int(torch.searchsorted(cum.double(), torch.tensor([targets[t]],
                                                                    dtype=torch.float64)))
-            cuts.append(row0 + at + 1)
+            # row `at` reaches the target: it goes to the range whose total it leaves
+            # nearer the target (a heavy row, a global token's, is not always the first's)
+            before = int(cum[at - 1]) if at else seen
+            nearer = targets[t] - before < int(cum[at]) - targets[t]
+            cuts.append(row0 + at + (0 if nearer else 1))
             t += 1
         seen = int(cum[-1]) if cum.numel() else seen
         row0 += w.numel()

@@ -128,11 +128,14 @@ def test_shard_ranges_of_an_implicit_graph_streams_its_degrees(build, monkeypatc
         edges = agd.shard_edges(implicit, ranges)
         assert edges == agd.shard_edges(explicit, ranges)
         assert sum(edges) == explicit.num_edges
-        # the balanced cost is edges + tokens (a row's work): never above token balance's
-        even = agd.shard_ranges(explicit, world, balance="tokens")
+        # the balanced cost is edges + tokens (a row's work): each cut misses its share by
+        # at most half a row, so a range exceeds the mean by less than the heaviest row
         cost = [e + b - a for e, (a, b) in zip(edges, ranges)]
+        heaviest = int(explicit.in_degree().max()) + 1
+        assert max(cost) <= sum(cost) / world + heaviest
+        even = agd.shard_ranges(explicit, world, balance="tokens")
         cost_even = [e + b - a for e, (a, b) in zip(agd.shard_edges(explicit, even), even)]
-        assert max(cost) <= max(cost_even)
+        assert max(cost) <= max(cost_even) + heaviest
     assert not getattr(implicit, "_explicit", None)          # never materialised
 
 
