@@ -3,6 +3,7 @@ command-line flag overrides the matching setting (``--n`` replaces every group's
 from __future__ import annotations
 
 K = 1024
+M = 1024 * K
 
 PRESETS = {
     # CI: seconds. Every peer but flex (its first compile takes a minute on a cold cache).
@@ -66,13 +67,18 @@ PRESETS = {
         about="dense tiles + per-edge residual (attngraph-tiles; the tiles on FlexAttention: "
               "attngraph-flex) vs the per-edge path (attngraph), compiled FlexAttention and "
               "dense SDPA, H = 4, D = 64, float32"),
-    # Issue 14: context parallel attention, P processes on this machine (gloo): halo bytes
-    # sent per rank vs ring attention's, and the time per forward + backward step.
+    # Context parallel attention, P processes on this machine (gloo), implicit graphs:
+    # bytes against ring attention and an all-gather, balance, step time with and without
+    # overlap; then the longest context (4 ranks, window 256, H = 1, D = 64).
     "distributed": dict(
-        distributed=True, masks=["sliding_window(16)", "longformer(16,g16)"],
-        n=[64 * K, 256 * K, 1024 * K], world=[2, 4], heads=[2], dim=[32],
-        dtype=["float32"], repeats=2, quick_n=[4 * K],
-        about="context parallel: halo exchange vs ring attention bytes, step time"),
+        distributed=True,
+        masks=["sliding_window(256)", "longformer(256,g16)", "documents(512)", "hash(64)"],
+        n=[64 * K], world=[4], heads=[1], dim=[64], dtype=["float32"], repeats=3,
+        quick_n=[8 * K],
+        longest=dict(world=4, window=256, dim=64, start=(2 * M, 1 * M), cap=(8 * M, 4 * M),
+                     memory_share=0.6, max_seconds=900),
+        about="context parallel: halo exchange vs ring / all-gather bytes, balance, overlap, "
+              "longest context"),
     # The traffic model of the fused kernels (benchmarks/model.py): emulator counts at
     # N_e = 1k extrapolated to N = 64k on an H100 roofline, next to FlexAttention and
     # FlashAttention-2 on the same roofline. Every figure is a model.
