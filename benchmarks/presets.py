@@ -21,16 +21,16 @@ PRESETS = {
         peers=["attngraph", "attngraph-cupy", "pyg", "sdpa", "flex"],
         repeats=3, max_seconds=2.0,
         about="every peer on four masks at N = 1k..4k, H = 2, D = 32, float32"),
-    # Issue 3: graph_attention vs the PyG way and dense masked SDPA. The 80k / 160k points
+    # graph_attention vs the PyG way and dense masked SDPA. The 80k / 160k points
     # put E near 1e7; 4k and 8k give the PyG way's memory-per-edge fit.
-    "issue3": dict(
+    "pyg_scale": dict(
         groups=[dict(masks=["sliding_window(64)"], n=[4 * K, 8 * K, 16 * K, 64 * K, 80000,
                                                       256 * K]),
                 dict(masks=["random(64)"], n=[4 * K, 8 * K, 16 * K, 64 * K, 160000, 256 * K])],
         heads=[4], dim=[64], dtype=["float32"],
         peers=["attngraph", "pyg", "sdpa"],
         repeats=3, max_seconds=60.0, timeout=3600.0,
-        about="issue 3: attngraph (torch backend) vs the PyG TransformerConv way and dense "
+        about="attngraph (torch backend) vs the PyG TransformerConv way and dense "
               "masked SDPA, H = 4, D = 64, float32"),
     # The GPU run (bf16, H = 8, D = 64 / 128, N = 16k .. 1M). --quick shrinks N for a CPU
     # smoke test of the same code path.
@@ -43,7 +43,7 @@ PRESETS = {
         repeats=20, warmup=3, max_seconds=5.0,
         quick_n=[1 * K, 2 * K],
         about="GPU sweep: bf16, H = 8, D = 64/128, N = 16k..1M"),
-    # Issue 15: graph_attention compiled (torch.compile, fullgraph) vs eager, same kernels.
+    # graph_attention compiled (torch.compile, fullgraph) vs eager, same kernels.
     "compile": dict(
         groups=[dict(masks=["sliding_window(64)", "random(64)", "longformer(64,g4)"],
                      n=[8 * K])],
