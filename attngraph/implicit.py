@@ -17,23 +17,29 @@ caches it; :meth:`ImplicitGraph.materialize` does so explicitly.
 """
 from __future__ import annotations
 
+import weakref
+
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from attngraph import chunks
 from attngraph.chunks import row_chunks
 from attngraph.graph import TokenGraph
 from attngraph.runs import Take, from_runs
 
-__all__ = ["ImplicitGraph", "ROW_CHUNK"]
+__all__ = ["ImplicitGraph", "ROW_CHUNK", "implicit_of"]
 
 # The chunk sizes, as attngraph.chunks sets them (read from there at call time).
 ROW_CHUNK = chunks.ROW_CHUNK
 EDGE_CHUNK = chunks.EDGE_CHUNK
 
 RunsFn = Callable[[Tensor], list]
+
+# key tensor -> the implicit graph it stands for (see ImplicitGraph.key)
+_BY_KEY = WeakIdKeyDictionary()
 
 
 class ImplicitGraph(TokenGraph):
@@ -56,7 +62,7 @@ class ImplicitGraph(TokenGraph):
             the mapping it is given as ``state``).
     """
 
-    __slots__ = ("_runs", "_state", "_name", "_explicit", "_num_edges", "_index_dtype")
+    __slots__ = ("_runs", "_state", "_name", "_explicit", "_num_edges", "_index_dtype", "_key")
 
     def __init__(self, runs: Callable, num_src: int, num_dst: int, *, name: str = "rule",
                  state: Optional[Dict[str, Tensor]] = None, device=None):
@@ -71,11 +77,20 @@ class ImplicitGraph(TokenGraph):
         self._reset()
         device = torch.device("cpu") if device is None else torch.device(device)
         self._meta = (int(num_src), int(num_dst), None, device)
+        self._key = torch.empty(0, device=device)
+        _BY_KEY[self._key] = weakref.ref(self)
 
     # ------------------------------------------------------------------ the rule
     @property
     def is_implicit(self) -> bool:
         return True
+
+    @property
+    def key(self) -> Tensor:
+        """An empty tensor that stands for this graph where only tensors can go: a
+        ``torch.library`` operator receives it (torch.compile passes it as a graph input)
+        and finds the graph again with :func:`implicit_of`."""
+        return self._key
 
     def runs(self, r0: int, r1: int) -> list:
         """The key runs of query rows ``[r0, r1)`` (:class:`~attngraph.runs.Range`
@@ -268,6 +283,16 @@ class ImplicitGraph(TokenGraph):
         dev = "" if self.device.type == "cpu" else f", device={self.device}"
         return (f"TokenGraph({nodes}, num_edges={self.num_edges}, density={self.density:.3g}, "
                 f"implicit: {self._name}{dev})")
+
+
+def implicit_of(key: Tensor) -> ImplicitGraph:
+    """The implicit graph whose :attr:`ImplicitGraph.key` ``key`` is."""
+    ref = _BY_KEY.get(key)
+    graph = None if ref is None else ref()
+    if graph is None:
+        raise LookupError("no live implicit graph has this key: an operator received a key "
+                          "that is not an ImplicitGraph.key")
+    return graph
 
 
 def _to(value, device):

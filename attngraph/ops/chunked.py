@@ -23,6 +23,7 @@ from attngraph.checks import check_bias_values
 from attngraph.chunks import row_chunks
 from attngraph.graph import TokenGraph, graph_of
 from attngraph.ops.numerics import backward_preamble, compute_dtype
+from attngraph.ops.record import running
 from attngraph.ops.segment import segment_max, segment_sum
 
 __all__ = ["attention", "row_chunks", "MAX_CHUNK_ELEMENTS"]
@@ -175,7 +176,8 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: 
     if check_bias and bias is not None:    # graph_attention could not check while traced
         check_bias_values(bias)
     graph = graph_of(ptr, src, dst, num_src, ptr.numel() - 1)
-    return _forward(q, k, v, graph, scale, bias, max_elements)
+    with running("torch"):
+        return _forward(q, k, v, graph, scale, bias, max_elements)
 
 
 @_attention_op.register_fake
@@ -228,7 +230,8 @@ class _Generated(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, graph, scale, max_elements):
-        out, lse = _forward(q, k, v, graph, scale, bias, max_elements)
+        with running("torch"):
+            out, lse = _forward(q, k, v, graph, scale, bias, max_elements)
         ctx.graph, ctx.scale, ctx.max_elements = graph, scale, max_elements
         ctx.save_for_backward(q, k, v, bias, out, lse)
         return out, lse
