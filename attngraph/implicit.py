@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
+import itertools
 
 from attngraph import chunks
 from attngraph.chunks import row_chunks
@@ -38,8 +38,9 @@ EDGE_CHUNK = chunks.EDGE_CHUNK
 
 RunsFn = Callable[[Tensor], list]
 
-# key tensor -> the implicit graph it stands for (see ImplicitGraph.key)
-_BY_KEY = WeakIdKeyDictionary()
+# the number in a key tensor -> the implicit graph it stands for (see ImplicitGraph.key)
+_BY_KEY: "weakref.WeakValueDictionary[int, ImplicitGraph]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count(1)
 
 
 class ImplicitGraph(TokenGraph):
@@ -77,8 +78,8 @@ class ImplicitGraph(TokenGraph):
         self._reset()
         device = torch.device("cpu") if device is None else torch.device(device)
         self._meta = (int(num_src), int(num_dst), None, device)
-        self._key = torch.empty(0, device=device)
-        _BY_KEY[self._key] = weakref.ref(self)
+        self._key = torch.tensor(next(_KEYS))
+        _BY_KEY[int(self._key)] = self
 
     # ------------------------------------------------------------------ the rule
     @property
@@ -87,9 +88,10 @@ class ImplicitGraph(TokenGraph):
 
     @property
     def key(self) -> Tensor:
-        """An empty tensor that stands for this graph where only tensors can go: a
-        ``torch.library`` operator receives it (torch.compile passes it as a graph input)
-        and finds the graph again with :func:`implicit_of`."""
+        """A one-number CPU tensor that stands for this graph where only tensors can go: a
+        ``torch.library`` operator receives it (torch.compile passes it as a graph input,
+        so another graph runs the same compiled code) and finds the graph again with
+        :func:`implicit_of`."""
         return self._key
 
     def runs(self, r0: int, r1: int) -> list:
@@ -287,8 +289,7 @@ class ImplicitGraph(TokenGraph):
 
 def implicit_of(key: Tensor) -> ImplicitGraph:
     """The implicit graph whose :attr:`ImplicitGraph.key` ``key`` is."""
-    ref = _BY_KEY.get(key)
-    graph = None if ref is None else ref()
+    graph = _BY_KEY.get(int(key)) if key.numel() == 1 else None
     if graph is None:
         raise LookupError("no live implicit graph has this key: an operator received a key "
                           "that is not an ImplicitGraph.key")

@@ -279,13 +279,19 @@ def test_auto_takes_tiles_where_the_plan_pays():
     assert "dense tiles" in explain("auto", _inputs(ag.masks.bigbird(512, 64)))
 
 
-def test_tiles_backend_refuses_under_compile(monkeypatch):
-    from attngraph.ops.dispatch import select_backend
+def test_auto_leaves_the_tiles_choice_to_the_op_under_compile(monkeypatch):
+    """Traced, auto cannot count tiles: it takes the tiles operator, which makes the
+    choice when it runs (tests/test_compile.py runs it)."""
+    from attngraph.ops.dispatch import explain, select_backend
 
+    rnd = ag.masks.random(1024, 8, seed=0)
+    eager = explain("auto", _inputs(rnd))
+    assert eager.startswith("torch") and "torch here" in eager
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert select_backend("auto", _inputs(ag.masks.sliding_window(1024, 64))).name == "torch"
-    with pytest.raises(RuntimeError, match="tiles: plans tiles on the host"):
-        select_backend("tiles", _inputs(ag.masks.sliding_window(1024, 64)))
+    assert select_backend("auto", _inputs(ag.masks.sliding_window(1024, 64))).name == "tiles"
+    assert select_backend("auto", _inputs(rnd)).name == "tiles"
+    assert not any(k[0] == "tile_plan" for k in rnd.caches.plan)
+    assert select_backend("tiles", _inputs(ag.masks.sliding_window(1024, 64))).name == "tiles"
 
 
 # ------------------------------------------------------------------ token orders
