@@ -38,8 +38,8 @@ MASKS = {
         n, 64, list(range(0, n, n // 16)), implicit=implicit),
 }
 # (backend, graph form)
-ROWS = [("torch", "explicit"), ("tiles", "explicit"), ("auto", "explicit"),
-        ("ranges", "implicit"), ("auto", "implicit")]
+ROWS = [("tiles", "explicit"), ("auto", "explicit"), ("ranges", "implicit"),
+        ("auto", "implicit"), ("torch", "explicit")]
 
 
 def _timed(fn) -> float:

@@ -289,6 +289,9 @@ def test_sparse_self_attention_with_dropout_compiles_fullgraph(scatter_mode):
 # ---------------------------------------------------------------------------- the ops
 def test_custom_ops_pass_opcheck(monkeypatch):
     """Schema, fake implementation and autograd registration of every op attngraph adds."""
+    from attngraph.ops import chunked  # noqa: F401 - register the ops
+    from attngraph.ops.cuda import fused, stages  # noqa: F401
+
     monkeypatch.setenv("ATTNGRAPH_CUDA_EMULATE", "1")
     g = masks.longformer(30, 2, [0])
     gen = torch.Generator().manual_seed(0)
@@ -334,7 +337,8 @@ def _fast_graphs():
 # (graph, backend): every backend that takes the graph eagerly
 FAST = [("window", "auto"), ("window", "tiles"), ("longformer", "auto"),
         ("longformer", "tiles"), ("implicit-longformer", "auto"),
-        ("implicit-longformer", "ranges"), ("implicit-union", "auto"),
+        ("implicit-longformer", "ranges"), ("implicit-longformer", "torch"),
+        ("implicit-union", "auto"),
         ("implicit-union", "ranges"), ("hash", "auto"), ("hash", "tiles"),
         ("hash", "ranges"), ("random", "auto"), ("random", "tiles")]
 
@@ -451,6 +455,7 @@ def test_compiled_auto_chooses_per_graph_when_it_runs():
 
 
 def test_fast_path_ops_pass_opcheck():
+    from attngraph.ops import chunked, ranges, tiles  # noqa: F401 - register the ops
     g = masks.longformer(70, 8, [0, 40])
     gi = masks.longformer(70, 8, [0, 40], implicit=True)
     gen = torch.Generator().manual_seed(0)
@@ -462,3 +467,5 @@ def test_fast_path_ops_pass_opcheck():
                               (q, k, v, bias, g.ptr, g.src, g.dst, g.num_src, 0.3, "torch",
                                auto, True))
     torch.library.opcheck(ops.range_attention.default, (q, k, v, gi.key, 0.3))
+    torch.library.opcheck(ops.chunked_attention_implicit.default,
+                          (q, k, v, None, gi.key, 0.3, 1 << 20, True))

@@ -155,9 +155,11 @@ def _compiled(name: str, b: Backend, x: Inputs) -> str:
     if b.name in ("tiles", "torch") and _deferred(name, x):
         return (f"the same choice, made from the graph's tile counts when the compiled "
                 f"code runs (the {_BACKENDS['tiles'].op} operator; {b.name} here)")
-    if _implicit(x) and b.name in ("torch", "cupy"):
-        return ("refused: an implicit graph runs compiled on backend='ranges' (or "
-                "trace graph.materialize())")
+    if _implicit(x) and b.name == "cupy":
+        return ("refused: the fused kernels run an implicit graph eagerly (compiled: "
+                "backend='ranges' or 'torch', or trace graph.materialize())")
+    if _implicit(x) and b.name == "torch":
+        return "the same, as the attngraph::chunked_attention_implicit operator"
     return f"the same, as the {b.op} operator" if b.op else "the same"
 
 
@@ -182,12 +184,7 @@ def _dtype_refuse(x: Inputs) -> Optional[str]:
 
 
 def _torch_refuse(x: Inputs) -> Optional[str]:
-    if (why := _dtype_refuse(x)) is not None:
-        return why
-    if _implicit(x) and torch.compiler.is_compiling():
-        return ("an implicit graph has no edge tensors for torch.compile to trace: run it "
-                "eagerly, or trace graph.materialize()")
-    return None
+    return _dtype_refuse(x)
 
 
 def _torch_run(q, k, v, graph, scale, bias):
