@@ -636,6 +636,8 @@ def _(q, k, v, key, scale):
 def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            dout: Tensor, dlse: Optional[Tensor], key: Tensor, scale: float
                            ) -> Tuple[Tensor, Tensor, Tensor]:
+    if dlse is not None and not bool(dlse.any()):
+        dlse = None         # autograd's zeros for an unused lse: no extra value column
     return _backward(q, k, v, out, lse, dout, dlse, implicit_of(key), scale)
 
 

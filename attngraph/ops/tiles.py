@@ -630,6 +630,8 @@ def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     graph = graph_of(ptr, src, dst, num_src, ptr.numel() - 1)
     plan = _op_plan(graph, q, k, v, bias, auto)
+    if dlse is not None and not bool(dlse.any()):
+        dlse = None         # autograd's zeros for an unused lse: no extra value column
     if plan is None:
         dq, dk, dv, dbias = _residual_backward(residual, q, k, v, graph, scale, bias, out,
                                                lse, dout, dlse, bias_grad)
