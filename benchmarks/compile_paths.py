@@ -103,6 +103,10 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--masks", default=",".join(MASKS),
+                   help="masks to run, comma-separated (default: all)")
+    p.add_argument("--backends", default="tiles,auto,ranges,torch",
+                   help="backends to run, comma-separated (default: all)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -115,9 +119,14 @@ def main(argv=None) -> None:
           "| compiled / eager fwd+bwd |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for mask, make in MASKS.items():
+    wanted = set(args.backends.split(","))
+    for mask in args.masks.split(";") if ";" in args.masks else [
+            m for m in MASKS if m in args.masks]:
+        make = MASKS[mask]
         graphs = {"explicit": make(args.n, False), "implicit": make(args.n, True)}
         for backend, form in ROWS:
+            if backend not in wanted:
+                continue
             torch._dynamo.reset()
             r = measure(graphs[form], backend, args.n, args.heads, args.dim, args.rounds,
                         args.compile_backend)
