@@ -481,9 +481,11 @@ attention.png into the output folder."""
 
 # Arc picture of the demo: the first tokens' subgraph.
 _DEMO_ARC_TOKENS = 24
-# Timed runs stop early once a method has used this much time (seconds): keeps the CPU
-# demo short on small machines while a GPU still gets several runs for a median.
+# Timed runs beyond the first _MIN_RUNS stop once a method has used this much time
+# (seconds): keeps the CPU demo short on small machines while a GPU still gets several runs.
 _DEMO_TIME_BUDGET = {"cpu": 6.0, "cuda": 5.0}
+# Every timing is the median of at least this many runs, after one warm-up call.
+_MIN_RUNS = 3
 
 
 def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -498,8 +500,9 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--runs", type=int, default=None,
-                   help="most timed runs per method after a warm-up (default 10 on a GPU, "
-                   "3 on a CPU; fewer when a run is slow)")
+                   help=f"timed runs per method after one warm-up call, at least {_MIN_RUNS} "
+                   f"(default 10 on a GPU, {_MIN_RUNS} on a CPU; runs past {_MIN_RUNS} stop "
+                   f"when a method has used its time budget)")
     p.add_argument("--no-dense", action="store_true",
                    help="skip the dense scaled_dot_product_attention comparison")
     p.add_argument("--seed", type=int, default=0, help="seed of q, k, v (default 0)")
@@ -530,26 +533,24 @@ def _sync(device) -> None:
 
 
 def _timed(fn, device, runs: int, budget: float, desc: str):
-    """Time up to ``runs`` calls of ``fn``, fewer once ``budget`` seconds are used, after
-    one untimed warm-up call on a GPU (CPU calls need none, and a CPU run may take
-    seconds); returns (output of the first call, median seconds, runs timed)."""
+    """One untimed warm-up call of ``fn`` (first-call work: plans, caches, kernel builds),
+    then ``runs`` timed calls; calls past the first ``_MIN_RUNS`` stop once ``budget``
+    seconds are used. Returns (output of the warm-up call, median seconds, runs timed)."""
     import statistics
     import time
 
     from tqdm import tqdm      # text bars on stderr: tqdm.auto would want ipywidgets
 
-    out = None
-    if device.type == "cuda":
-        out = fn()
-        _sync(device)
+    runs = max(runs, _MIN_RUNS)
+    out = fn()
+    _sync(device)
     times = []
     with tqdm(total=runs, desc=desc, unit="run", leave=False, file=sys.stderr) as bar:
-        while len(times) < runs and (not times or sum(times) < budget):
+        while len(times) < runs and (len(times) < _MIN_RUNS or sum(times) < budget):
             t0 = time.perf_counter()
-            res = fn()
+            fn()
             _sync(device)
             times.append(time.perf_counter() - t0)
-            out = res if out is None else out
             bar.update()
     return out, statistics.median(times), len(times)
 
@@ -614,7 +615,8 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     import attngraph as ag
-    from attngraph.ops.dispatch import Inputs, explain, select_backend
+    from attngraph.ops.dispatch import Inputs, explain
+    from attngraph.ops.record import recording
 
     def fail(message: str) -> int:
         print(f"attngraph demo: error: {message}", file=sys.stderr)
@@ -639,7 +641,10 @@ def _demo(args: argparse.Namespace) -> int:
         if value < least:
             return fail(f"{name} must be >= {least}, got {value}")
     H, D = args.heads, args.dim
-    runs = args.runs if args.runs is not None else (10 if gpu else 3)
+    runs = args.runs if args.runs is not None else (10 if gpu else _MIN_RUNS)
+    if runs < _MIN_RUNS:
+        return fail(f"--runs must be >= {_MIN_RUNS} (a median of fewer runs is not a "
+                    f"timing), got {runs}")
     budget = _DEMO_TIME_BUDGET.get(device.type, 5.0)
 
     num_global = min(args.global_tokens, n)
@@ -657,17 +662,17 @@ def _demo(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     q, k, v = (torch.randn(n, H, D, generator=gen, device=device).to(dtype) for _ in range(3))
 
-    # the very inputs graph_attention dispatches on below, graph included
-    inputs = Inputs.of(q, k, v, graph)
-    chosen = select_backend("auto", inputs)
-    print(f"backend: {chosen.name} (chosen by backend='auto')\n  {explain('auto', inputs)}")
-
     _reset_peak(device)
-    with torch.no_grad():
+    with torch.no_grad(), recording() as ran:
         out, t_graph_attn, n_runs = _timed(
             lambda: ag.graph_attention(q, k, v, graph), device, runs, budget,
             "graph_attention")
     peak_graph = _peak_memory(device)
+    # the backend that ran the calls (the dispatcher's record of them), and why auto took
+    # it, asked with the very inputs of the calls
+    backend = "/".join(dict.fromkeys(ran))
+    print(f"backend: {backend} (ran {len(ran)} calls, chosen by backend='auto')\n"
+          f"  {explain('auto', Inputs.of(q, k, v, graph))}")
 
     # Check sampled rows (two global ones among them) against dense attention of those rows.
     rgen = torch.Generator().manual_seed(args.seed + 1)
@@ -686,9 +691,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     dense = _dense_sdpa(q, k, v, graph, rows, ref, device, dtype, runs, budget, args.no_dense)
 
-    table = [("method", "backend", "device", "N", "edges", "density", "time (median)",
+    table = [("method", "backend", "device", "N", "edges", "density",
+              "time (median of runs, after 1 warm-up)",
               "peak memory", "max error"),
-             ("graph_attention", chosen.name, str(device), str(n), f"{graph.num_edges:,}",
+             ("graph_attention", backend, str(device), str(n), f"{graph.num_edges:,}",
               f"{100 * graph.density:.3g}%", f"{_fmt_time(t_graph_attn)} ({_runs(n_runs)})",
               peak_graph, f"{err:.2e}")]
     if dense["time"] is not None:

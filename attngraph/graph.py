@@ -27,6 +27,8 @@ __all__ = ["TokenGraph", "GraphCaches", "MAX_NODES", "graph_of", "batch"]
 
 # graph.src -> the graph: torch.library operators receive a graph as its tensors
 _BY_SRC = WeakIdKeyDictionary()
+# _address(src) -> the graph whose src is there (see graph_of)
+_BY_ADDRESS: dict = {}
 
 
 class GraphCaches:
@@ -166,6 +168,9 @@ class TokenGraph:
             ptr = ptr.long()
         ptr, src, dst = self._arrays = (ptr, plain[0], plain[1])
         _BY_SRC[src] = (weakref.ref(self), id(ptr), id(dst))
+        key = _address(src)
+        _BY_ADDRESS[key] = weakref.ref(
+            self, lambda r, key=key: _BY_ADDRESS.pop(key) if _BY_ADDRESS.get(key) is r else None)
 
     @classmethod
     def _from_canonical(cls, src: Tensor, dst: Tensor, num_src: int,
@@ -616,6 +621,12 @@ class TokenGraph:
         return mask_png(self)
 
 
+def _address(t: Tensor):
+    """Where a tensor's elements are: a live graph's index tensors are never freed, so
+    another tensor there with the same layout holds its edges."""
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
 def graph_of(ptr: Tensor, src: Tensor, dst: Tensor, num_src: int, num_dst: int) -> TokenGraph:
     """The graph whose ``(ptr, src, dst)`` these are, with its caches.
 
@@ -629,6 +640,13 @@ def graph_of(ptr: Tensor, src: Tensor, dst: Tensor, num_src: int, num_dst: int) 
         graph, ptr_id, dst_id = entry[0](), entry[1], entry[2]
         if graph is not None and ptr_id == id(ptr) and dst_id == id(dst):
             return graph
+    # other tensor objects over the graph's own memory (torch.compile hands a backward
+    # operator aliases of the tensors it saved): the same edges, so the same graph
+    ref = _BY_ADDRESS.get(_address(src))
+    graph = None if ref is None else ref()
+    if graph is not None and graph._arrays is not None and all(
+            _address(a) == _address(b) for a, b in zip(graph._arrays, (ptr, src, dst))):
+        return graph
     graph = TokenGraph._from_edge_index(torch.stack([src, dst]), num_src, num_dst)
     if entry is None or entry[0]() is None:
         # the wrapper holds copies, not src: a strong reference, released with src

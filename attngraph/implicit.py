@@ -33,24 +33,30 @@ rank, so the edges come out in canonical order, equal to the explicit compositio
 """
 from __future__ import annotations
 
+import weakref
 from functools import partial
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
+import itertools
 
 from attngraph import chunks
 from attngraph.chunks import row_chunks
 from attngraph.graph import TokenGraph
 from attngraph.runs import Range, from_runs, meet_runs, minus_runs, union_runs
 
-__all__ = ["ImplicitGraph", "ROW_CHUNK"]
+__all__ = ["ImplicitGraph", "ROW_CHUNK", "implicit_of"]
 
 # The chunk sizes, as attngraph.chunks sets them (read from there at call time).
 ROW_CHUNK = chunks.ROW_CHUNK
 EDGE_CHUNK = chunks.EDGE_CHUNK
 
 RunsFn = Callable[[Tensor], list]
+
+# the number in a key tensor -> the implicit graph it stands for (see ImplicitGraph.key)
+_BY_KEY: "weakref.WeakValueDictionary[int, ImplicitGraph]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count(1)
 
 
 class ImplicitGraph(TokenGraph):
@@ -77,7 +83,7 @@ class ImplicitGraph(TokenGraph):
     """
 
     __slots__ = ("_runs", "_state", "_name", "_explicit", "_num_edges", "_index_dtype",
-                 "_ordered")
+                 "_ordered", "_key")
 
     def __init__(self, runs: Callable, num_src: int, num_dst: int, *, name: str = "rule",
                  state: Optional[Dict[str, Tensor]] = None, device=None,
@@ -94,11 +100,21 @@ class ImplicitGraph(TokenGraph):
         self._reset()
         device = torch.device("cpu") if device is None else torch.device(device)
         self._meta = (int(num_src), int(num_dst), None, device)
+        self._key = torch.tensor(next(_KEYS))
+        _BY_KEY[int(self._key)] = self
 
     # ------------------------------------------------------------------ the rule
     @property
     def is_implicit(self) -> bool:
         return True
+
+    @property
+    def key(self) -> Tensor:
+        """A one-number CPU tensor that stands for this graph where only tensors can go: a
+        ``torch.library`` operator receives it (torch.compile passes it as a graph input,
+        so another graph runs the same compiled code) and finds the graph again with
+        :func:`implicit_of`."""
+        return self._key
 
     def runs(self, r0: int, r1: int) -> list:
         """The key runs of query rows ``[r0, r1)`` (:class:`~attngraph.runs.Range`
@@ -303,6 +319,15 @@ class ImplicitGraph(TokenGraph):
         dev = "" if self.device.type == "cpu" else f", device={self.device}"
         return (f"TokenGraph({nodes}, num_edges={self.num_edges}, density={self.density:.3g}, "
                 f"implicit: {self._name}{dev})")
+
+
+def implicit_of(key: Tensor) -> ImplicitGraph:
+    """The implicit graph whose :attr:`ImplicitGraph.key` ``key`` is."""
+    graph = _BY_KEY.get(int(key)) if key.numel() == 1 else None
+    if graph is None:
+        raise LookupError("no live implicit graph has this key: an operator received a key "
+                          "that is not an ImplicitGraph.key")
+    return graph
 
 
 def _to(value, device):

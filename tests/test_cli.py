@@ -223,25 +223,36 @@ def test_bench_without_harness(monkeypatch, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- demo
-def test_demo_in_process(tmp_path, capsys, monkeypatch):
-    from attngraph.ops import functional
+def test_demo_in_process(tmp_path, capsys):
+    import re
 
-    ran = []
-    select = functional.select_backend
-    monkeypatch.setattr(functional, "select_backend",
-                        lambda *a, **kw: ran.append(select(*a, **kw).name) or select(*a, **kw))
+    from attngraph.ops.record import recording
+
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--n", "256", "--window", "8", "--global-tokens", "4",
-                     "--heads", "2", "--dim", "16", "--runs", "1", "--out", str(out)]) == 0
+    with recording() as ran:
+        assert cli.main(["demo", "--n", "256", "--window", "8", "--global-tokens", "4",
+                         "--heads", "2", "--dim", "16", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    # the backend the demo prints is the one its graph_attention call ran
-    assert f"backend: {ran[0]} (chosen by backend='auto')" in text
+    # the backend the demo names is the one that ran its graph_attention calls: one
+    # warm-up call and the 3 timed runs of its median
+    assert len(ran) == 4 and len(set(ran)) == 1
+    assert f"backend: {ran[0]} (ran 4 calls, chosen by backend='auto')" in text
+    row = next(line for line in text.splitlines() if line.startswith("graph_attention "))
+    assert row.split()[1] == ran[0]
+    assert re.search(r"ms \(3 runs\)|s \(3 runs\)", row)
+    dense = next(line for line in text.splitlines() if line.startswith("dense masked SDPA "))
+    assert int(re.search(r"\((\d+) runs\)", dense).group(1)) >= 3
+    assert "median of runs, after 1 warm-up" in text
     assert "global tokens evenly spaced every 64 tokens (0, 64, 128, 192)" in text
     assert "(ok," in text
-    assert "dense masked SDPA" in text
     for name in ("mask.png", "attention.png"):
         assert_png_drawn(out / name)
         assert f"wrote {out / name}" in text
+
+
+def test_demo_takes_at_least_three_runs(capsys):
+    assert cli.main(["demo", "--n", "64", "--runs", "2", "--no-dense"]) == 2
+    assert "--runs must be >= 3" in capsys.readouterr().err
 
 
 def test_demo_rejects_bad_sizes(capsys):
@@ -252,7 +263,7 @@ def test_demo_rejects_bad_sizes(capsys):
 @pytest.mark.slow
 def test_demo_subprocess(tmp_path):
     out = tmp_path / "demo"
-    r = run_cli("demo", "--n", "1024", "--runs", "1", "--out", str(out))
+    r = run_cli("demo", "--n", "1024", "--runs", "3", "--out", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     header = next(line for line in r.stdout.splitlines() if line.startswith("method"))
     for column in ("backend", "device", "N", "edges", "density", "time", "peak memory",

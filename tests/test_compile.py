@@ -289,6 +289,9 @@ def test_sparse_self_attention_with_dropout_compiles_fullgraph(scatter_mode):
 # ---------------------------------------------------------------------------- the ops
 def test_custom_ops_pass_opcheck(monkeypatch):
     """Schema, fake implementation and autograd registration of every op attngraph adds."""
+    from attngraph.ops import chunked  # noqa: F401 - register the ops
+    from attngraph.ops.cuda import fused, stages  # noqa: F401
+
     monkeypatch.setenv("ATTNGRAPH_CUDA_EMULATE", "1")
     g = masks.longformer(30, 2, [0])
     gen = torch.Generator().manual_seed(0)
@@ -312,3 +315,157 @@ def test_custom_ops_pass_opcheck(monkeypatch):
                   (ops.gather_rows, (y, g.ptr, g.num_edges))]
     for op, args in cases:
         torch.library.opcheck(op.default, args)
+
+
+# ---------------------------------------------------------------------------- fast paths
+# The tile and key-range paths are operators too: compiled, every backend runs what it runs
+# eagerly, and auto takes the same one (the tiles operator makes auto's tiles-or-torch
+# choice when it runs, from the graph's tile counts, which are never traced).
+def _fast_graphs():
+    buckets = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(5))
+    return {
+        "window": (masks.sliding_window(300, 40), "tiles"),
+        "longformer": (masks.longformer(300, 40, [0, 150]), "tiles"),
+        "implicit-longformer": (masks.longformer(300, 16, [0, 150], implicit=True), "ranges"),
+        "implicit-union": (masks.sliding_window(300, 8, implicit=True)
+                           | masks.dilated_window(300, 3, 20, implicit=True), "ranges"),
+        "hash": (masks.hash_buckets(buckets, causal=True), "ranges"),
+        "random": (masks.random(300, 6, seed=0), "torch"),
+    }
+
+
+# (graph, backend): every backend that takes the graph eagerly
+FAST = [("window", "auto"), ("window", "tiles"), ("longformer", "auto"),
+        ("longformer", "tiles"), ("implicit-longformer", "auto"),
+        ("implicit-longformer", "ranges"), ("implicit-longformer", "torch"),
+        ("implicit-union", "auto"),
+        ("implicit-union", "ranges"), ("hash", "auto"), ("hash", "tiles"),
+        ("hash", "ranges"), ("random", "auto"), ("random", "tiles")]
+
+
+def _fast_inputs(n=300, batched=False):
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, n) if batched else (n,)
+    q = torch.randn(*shape, 4, 16, generator=gen)
+    k, v = torch.randn(2, *shape, 2, 16, generator=gen)
+    return q, k, v
+
+
+@pytest.mark.parametrize("name,backend", FAST, ids=[f"{n}-{b}" for n, b in FAST])
+def test_fast_paths_compile_fullgraph_and_run_what_eager_runs(name, backend):
+    from attngraph.ops.dispatch import Inputs, select_backend
+    from attngraph.ops.record import recording
+
+    g, auto_runs = _fast_graphs()[name]
+    inputs = _fast_inputs()
+    assert select_backend(backend, Inputs.of(*inputs, g)).name == (
+        auto_runs if backend == "auto" else backend)
+
+    def fn(q, k, v):
+        out, lse = ag.graph_attention(q, k, v, g, return_lse=True, backend=backend)
+        return out + lse.unsqueeze(-1)       # both outputs reach the loss
+
+    assert breaks(fn, *inputs) == 0
+    with recording() as eager_ran:
+        want, want_grads = run(fn, leaves(*inputs))
+    with recording() as compiled_ran:
+        got, got_grads = run(torch.compile(fn, backend="aot_eager", fullgraph=True),
+                             leaves(*inputs))
+    assert eager_ran == compiled_ran == [auto_runs if backend == "auto" else backend]
+    assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["longformer", "implicit-longformer"])
+def test_compiled_auto_runs_the_fast_path_under_inductor(name):
+    """Inductor too: auto's compiled call runs the tiles / ranges operator, not the
+    torch backend, and gives the eager result (batched GQA inputs)."""
+    from attngraph.ops.record import recording
+
+    g, expected = _fast_graphs()[name]
+    inputs = _fast_inputs(batched=True)
+
+    def fn(q, k, v):
+        return ag.graph_attention(q, k, v, g)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    want, want_grads = run(fn, leaves(*inputs))
+    with recording() as ran:
+        got, got_grads = run(compiled, leaves(*inputs))
+        compiled(*inputs)
+    assert ran == [expected, expected]
+    assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert_close(a, b)
+
+
+def test_compiled_tiles_take_a_bias_and_its_gradient():
+    g = masks.longformer(300, 40, [0, 150])
+    q, k, v = _fast_inputs()
+    bias = torch.randn(g.num_edges, 4, generator=torch.Generator().manual_seed(7))
+
+    def fn(q, k, v, bias):
+        return ag.graph_attention(q, k, v, g, edge_bias=bias, backend="tiles")
+
+    assert breaks(fn, q, k, v, bias) == 0
+    want, want_grads = run(fn, leaves(q, k, v, bias))
+    got, got_grads = run(torch.compile(fn, backend="aot_eager", fullgraph=True),
+                         leaves(q, k, v, bias))
+    assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["tiles", "ranges"])
+def test_a_new_graph_reuses_the_compiled_fast_path(implicit):
+    """The graph enters the operators as tensors (its edges, or an implicit graph's key):
+    another graph of the same sizes runs the same compiled code, with its own plan (a new
+    edge count compiles once more, then sizes are dynamic)."""
+    from attngraph.ops.record import recording
+
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(lambda q, g: ag.graph_attention(q, q, q, g), backend=counter,
+                       fullgraph=True)
+    q = torch.randn(256, 2, 8)
+    for w in (20, 30, 40):
+        g = masks.sliding_window(256, w, implicit=implicit)
+        with recording() as ran:
+            got = fn(q, g)
+        assert_close(got, ag.graph_attention(q, q, q, g))
+        assert ran == ["ranges" if implicit else "tiles"]
+    assert counter.frame_count == (1 if implicit else 2)
+
+
+def test_compiled_auto_chooses_per_graph_when_it_runs():
+    """One compiled function, graphs on either side of the tile plan's break-even: each
+    call runs what auto runs eagerly on that graph."""
+    from attngraph.ops.record import recording
+
+    fn = torch.compile(lambda q, g: ag.graph_attention(q, q, q, g), backend="aot_eager",
+                       fullgraph=True)
+    q = torch.randn(300, 2, 8)
+    for g in (masks.sliding_window(300, 40), masks.random(300, 6, seed=1)):
+        with recording() as eager:
+            want = ag.graph_attention(q, q, q, g)
+        with recording() as compiled:
+            got = fn(q, g)
+        assert compiled == eager and eager[0] in ("tiles", "torch")
+        assert_close(got, want)
+
+
+def test_fast_path_ops_pass_opcheck():
+    from attngraph.ops import chunked, ranges, tiles  # noqa: F401 - register the ops
+    g = masks.longformer(70, 8, [0, 40])
+    gi = masks.longformer(70, 8, [0, 40], implicit=True)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(70, 2, 8, generator=gen).requires_grad_() for _ in range(3))
+    bias = torch.randn(g.num_edges, 1, generator=gen).requires_grad_()
+    ops = torch.ops.attngraph
+    for auto in (False, True):
+        torch.library.opcheck(ops.tile_attention.default,
+                              (q, k, v, bias, g.ptr, g.src, g.dst, g.num_src, 0.3, "torch",
+                               auto, True))
+    torch.library.opcheck(ops.range_attention.default, (q, k, v, gi.key, 0.3))
+    torch.library.opcheck(ops.chunked_attention_implicit.default,
+                          (q, k, v, None, gi.key, 0.3, 1 << 20, True))

@@ -495,11 +495,16 @@ def test_fused_kernels_compute_keys_from_the_rule(monkeypatch, rows_per_chunk, c
         _close(_run(q, k, v, g, backend="cupy"), want, tol=2e-5)
 
 
-def test_compile_refuses_clearly():
+def test_compiles_on_ranges_and_torch_and_cupy_refuses_clearly(monkeypatch):
     g = M.sliding_window(32, 2, implicit=True)
     q = torch.randn(32, 1, 4)
-    fn = torch.compile(lambda q: ag.graph_attention(q, q, q, g), backend="eager",
-                       fullgraph=True)
+    for backend in ("auto", "ranges", "torch"):
+        fn = torch.compile(lambda q: ag.graph_attention(q, q, q, g, backend=backend),
+                           backend="eager", fullgraph=True)
+        torch.testing.assert_close(fn(q), ag.graph_attention(q, q, q, g.materialize()))
+    monkeypatch.setenv("ATTNGRAPH_CUDA_EMULATE", "1")
+    fn = torch.compile(lambda q: ag.graph_attention(q, q, q, g, backend="cupy"),
+                       backend="eager", fullgraph=True)
     with pytest.raises(Exception, match="implicit graph"):
         fn(q)
 

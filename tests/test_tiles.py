@@ -279,13 +279,19 @@ def test_auto_takes_tiles_where_the_plan_pays():
     assert "dense tiles" in explain("auto", _inputs(ag.masks.bigbird(512, 64)))
 
 
-def test_tiles_backend_refuses_under_compile(monkeypatch):
-    from attngraph.ops.dispatch import select_backend
+def test_auto_leaves_the_tiles_choice_to_the_op_under_compile(monkeypatch):
+    """Traced, auto cannot count tiles: it takes the tiles operator, which makes the
+    choice when it runs (tests/test_compile.py runs it)."""
+    from attngraph.ops.dispatch import explain, select_backend
 
+    rnd = ag.masks.random(1024, 8, seed=0)
+    eager = explain("auto", _inputs(rnd))
+    assert eager.startswith("torch") and "torch here" in eager
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert select_backend("auto", _inputs(ag.masks.sliding_window(1024, 64))).name == "torch"
-    with pytest.raises(RuntimeError, match="tiles: plans tiles on the host"):
-        select_backend("tiles", _inputs(ag.masks.sliding_window(1024, 64)))
+    assert select_backend("auto", _inputs(ag.masks.sliding_window(1024, 64))).name == "tiles"
+    assert select_backend("auto", _inputs(rnd)).name == "tiles"
+    assert not any(k[0] == "tile_plan" for k in rnd.caches.plan)
+    assert select_backend("tiles", _inputs(ag.masks.sliding_window(1024, 64))).name == "tiles"
 
 
 # ------------------------------------------------------------------ token orders
@@ -412,3 +418,35 @@ def test_saved_tensors_are_per_token_not_per_edge():
     saved = sum(t.numel() for t in node.saved_tensors if t is not None)
     assert saved == 4 * n * H * D + n * H
     assert saved < g.num_edges * H           # less than one score per edge and head
+
+
+# ------------------------------------------------------------------ the operator
+@pytest.mark.parametrize("residual", ["torch", "cupy"])
+def test_operator_backward_adds_the_parts_shares(residual, monkeypatch):
+    """The tile operator's backward runs the tiles' and the residual's passes from the
+    merged out and lse (on the fused kernels too, emulated here): gradients of q, k, v and
+    a bias equal the per-edge backend's, with an empty row and a reordered hash graph."""
+    monkeypatch.setenv("ATTNGRAPH_CUDA_EMULATE", "1")
+    buckets = torch.randint(0, 3, (70,), generator=torch.Generator().manual_seed(2))
+    mask = (ag.masks.sliding_window(70, 6) | ag.masks.random(70, 2, seed=3)).to_dense()
+    mask[9] = False
+    for g in (ag.TokenGraph.from_dense(mask), ag.masks.hash_buckets(buckets)):
+        q, k, v = qkv(70, 70, 4, 2, 8, dtype=torch.float32, grad=False)
+        bias = torch.randn(g.num_edges, 4, generator=torch.Generator().manual_seed(1))
+        plan = g.tile_plan()
+        assert plan.num_tiles and plan.num_residual_edges
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        out, lse = tiles.attention(*leaves[:3], g, 0.4, leaves[3], residual=residual)
+        want_leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        want, want_lse = chunked.attention(*want_leaves[:3], g, 0.4, want_leaves[3])
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=1e-4)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+        dlse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(5))
+        dlse[9] = 0.0                                   # the empty row's lse is -inf
+        got = torch.autograd.grad((out * dout).sum() + (lse.nan_to_num(0, 0, 0) * dlse).sum(),
+                                  leaves)
+        ref = torch.autograd.grad((want * dout).sum()
+                                  + (want_lse.nan_to_num(0, 0, 0) * dlse).sum(), want_leaves)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)

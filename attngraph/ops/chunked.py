@@ -22,7 +22,9 @@ from attngraph import chunks as sizes
 from attngraph.checks import check_bias_values
 from attngraph.chunks import row_chunks
 from attngraph.graph import TokenGraph, graph_of
+from attngraph.implicit import implicit_of
 from attngraph.ops.numerics import backward_preamble, compute_dtype
+from attngraph.ops.record import running
 from attngraph.ops.segment import segment_max, segment_sum
 
 __all__ = ["attention", "row_chunks", "MAX_CHUNK_ELEMENTS"]
@@ -175,7 +177,8 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: 
     if check_bias and bias is not None:    # graph_attention could not check while traced
         check_bias_values(bias)
     graph = graph_of(ptr, src, dst, num_src, ptr.numel() - 1)
-    return _forward(q, k, v, graph, scale, bias, max_elements)
+    with running("torch"):
+        return _forward(q, k, v, graph, scale, bias, max_elements)
 
 
 @_attention_op.register_fake
@@ -222,24 +225,58 @@ def _backward_formula(ctx, dout, dlse):
 _attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
-class _Generated(torch.autograd.Function):
-    """The same passes over an implicit graph, whose chunks exist one at a time (eager
-    only: an implicit graph has no edge tensors to hand to the custom op)."""
+# The same passes over an implicit graph, whose chunks exist one at a time: the graph
+# enters as its ImplicitGraph.key, which finds it again (implicit_of).
+@torch.library.custom_op("attngraph::chunked_attention_implicit", mutates_args=())
+def _implicit_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], key: Tensor,
+                 scale: float, max_elements: int, check_bias: bool) -> Tuple[Tensor, Tensor]:
+    if check_bias and bias is not None:    # graph_attention could not check while traced
+        check_bias_values(bias)
+    with running("torch"):
+        return _forward(q, k, v, implicit_of(key), scale, bias, max_elements)
 
-    @staticmethod
-    def forward(ctx, q, k, v, bias, graph, scale, max_elements):
-        out, lse = _forward(q, k, v, graph, scale, bias, max_elements)
-        ctx.graph, ctx.scale, ctx.max_elements = graph, scale, max_elements
-        ctx.save_for_backward(q, k, v, bias, out, lse)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _backward(q, k, v, out, lse, dout.contiguous(), ctx.graph,
-                                      ctx.scale, bias, ctx.max_elements, bias_grad, dlse)
-        return dq, dk, dv, dbias, None, None, None
+@_implicit_op.register_fake
+def _(q, k, v, bias, *rest):
+    return q.new_empty(q.size(0), q.size(1), v.size(2)), q.new_empty(q.size(0), q.size(1))
+
+
+@torch.library.custom_op("attngraph::chunked_attention_implicit_backward", mutates_args=())
+def _implicit_backward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                          out: Tensor, lse: Tensor, dout: Tensor, dlse: Optional[Tensor],
+                          key: Tensor, scale: float, max_elements: int, bias_grad: bool
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dbias = _backward(q, k, v, out, lse, dout.contiguous(), implicit_of(key),
+                                  scale, bias, max_elements, bias_grad, dlse)
+    return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0))
+
+
+@_implicit_backward_op.register_fake
+def _(q, k, v, bias, out, lse, dout, *rest):
+    bias_grad = rest[-1]
+    dbias = torch.empty_like(bias) if bias_grad and bias is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _implicit_setup_context(ctx, inputs, output):
+    q, k, v, bias, key = inputs[:5]
+    ctx.scale, ctx.max_elements = inputs[5:7]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, key)
+    ctx.has_bias = bias is not None
+
+
+def _implicit_backward_formula(ctx, dout, dlse):
+    q, k, v, bias, out, lse, key = ctx.saved_tensors
+    bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = _implicit_backward_op(q, k, v, bias, out, lse, dout.contiguous(),
+                                              dlse, key, ctx.scale, ctx.max_elements,
+                                              bias_grad)
+    return (dq, dk, dv, dbias if bias_grad else None) + (None,) * 4
+
+
+_implicit_op.register_autograd(_implicit_backward_formula,
+                               setup_context=_implicit_setup_context)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
@@ -250,7 +287,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
     Computes in float32 (float64 for float64 inputs); returns ``out`` in the input dtype and
     ``lse`` in the compute dtype. Inputs must already be validated. ``max_chunk_elements``
     (default ``MAX_CHUNK_ELEMENTS``) bounds the per-edge elements held at once. Differentiable
-    in q, k, v and bias (the ``attngraph::chunked_attention`` op).
+    in q, k, v and bias (the ``attngraph::chunked_attention`` op; for an implicit graph
+    ``attngraph::chunked_attention_implicit``).
     """
     if max_chunk_elements is None:
         max_chunk_elements = sizes.MAX_CHUNK_ELEMENTS
@@ -260,7 +298,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
     if bias is not None:
         bias = bias.to(cdt).contiguous()
     if graph.is_implicit:
-        out, lse = _Generated.apply(q, k, v, bias, graph, float(scale), int(max_chunk_elements))
+        out, lse = _implicit_op(q, k, v, bias, graph.key, float(scale),
+                                int(max_chunk_elements), torch.compiler.is_compiling())
         return out.to(dtype), lse
     # traced by torch.compile, graph_attention skipped the data-dependent bias check: the op
     # makes it when it runs

@@ -78,6 +78,11 @@ class Backend:
     auto_refuse: Optional[Callable[[Inputs], Optional[str]]] = None
     # one line on how the backend would run an input it accepts
     describe: Optional[Callable[[Inputs], str]] = None
+    # how "auto" runs the backend, where that differs from ``run`` (tiles: under
+    # torch.compile its operator makes auto's choice when it runs)
+    auto_run: Optional[Callable] = None
+    # the torch.library operator the backend runs as, eagerly and under torch.compile
+    op: str = ""
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -128,7 +133,7 @@ def select_backend(name: str, inputs: Inputs, *, exclude: Tuple[str, ...] = ()) 
 
 # Backends that run a whole graph's structure, not a list of edges: the per-edge residual
 # of a tile plan never goes to them.
-_STRUCTURED = ("tiles", "ranges")
+_STRUCTURED = ("tiles", "ranges", "flex")
 
 
 def per_edge_backend(name: str, inputs: Inputs) -> Backend:
@@ -138,15 +143,41 @@ def per_edge_backend(name: str, inputs: Inputs) -> Backend:
 
 
 def explain(name: str, inputs: Inputs) -> str:
-    """Which backend ``name`` resolves to for ``inputs``, how it runs them and, under
-    ``auto``, why each preferred backend was passed over; one line."""
+    """Which backend ``name`` resolves to for ``inputs``, how it runs them, under
+    ``auto`` why each preferred backend was passed over, and what runs when the call is
+    compiled by torch.compile; one line. (Which backend a call *did* run:
+    :func:`attngraph.ops.record.recording`.)"""
     b = select_backend(name, inputs)
     _, passed = _resolve(name, inputs)
     how = b.describe(inputs) if b.describe is not None else ""
     line = f"{b.name}: {how}" if how else b.name
     if name == "auto" and passed:
         line += " (" + "; ".join(f"not {n}: {why}" for n, why in passed) + ")"
-    return line
+    return line + "; under torch.compile: " + _compiled(name, b, inputs)
+
+
+def _deferred(name: str, x: Inputs) -> bool:
+    """Whether ``auto`` chooses between tiles and torch from the graph's tile counts,
+    which torch.compile cannot trace: the tiles operator then chooses when it runs."""
+    return (name == "auto" and x.device.type == "cpu" and x.graph is not None
+            and not _implicit(x) and _rule(x) is None and x.graph.num_edges > 0
+            and _tiles_refuse(x) is None)
+
+
+def _compiled(name: str, b: Backend, x: Inputs) -> str:
+    """What runs when this call is compiled by torch.compile."""
+    if b.name in ("tiles", "torch") and _deferred(name, x):
+        return (f"the same choice, made from the graph's tile counts when the compiled "
+                f"code runs (the {_BACKENDS['tiles'].op} operator; {b.name} here)")
+    if b.name == "flex":
+        return ("refused: FlexAttention tiles are planned on the host, outside traced code "
+                "(auto takes the next backend; the fused kernels on CUDA)")
+    if _implicit(x) and b.name == "cupy":
+        return ("refused: the fused kernels run an implicit graph eagerly (compiled: "
+                "backend='ranges' or 'torch', or trace graph.materialize())")
+    if _implicit(x) and b.name == "torch":
+        return "the same, as the attngraph::chunked_attention_implicit operator"
+    return f"the same, as the {b.op} operator" if b.op else "the same"
 
 
 _TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -170,12 +201,7 @@ def _dtype_refuse(x: Inputs) -> Optional[str]:
 
 
 def _torch_refuse(x: Inputs) -> Optional[str]:
-    if (why := _dtype_refuse(x)) is not None:
-        return why
-    if _implicit(x) and torch.compiler.is_compiling():
-        return ("an implicit graph has no edge tensors for torch.compile to trace: run it "
-                "eagerly, or trace graph.materialize()")
-    return None
+    return _dtype_refuse(x)
 
 
 def _torch_run(q, k, v, graph, scale, bias):
@@ -251,17 +277,16 @@ def _cupy_stages():
 
 register_backend(Backend("torch", priority=0, refuse=_torch_refuse, run=_torch_run,
                          stages=_torch_stages,
-                         describe=lambda x: "memory-bounded torch ops (ops/chunked.py)"))
+                         describe=lambda x: "memory-bounded torch ops (ops/chunked.py)",
+                         op="attngraph::chunked_attention"))
 register_backend(Backend("cupy", priority=10, refuse=_cupy_refuse, run=_cupy_run,
                          stages=_cupy_stages, auto_refuse=_cupy_auto_refuse,
-                         describe=_cupy_describe))
+                         describe=_cupy_describe, op="attngraph::graph_attention"))
 
 
 def _tiles_refuse(x: Inputs) -> Optional[str]:
     if (why := _dtype_refuse(x)) is not None:
         return why
-    if torch.compiler.is_compiling():
-        return "plans tiles on the host: not traced by torch.compile (the torch backend is)"
     if _implicit(x):
         return ("an implicit graph has no edge list to plan tiles over: backend='ranges' "
                 "reads its key ranges from the rule (or pass graph.materialize())")
@@ -283,6 +308,8 @@ def _tiles_auto_refuse(x: Inputs) -> Optional[str]:
     g = x.graph
     if g is None or g.num_edges == 0:
         return "no graph to plan"
+    if torch.compiler.is_compiling():
+        return None     # traced: the tiles operator asks again when it runs (auto_run)
     # from tile counts only: a graph where tiles do not pay is never planned
     block, cost, _ = best_block(g)
     per_edge = EDGE_COST_CELLS * g.num_edges
@@ -298,16 +325,24 @@ def _tiles_describe(x: Inputs) -> str:
     return f"{how}: {plan}" if plan is not None else how
 
 
-def _tiles_run(q, k, v, graph, scale, bias):
+def _tiles_run(q, k, v, graph, scale, bias, auto=False):
     from attngraph.ops import tiles
 
     residual = per_edge_backend("auto", Inputs.of(q, k, v))
-    return tiles.attention(q, k, v, graph, scale, bias, residual=residual.run)
+    # traced, auto's choice waits for the graph's tile counts: the operator makes it
+    deferred = auto and torch.compiler.is_compiling() and graph.rule is None
+    return tiles.attention(q, k, v, graph, scale, bias, residual=residual.name,
+                           auto=deferred)
+
+
+def _tiles_auto_run(q, k, v, graph, scale, bias):
+    return _tiles_run(q, k, v, graph, scale, bias, auto=True)
 
 
 register_backend(Backend("tiles", priority=20, refuse=_tiles_refuse, run=_tiles_run,
                          stages=_torch_stages, auto_refuse=_tiles_auto_refuse,
-                         describe=_tiles_describe))
+                         describe=_tiles_describe, auto_run=_tiles_auto_run,
+                         op="attngraph::tile_attention"))
 
 
 def _ranges_refuse(x: Inputs) -> Optional[str]:
@@ -321,8 +356,6 @@ def _ranges_refuse(x: Inputs) -> Optional[str]:
     if x.has_bias:
         return ("an edge bias follows the canonical edge order, which key ranges do not "
                 "index (tiles or torch take it)")
-    if torch.compiler.is_compiling():
-        return "reads the rule on the host: not traced by torch.compile"
     return None
 
 
@@ -347,7 +380,7 @@ def _ranges_describe(x: Inputs) -> str:
 
 register_backend(Backend("ranges", priority=30, refuse=_ranges_refuse, run=_ranges_run,
                          stages=_torch_stages, auto_refuse=_ranges_auto_refuse,
-                         describe=_ranges_describe))
+                         describe=_ranges_describe, op="attngraph::range_attention"))
 
 
 def _flex_plan(x: Inputs):

@@ -167,7 +167,8 @@ def graph_attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, *,
         B, L, H = q.shape[:3]
         q, k, v = (t.transpose(0, 1).reshape(t.size(1), B * t.size(2), t.size(3))
                    for t in (q, k, v))
-    out, lse = chosen.run(q, k, v, graph, scale, bias)
+    run = chosen.auto_run if backend == "auto" and chosen.auto_run is not None else chosen.run
+    out, lse = run(q, k, v, graph, scale, bias)
     if batched:
         out = out.view(L, B, H, v.size(-1)).transpose(0, 1)
         lse = lse.view(L, B, H).transpose(0, 1)

@@ -37,8 +37,10 @@ from torch import Tensor
 from attngraph import chunks
 from attngraph.capabilities import cpu_flash_ops
 from attngraph.chunks import row_chunks
+from attngraph.implicit import implicit_of
 from attngraph.ops.numerics import backward_preamble, compute_dtype, merge
 from attngraph.ops.plan import EDGE_COST_CELLS
+from attngraph.ops.record import running
 from attngraph.ops.segment import segment_max, segment_sum
 from attngraph.runs import Range, Take
 
@@ -695,19 +697,54 @@ def _flush_backward(acc, local, pad, gathered, dq_b):
     _add_rows(acc, local.index_select(0, keep), dq_b.index_select(0, keep))
 
 
-class _RangeAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, graph, scale):
-        out, lse = _forward(q, k, v, graph, scale)
-        ctx.graph, ctx.scale = graph, scale
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out, lse
+# ---------------------------------------------------------------------------- the custom op
+# Attention on a rule is a torch.library custom op with a fake (shape) implementation and
+# autograd, so torch.compile sees one opaque node: the pieces are cut from the rule on the
+# host when the op runs, never traced. The rule enters as its ImplicitGraph.key, an empty
+# tensor that finds the graph again (implicit_of); torch.compile passes it as a graph input,
+# so another graph of the same sizes runs the same compiled code.
+@torch.library.custom_op("attngraph::range_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, key: Tensor, scale: float
+                  ) -> Tuple[Tensor, Tensor]:
+    with running("ranges"):
+        return _forward(q, k, v, implicit_of(key), scale)
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.graph, ctx.scale)
-        return dq, dk, dv, None, None
+
+@_attention_op.register_fake
+def _(q, k, v, key, scale):
+    return (q.new_empty(q.size(0), q.size(1), v.size(-1)),
+            q.new_empty(q.size(0), q.size(1), dtype=compute_dtype(q.dtype)))
+
+
+@torch.library.custom_op("attngraph::range_attention_backward", mutates_args=())
+def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           dout: Tensor, dlse: Optional[Tensor], key: Tensor, scale: float
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
+    if dlse is not None and not bool(dlse.any()):
+        dlse = None         # autograd's zeros for an unused lse: no extra value column
+    return _backward(q, k, v, out, lse, dout, dlse, implicit_of(key), scale)
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key, scale = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, key, out, lse)
+
+
+def _backward_formula(ctx, dout, dlse):
+    q, k, v, key, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(q, k, v, out, lse, dout.contiguous(), dlse, key,
+                                        ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, graph, scale: float
@@ -717,6 +754,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, graph, scale: float
     ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``, ``v [N_src, H_kv, D_v]`` (validated,
     node-major, any float dtype: pieces compute in float32, float64 for float64 inputs);
     ``out`` in q's dtype, ``lse`` in the compute dtype. Differentiable in q, k, v (and
-    through lse).
+    through lse), eagerly and under torch.compile (the ``attngraph::range_attention`` op).
     """
-    return _RangeAttention.apply(q, k, v, graph, float(scale))
+    return _attention_op(q, k, v, graph.key, float(scale))

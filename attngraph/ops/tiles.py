@@ -37,18 +37,20 @@ Inputs of :func:`attention` are node-major and GQA-grouped as for every backend
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from attngraph import chunks
-from attngraph.graph import TokenGraph
+from attngraph.checks import check_bias_values
+from attngraph.graph import TokenGraph, graph_of
 from attngraph.ops.plan import (BLOCK_SIZES, CELL_COST, DEFAULT_BLOCK, EDGE_COST_CELLS,
                                 TilePlan, build_plan, plan_cost, tile_counts)
 from attngraph.ops import chunked
 from attngraph.ops.numerics import backward_preamble, compute_dtype, merge
 from attngraph.ops.ranges import flash_ops
+from attngraph.ops.record import running
 
 __all__ = ["TilePlan", "build_plan", "tile_counts", "plan_cost", "attention", "merge",
            "EDGE_COST_CELLS", "CELL_COST", "BLOCK_SIZES", "DEFAULT_BLOCK",
@@ -431,69 +433,266 @@ def _flash_backward(ops, tiles: _Tiles, out, lse, dout, dlse, dqh, dkh, dvh) -> 
         _add_rows(dvh, kidx, dv[..., :Dv].transpose(0, 1))
 
 
+# ---------------------------------------------------------------------------- whole passes
+# The forward merges the tiles' and the residual's partial states; the backward takes the
+# rows' merged out and lse, from which each part's share of every gradient is exact (p = exp(s
+# - lse) of the whole row, delta = rowsum(dout . out) - dlse), so the parts' backward passes
+# run side by side and add up, without the merge's own backward.
+def _in_plan_order(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]):
+    if plan.order is None:
+        return q, k, v, bias
+    src_order = plan.src_order
+    return (q.index_select(0, plan.order), k.index_select(0, src_order),
+            v.index_select(0, src_order),
+            None if bias is None else bias.index_select(0, plan.edge_perm))
+
+
+def _to_graph_order(x: Optional[Tensor], perm: Optional[Tensor]) -> Optional[Tensor]:
+    """Row ``n`` of ``x`` computed in a plan's order is row ``perm[n]`` of the graph's."""
+    if x is None or perm is None:
+        return x
+    return x.new_empty(x.shape).index_copy(0, perm, x)
+
+
+def _residual_forward(name: str, q, k, v, graph, scale, bias) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` of ``graph``'s edges on the per-edge backend ``name``."""
+    if name == "cupy":
+        from attngraph.ops.cuda import fused
+
+        return fused.attention(q, k, v, graph, scale, bias)
+    return chunked.attention(q, k, v, graph, scale, bias)
+
+
+def _residual_backward(name: str, q, k, v, graph, scale, bias, out, lse, dout, dlse,
+                       bias_grad: bool):
+    """Gradients of ``graph``'s edges on the per-edge backend ``name``, from the rows'
+    merged ``out`` and ``lse`` (its backward operator)."""
+    cdt = compute_dtype(q.dtype)
+    ptr, src, dst = graph.ptr, graph.src, graph.dst
+    if name == "cupy":
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        bias = None if bias is None else bias.to(torch.float32).contiguous()
+        grads = torch.ops.attngraph.graph_attention_backward(
+            q, k, v, bias, out.to(q.dtype), lse.float(), dout.to(q.dtype).contiguous(),
+            None if dlse is None else dlse.float(), ptr, src, dst, graph.num_src, scale,
+            bias_grad)
+    else:
+        q, k, v = (t.to(cdt).contiguous() for t in (q, k, v))
+        bias = None if bias is None else bias.to(cdt).contiguous()
+        grads = torch.ops.attngraph.chunked_attention_backward(
+            q, k, v, bias, out.to(cdt), lse.to(cdt), dout.to(cdt).contiguous(),
+            None if dlse is None else dlse.to(cdt), ptr, src, dst, graph.num_src, scale,
+            chunks.MAX_CHUNK_ELEMENTS, bias_grad)
+    dq, dk, dv, dbias = grads
+    return dq, dk, dv, dbias if bias_grad else None
+
+
+def _blocked_lse(lse: Tensor, plan: TilePlan, kv_heads: int) -> Tensor:
+    """``lse [n, H]`` blocked as the tiles' forward leaves it: ``-inf`` in padding rows."""
+    n = lse.size(0)
+    padded = lse.new_full((plan.num_q_blocks * plan.block_q, lse.size(1)), float("-inf"))
+    padded[:n] = lse
+    return _q_blocks(padded.unsqueeze(-1), plan, kv_heads).squeeze(-1)
+
+
+def _plan_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], plan: TilePlan,
+                  scale: float, residual: str) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` of the plan's tiles and residual edges, merged (no autograd)."""
+    dtype = q.dtype
+    cdt = compute_dtype(dtype)
+    q, k, v, bias = _in_plan_order(plan, q, k, v, bias)
+    parts = []
+    if plan.num_tiles:
+        q_c, k_c, v_c = (t.to(cdt).contiguous() for t in (q, k, v))
+        bias_c = None if bias is None else bias.to(cdt)
+        out_b, lse_b = _forward(_Tiles(plan, q_c, k_c, v_c, scale, bias_c), v.size(-1))
+        n = q.size(0)
+        parts.append((_from_q_blocks(out_b, plan, n),
+                      _from_q_blocks(lse_b.unsqueeze(-1), plan, n).squeeze(-1)))
+    if plan.num_residual_edges or not parts:
+        res_bias = None if bias is None else bias.index_select(0, plan.residual_edges)
+        out_r, lse_r = _residual_forward(residual, q, k, v, plan.residual, scale, res_bias)
+        parts.append((out_r.to(cdt), lse_r.to(cdt)))
+    out, lse = parts[0] if len(parts) == 1 else merge(*parts[0], *parts[1])
+    return _to_graph_order(out, plan.order).to(dtype), _to_graph_order(lse, plan.order)
+
+
+def _plan_backward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor,
+                   lse: Tensor, dout: Tensor, dlse: Optional[Tensor], plan: TilePlan,
+                   scale: float, residual: str, bias_grad: bool):
+    """``(dq, dk, dv, dbias or None)`` of :func:`_plan_forward` from its merged ``out`` and
+    ``lse``: the tiles' share plus the residual's."""
+    dtypes = q.dtype, k.dtype, v.dtype
+    cdt = compute_dtype(q.dtype)
+    q, k, v, bias = _in_plan_order(plan, q, k, v, bias)
+    if plan.order is not None:
+        out, lse, dout = (x.index_select(0, plan.order) for x in (out, lse, dout))
+        dlse = None if dlse is None else dlse.index_select(0, plan.order)
+    n, H_kv = q.size(0), k.size(1)
+    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
+    dbias = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if bias_grad else None
+    if plan.num_tiles:
+        q_c, k_c, v_c = (t.to(cdt).contiguous() for t in (q, k, v))
+        tiles = _Tiles(plan, q_c, k_c, v_c, scale, None if bias is None else bias.to(cdt))
+        dlse_b = None if dlse is None else _q_blocks(
+            dlse.to(cdt).unsqueeze(-1), plan, H_kv).squeeze(-1)
+        dqh, dkh, dvh, db = _backward(tiles, _q_blocks(out.to(cdt), plan, H_kv),
+                                      _blocked_lse(lse.to(cdt), plan, H_kv),
+                                      _q_blocks(dout.to(cdt), plan, H_kv), dlse_b, scale,
+                                      bias_grad)
+        dq += _from_q_blocks(dqh, plan, n)
+        dk += _from_k_blocks(dkh, k.size(0))
+        dv += _from_k_blocks(dvh, k.size(0))
+        if db is not None:
+            dbias += db
+    if plan.num_residual_edges:
+        res_bias = None if bias is None else bias.index_select(0, plan.residual_edges)
+        dq_r, dk_r, dv_r, db_r = _residual_backward(residual, q, k, v, plan.residual, scale,
+                                                    res_bias, out, lse, dout, dlse, bias_grad)
+        dq += dq_r
+        dk += dk_r
+        dv += dv_r
+        if db_r is not None:
+            dbias.index_add_(0, plan.residual_edges, db_r.to(cdt))
+    dq = _to_graph_order(dq, plan.order)
+    dk, dv = (_to_graph_order(x, plan.src_order) for x in (dk, dv))
+    if dbias is not None:
+        dbias = _to_graph_order(dbias, plan.edge_perm).to(bias.dtype)
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dbias
+
+
 class _TileAttention(torch.autograd.Function):
-    """``(q, k, v, bias) -> (out, lse)`` over a plan's dense tiles (node-major in and out)."""
+    """``(q, k, v, bias) -> (out, lse)`` over a given plan (node-major in and out)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, plan, scale):
-        tiles = _Tiles(plan, q, k, v, scale, bias)
-        out_b, lse_b = _forward(tiles, v.size(-1))
-        ctx.plan, ctx.scale = plan, scale
-        ctx.save_for_backward(q, k, v, bias, out_b, lse_b)
-        n = q.size(0)
-        return (_from_q_blocks(out_b, plan, n),
-                _from_q_blocks(lse_b.unsqueeze(-1), plan, n).squeeze(-1))
+    def forward(ctx, q, k, v, bias, plan, scale, residual):
+        out, lse = _plan_forward(q, k, v, bias, plan, scale, residual)
+        ctx.plan, ctx.scale, ctx.residual = plan, scale, residual
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, bias, out_b, lse_b = ctx.saved_tensors
-        plan = ctx.plan
-        tiles = _Tiles(plan, q, k, v, ctx.scale, bias)
-        H_kv = k.size(1)
-        dout_b = _q_blocks(dout, plan, H_kv)
-        dlse_b = None if dlse is None else _q_blocks(dlse.unsqueeze(-1), plan, H_kv).squeeze(-1)
+        q, k, v, bias, out, lse = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dqh, dkh, dvh, dbias = _backward(tiles, out_b, lse_b, dout_b, dlse_b, ctx.scale,
-                                         bias_grad)
-        return (_from_q_blocks(dqh, plan, q.size(0)), _from_k_blocks(dkh, k.size(0)),
-                _from_k_blocks(dvh, k.size(0)), dbias, None, None)
+        dq, dk, dv, dbias = _plan_backward(q, k, v, bias, out, lse, dout, dlse, ctx.plan,
+                                           ctx.scale, ctx.residual, bias_grad)
+        return dq, dk, dv, dbias, None, None, None
+
+
+# ---------------------------------------------------------------------------- the custom op
+# The tile path on a graph's own plan is a torch.library custom op with a fake (shape)
+# implementation and autograd, so torch.compile sees one opaque node: the plan is built (or
+# taken from graph.caches.plan) on the host when the op runs, never traced. The graph enters
+# as its (ptr, src, dst) tensors, which find it again (graph_of) with its order and plans.
+# With ``auto`` the op asks the dispatcher's "auto" when it runs whether the plan pays, as an
+# eager call does before it (torch.compile traces no tile counts): where it does not, the
+# graph's edges run on the per-edge backend ``residual``.
+def _op_plan(graph: TokenGraph, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+             auto: bool) -> Optional[TilePlan]:
+    """The graph's tile plan, or None where ``auto`` runs the whole graph per edge."""
+    if auto:
+        from attngraph.ops.dispatch import Inputs, select_backend
+
+        if select_backend("auto", Inputs.of(q, k, v, graph, bias)).name != "tiles":
+            return None
+    return graph.tile_plan()
+
+
+@torch.library.custom_op("attngraph::tile_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: Tensor,
+                  src: Tensor, dst: Tensor, num_src: int, scale: float, residual: str,
+                  auto: bool, check_bias: bool) -> Tuple[Tensor, Tensor]:
+    if check_bias and bias is not None:    # graph_attention could not check while traced
+        check_bias_values(bias)
+    graph = graph_of(ptr, src, dst, num_src, ptr.numel() - 1)
+    plan = _op_plan(graph, q, k, v, bias, auto)
+    with running("tiles" if plan is not None else residual):
+        if plan is None:
+            out, lse = _residual_forward(residual, q, k, v, graph, scale, bias)
+            return out.to(q.dtype), lse.to(compute_dtype(q.dtype))
+        return _plan_forward(q, k, v, bias, plan, scale, residual)
+
+
+@_attention_op.register_fake
+def _(q, k, v, bias, *rest):
+    return (q.new_empty(q.size(0), q.size(1), v.size(-1)),
+            q.new_empty(q.size(0), q.size(1), dtype=compute_dtype(q.dtype)))
+
+
+@torch.library.custom_op("attngraph::tile_attention_backward", mutates_args=())
+def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                           out: Tensor, lse: Tensor, dout: Tensor, dlse: Optional[Tensor],
+                           ptr: Tensor, src: Tensor, dst: Tensor, num_src: int, scale: float,
+                           residual: str, auto: bool, bias_grad: bool
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    graph = graph_of(ptr, src, dst, num_src, ptr.numel() - 1)
+    plan = _op_plan(graph, q, k, v, bias, auto)
+    if dlse is not None and not bool(dlse.any()):
+        dlse = None         # autograd's zeros for an unused lse: no extra value column
+    if plan is None:
+        dq, dk, dv, dbias = _residual_backward(residual, q, k, v, graph, scale, bias, out,
+                                               lse, dout, dlse, bias_grad)
+        dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dbias = None if dbias is None else dbias.to(bias.dtype)
+    else:
+        dq, dk, dv, dbias = _plan_backward(q, k, v, bias, out, lse, dout, dlse, plan, scale,
+                                           residual, bias_grad)
+    return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0))
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, bias, out, lse, dout, *rest):
+    bias_grad = rest[-1]
+    dbias = torch.empty_like(bias) if bias_grad and bias is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, ptr, src, dst = inputs[:7]
+    ctx.num_src, ctx.scale, ctx.residual, ctx.auto = inputs[7:11]   # inputs[11]: check_bias
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, ptr, src, dst)
+    ctx.has_bias = bias is not None
+
+
+def _backward_formula(ctx, dout, dlse):
+    q, k, v, bias, out, lse, ptr, src, dst = ctx.saved_tensors
+    bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = _attention_backward_op(q, k, v, bias, out, lse, dout.contiguous(),
+                                               dlse, ptr, src, dst, ctx.num_src, ctx.scale,
+                                               ctx.residual, ctx.auto, bias_grad)
+    return (dq, dk, dv, dbias if bias_grad else None) + (None,) * 8
+
+
+_attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, graph: TokenGraph, scale: float,
               bias: Optional[Tensor] = None, *, plan: Optional[TilePlan] = None,
-              residual: Optional[Callable] = None) -> Tuple[Tensor, Tensor]:
+              residual: str = "torch", auto: bool = False) -> Tuple[Tensor, Tensor]:
     """Graph attention on dense tiles plus per-edge residual -> ``(out, lse)``.
 
     ``q [N_dst, H, D]``, ``k [N_src, H_kv, D]``, ``v [N_src, H_kv, D_v]`` (validated,
     node-major); ``bias`` ``None`` or ``[E, nb]``. ``plan`` defaults to
-    ``graph.tile_plan()``; the residual edges run on ``residual(q, k, v, graph, scale, bias)
-    -> (out, lse)``, a per-edge backend's ``run`` (the dispatcher passes the one ``auto``
-    takes for these tensors; default: the torch backend). Computes in
-    float32 (float64 for float64 inputs); returns ``out`` in the input dtype and ``lse`` in
-    the compute dtype. Differentiable in q, k, v and bias.
+    ``graph.tile_plan()``; the residual edges run on the per-edge backend named
+    ``residual`` (``"torch"`` or ``"cupy"``: the dispatcher passes the one ``auto`` takes
+    for these tensors). Computes in float32 (float64 for float64 inputs); returns ``out``
+    in the input dtype and ``lse`` in the compute dtype. Differentiable in q, k, v and bias.
+
+    On the graph's own plan this is the ``attngraph::tile_attention`` operator, eagerly
+    and under torch.compile (the plan is made when the operator runs, never traced); with
+    ``auto`` the operator runs the whole graph on ``residual`` where ``backend="auto"``
+    would not take tiles (the dispatcher sets it under torch.compile, which cannot ask).
     """
-    plan = graph.tile_plan() if plan is None else plan
-    dtype = q.dtype
-    cdt = compute_dtype(dtype)
-    if plan.order is not None:       # compute in the plan's token order, map back after
-        q = q.index_select(0, plan.order)
-        src_order = plan.src_order
-        k, v = k.index_select(0, src_order), v.index_select(0, src_order)
-        if bias is not None:
-            bias = bias.index_select(0, plan.edge_perm)
-    q_c, k_c, v_c = (t.to(cdt) for t in (q, k, v))
-    bias_c = None if bias is None else bias.to(cdt)
-    parts = []
-    if plan.num_tiles:
-        parts.append(_TileAttention.apply(q_c.contiguous(), k_c.contiguous(), v_c.contiguous(),
-                                          bias_c, plan, float(scale)))
-    if plan.num_residual_edges or not parts:
-        res_bias = None if bias is None else bias.index_select(0, plan.residual_edges)
-        run = chunked.attention if residual is None else residual
-        out_r, lse_r = run(q, k, v, plan.residual, scale, res_bias)
-        parts.append((out_r.to(cdt), lse_r.to(cdt)))
-    out, lse = parts[0] if len(parts) == 1 else merge(*parts[0], *parts[1])
-    if plan.order is not None:       # planned query n is query order[n]
-        out = out.new_empty(out.shape).index_copy(0, plan.order, out)
-        lse = lse.new_empty(lse.shape).index_copy(0, plan.order, lse)
-    return out.to(dtype), lse
+    if residual not in ("torch", "cupy"):
+        raise ValueError(f"residual must be 'torch' or 'cupy', got {residual!r}")
+    if plan is not None or graph.is_implicit:
+        plan = graph.tile_plan() if plan is None else plan
+        return _TileAttention.apply(q, k, v, bias, plan, float(scale), residual)
+    # traced by torch.compile, graph_attention skipped the data-dependent bias check: the op
+    # makes it when it runs
+    return _attention_op(q, k, v, bias, graph.ptr, graph.src, graph.dst, graph.num_src,
+                         float(scale), residual, bool(auto), torch.compiler.is_compiling())

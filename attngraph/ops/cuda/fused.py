@@ -25,6 +25,7 @@ from torch import Tensor
 from attngraph.graph import TokenGraph, graph_of
 from attngraph.ops.cuda import loader
 from attngraph.ops.numerics import backward_preamble
+from attngraph.ops.record import running
 from attngraph.checks import check_bias_values
 from attngraph.ops.cuda.stages import GraphArrays, expect, graph_arrays, kernel_dtype, lanes
 from attngraph.runs import Range
@@ -310,8 +311,9 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], ptr: 
     if check_bias and bias is not None:   # graph_attention could not check while traced
 
         check_bias_values(bias)
-    return forward(q, k, v, plan(graph_of(ptr, src, dst, num_src, ptr.numel() - 1)), scale,
-                   bias)
+    with running("cupy"):
+        return forward(q, k, v, plan(graph_of(ptr, src, dst, num_src, ptr.numel() - 1)),
+                       scale, bias)
 
 
 @_attention_op.register_fake
@@ -501,6 +503,11 @@ class _ImplicitFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, graph, scale):
         _check_implicit(q, k, v, graph)
+        with running("cupy"):
+            return _ImplicitFused._run(ctx, q, k, v, graph, scale)
+
+    @staticmethod
+    def _run(ctx, q, k, v, graph, scale):
         out = loader.poison(q.new_empty(q.size(0), q.size(1), v.size(-1)))
         lse = loader.poison(torch.empty(q.size(0), q.size(1), dtype=torch.float32, device=q.device))
         for r0, r1, ri in _rule_chunks(graph):
