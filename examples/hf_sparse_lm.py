@@ -188,7 +188,7 @@ def report(results: list, args, meta: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--length", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
