@@ -310,7 +310,7 @@ def test_scfa_cells_counts_the_cells_each_mask_allows():
 
     from benchmarks.scfa_cells import measure, table
 
-    args = Namespace(batch=1, heads=2, dim=8, rounds=2, seed=0)
+    args = Namespace(batch=1, heads=2, dim=8, rounds=2, seed=0, breakdown=True)
     rows = measure(256, ["dense", "hash4", "drop0.5"], args)
     by = {r["variant"]: r for r in rows}
     assert by["dense"]["cells"] == 2 * 256 * 257 // 2
@@ -319,7 +319,15 @@ def test_scfa_cells_counts_the_cells_each_mask_allows():
     for r in rows:
         med, q1, q3, lo, hi = r["cost_ratio"]
         assert 0 < lo <= q1 <= med <= q3 <= hi
-    assert table(rows).count("\n") == 4
+    for r in rows[1:]:                  # --breakdown: computed cells and the time's shares
+        assert r["computed"] >= 1.0
+        assert abs(sum(r["shares"].values()) - 1.0) < 1e-9
+        assert all(0.0 <= share <= 1.0 for share in r["shares"].values())
+    assert "computed" not in rows[0]
+    text = table(rows)
+    assert text.split("\n\n")[0].count("\n") == 4        # the cost table: 3 rows
+    assert text.count("| 256 | hash4 |") == 2              # and a breakdown row per sparse
+    assert text.count("| 256 | drop0.5 |") == 2             # variant
 
 
 def test_rounds_table_takes_ratios_within_each_round(tmp_path):
