@@ -101,6 +101,10 @@ class ImplicitGraph(TokenGraph):
         device = torch.device("cpu") if device is None else torch.device(device)
         self._meta = (int(num_src), int(num_dst), None, device)
         self._key = torch.tensor(next(_KEYS))
+        # The key holds its graph: autograd saves the key for the backward, so a graph the
+        # caller has dropped (``graph_attention(q, k, v, make_graph())``) lives until the
+        # backward has run, eager or compiled.
+        self._key._attngraph_graph = self
         _BY_KEY[int(self._key)] = self
 
     # ------------------------------------------------------------------ the rule

@@ -622,3 +622,34 @@ def test_hash_graph_keeps_its_rule_and_fast_path_in_int32():
     assert select_backend("auto", Inputs.of(q, q, q, g)).name == "ranges"
     torch.testing.assert_close(ag.graph_attention(q, q, q, g),
                                ag.graph_attention(q, q, q, g, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", ["ranges", "torch"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_dropped_implicit_graph_lives_until_its_backward(backend, compiled):
+    """graph_attention(q, k, v, make_graph()): the operators find the graph from its key in
+    the backward, after the caller's reference is gone; once the backward has run and the
+    output is dropped, the graph is freed."""
+    import gc
+    import weakref
+
+    def attend(q, k, v, graph):
+        return ag.graph_attention(q, k, v, graph, backend=backend)
+
+    run = torch.compile(attend, backend="aot_eager", fullgraph=True) if compiled else attend
+    q, k, v = (torch.randn(64, 2, 8, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    graph = ag.masks.sliding_window(64, 4, implicit=True)
+    alive = weakref.ref(graph)
+    out = run(q, k, v, graph)
+    del graph
+    gc.collect()
+    out.backward(torch.ones_like(out))
+    expect = ag.masks.sliding_window(64, 4)
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ag.graph_attention(q2, k2, v2, expect, backend="torch").sum().backward()
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        assert torch.allclose(a.grad, b.grad, atol=1e-10)
+    del out
+    gc.collect()
+    assert alive() is None
