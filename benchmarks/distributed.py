@@ -324,3 +324,60 @@ def run(preset: Dict, *, quick: bool, out_dir: Path, log=print) -> List[Path]:
     md.write_text(text)
     shutil.rmtree(scratch, ignore_errors=True)
     return [js, md]
+
+
+# ---------------------------------------------------------------------------- command line
+def _tokens(text: str) -> int:
+    """``8M`` / ``512K`` / ``4096`` -> tokens."""
+    scale = {"K": 1024, "M": 1024 ** 2}.get(text[-1].upper(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def main(argv=None) -> None:
+    """The longest-context search alone, from chosen start and cap sizes:
+
+        python -m benchmarks.distributed --start 8M,4M --cap 16M,4M --memory-share 0.8
+
+    (forward, forward + backward), written to ``results/distributed/longest.{json,md}``."""
+    import argparse
+
+    from benchmarks.presets import PRESETS
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument("--start", default="2M,1M", help="first N: forward,forward+backward")
+    p.add_argument("--cap", default="8M,4M", help="largest N tried: forward,forward+backward")
+    p.add_argument("--memory-share", type=float, default=0.6,
+                   help="a step runs if its predicted total peak is under this share of "
+                        "the memory available")
+    p.add_argument("--max-seconds", type=float, default=900.0)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "distributed"))
+    args = p.parse_args(argv)
+    spec = dict(PRESETS["distributed"]["longest"],
+                start=tuple(_tokens(t) for t in args.start.split(",")),
+                cap=tuple(_tokens(t) for t in args.cap.split(",")),
+                memory_share=args.memory_share, max_seconds=args.max_seconds)
+    import tempfile
+
+    steps = longest(spec, Path(tempfile.mkdtemp(prefix="attngraph-longest-")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.distributed " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in (("start", args.start), ("cap", args.cap),
+                                                    ("memory_share", args.memory_share)))
+    (out / "longest.json").write_text(json.dumps(dict(spec=spec, steps=steps,
+                                                      command=command), indent=1))
+    table_spec = dict(spec, start={False: spec["start"][0], True: spec["start"][1]})
+    (out / "longest.md").write_text(
+        f"# Longest context: {spec['world']} ranks, implicit sliding_window({spec['window']}),"
+        f" H = 1, D = {spec['dim']}, float32\n\n`{command}` ({time.strftime('%Y-%m-%d %H:%M')}"
+        f" UTC, torch {torch.__version__}, {os.cpu_count()} CPU cores shared by the ranks)\n\n"
+        f"Doubling from N = {spec['start'][0]:,} (forward) and {spec['start'][1]:,} (forward "
+        f"+ backward), capped at {spec['cap'][0]:,} and {spec['cap'][1]:,}; after the first "
+        f"step of each, a step runs only if its predicted total peak stays under "
+        f"{spec['memory_share']:.0%} of the memory available then.\n\n"
+        + longest_table(steps, table_spec) + "\n")
+    print((out / "longest.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -348,3 +348,19 @@ def test_rounds_table_takes_ratios_within_each_round(tmp_path):
     assert "| a | x | fwd | 1000, 4000, 3000 | 3000 (1000–4000) |" in text
     # per-round ratios 0.5, 1.0, 0.25: median 0.5, not 3000 / 4000
     assert "| 0.50, 1.00, 0.25 | 0.50 (0.25–1.00) |" in text
+
+
+def test_longest_context_command_line_writes_its_table(tmp_path):
+    from benchmarks.distributed import _tokens, main
+
+    assert (_tokens("8M"), _tokens("512k"), _tokens("4096")) == (8 * 1024 ** 2, 512 * 1024,
+                                                                  4096)
+    main(["--start", "4K,2K", "--cap", "8K,2K", "--memory-share", "0.5",
+          "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "longest.json").read_text())
+    steps = [(s["n"], s["backward"]) for s in record["steps"] if "skipped" not in s]
+    assert steps == [(4096, False), (8192, False), (2048, True)]
+    assert all(r["peak"] > 0 and r["tokens"] == s["n"] // 4
+               for s in record["steps"] for r in s["ranks"])
+    md = (tmp_path / "longest.md").read_text()
+    assert "--start 4K,2K --cap 8K,2K" in md and "| forward + backward | 2,048 |" in md
