@@ -360,7 +360,8 @@ def test_longest_context_command_line_writes_its_table(tmp_path):
     record = json.loads((tmp_path / "longest.json").read_text())
     steps = [(s["n"], s["backward"]) for s in record["steps"] if "skipped" not in s]
     assert steps == [(4096, False), (8192, False), (2048, True)]
-    assert all(r["peak"] > 0 and r["tokens"] == s["n"] // 4
-               for s in record["steps"] for r in s["ranks"])
+    # at this size a step may add nothing to a rank's high-water mark: peak >= 0
+    assert all(r["peak"] >= 0 and r["seconds"] > 0 and r["tokens"] == s["n"] // 4
+               for s in record["steps"] if "ranks" in s for r in s["ranks"])
     md = (tmp_path / "longest.md").read_text()
     assert "--start 4K,2K --cap 8K,2K" in md and "| forward + backward | 2,048 |" in md
