@@ -1,5 +1,6 @@
-"""The body of one rank of the memory test in tests/test_distributed.py (and of the
-longest-context search in benchmarks/distributed.py): implicit sliding window, this rank's
+"""The body of one rank of the memory test in tests/test_distributed.py (the same
+measurement as the longest-context search in benchmarks/distributed.py, which keeps its own
+copy: a benchmark does not import from tests): implicit sliding window, this rank's
 rows of q, k, v (H = 1, D = 64, float32), forward (and backward), and the peak resident
 memory each step adds to the process (Linux: the high-water mark is reset before it)."""
 import datetime
