@@ -46,9 +46,10 @@ class GraphCaches:
         cuda: :mod:`attngraph.ops.cuda`: the kernels' index arrays (``"cuda_arrays"``, of
             ``stages.py``) and launch plan (``"cuda_plan"``, of ``fused.py``).
         distributed: :mod:`attngraph.distributed`: the graph's fingerprint, halo plans.
+        ranges: :mod:`attngraph.ops.prefixes`: the padded layout of a rule's row groups.
     """
 
-    __slots__ = ("plan", "chunks", "cuda", "distributed")
+    __slots__ = ("plan", "chunks", "cuda", "distributed", "ranges")
 
     def __init__(self):
         self.clear()

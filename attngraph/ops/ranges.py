@@ -38,6 +38,7 @@ from attngraph import chunks
 from attngraph.capabilities import cpu_flash_ops
 from attngraph.chunks import row_chunks
 from attngraph.implicit import implicit_of
+from attngraph.ops import prefixes
 from attngraph.ops.numerics import backward_preamble, compute_dtype, merge
 from attngraph.ops.plan import EDGE_COST_CELLS
 from attngraph.ops.record import running
@@ -558,9 +559,13 @@ def _merge_into(acc_o, acc_l, seen, rows, o, lse):
 def _forward(q, k, v, graph, scale):
     cdt = compute_dtype(q.dtype)
     N, H, Dv = q.size(0), q.size(1), v.size(-1)
+    ops = flash_ops(q, v)
+    classes = prefixes.plan(graph) if ops is not None else None
+    if classes is not None:             # rows in groups reading prefixes of one segment
+        return prefixes.forward(ops, classes, q, k, v, scale, cdt)
     out = q.new_empty(N, H, Dv)
     lse = torch.empty(N, H, dtype=cdt, device=q.device)
-    flash = flash_ops(q, v) is not None
+    flash = ops is not None
     for r0, r1 in _row_chunks(graph, H):
         # float32 results go straight into out; 16-bit ones through a chunk accumulator
         acc_o = out[r0:r1] if out.dtype == cdt else torch.empty(r1 - r0, H, Dv, dtype=cdt,
@@ -622,10 +627,13 @@ def _backward(q, k, v, out, lse, dout, dlse, graph, scale):
     G, D, Dv = H // H_kv, q.size(-1), v.size(-1)
     if dlse is not None and not bool(dlse.any()):
         dlse = None                          # lse unused (autograd passes zeros): no column
+    ops = flash_ops(q, v)
+    classes = prefixes.plan(graph) if ops is not None and dlse is None else None
+    if classes is not None:
+        return prefixes.backward(ops, classes, q, k, v, out, lse, dout, scale, cdt)
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
-    ops = flash_ops(q, v)
     for r0, r1 in _row_chunks(graph, H):
         do_c = dout[r0:r1].to(cdt)
         o_c = out[r0:r1].to(cdt)
