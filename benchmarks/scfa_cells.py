@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import attngraph as ag
-from attngraph.ops import ranges
+from attngraph.ops import prefixes, ranges
 
 
 def build_mask(variant: str, q: torch.Tensor, k: torch.Tensor, seed: int):
@@ -81,10 +81,14 @@ MASK = {"aten::where", "aten::lt", "aten::ge", "aten::le", "aten::gt", "aten::bi
 
 def computed_cells(graph, dim: int) -> int:
     """Cells the key-range path computes on ``graph`` (a StackedGraph: its inner graph, one
-    head per row): its dense pieces' rows x keys, padding and masked-out cells included,
-    plus the edges of its per-edge pieces."""
+    head per row): its dense pieces' rows x keys (or the padded query blocks of
+    :mod:`attngraph.ops.prefixes` where it serves), padding and masked-out cells
+    included, plus the edges of its per-edge pieces."""
     g = getattr(graph, "graph", graph)
     g = g if g.is_implicit else g.rule
+    classes = prefixes.plan(g)
+    if classes is not None:            # rows reading prefixes of one segment, padded
+        return prefixes.computed_cells(classes)
     total = 0
     for p in ranges.pieces(g, 0, g.num_dst, 1, dim, flash=True):
         total += p.rows.numel() * p.keys.size(1) if isinstance(p, ranges.Dense) \

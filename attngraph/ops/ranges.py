@@ -24,6 +24,11 @@ returns a partial ``(out, lse)`` per row; runs of a row are disjoint, so the par
 exactly by log-sum-exp. The backward recomputes the same pieces, ``p = exp(s - lse)`` as
 FlashAttention does, from each row's merged ``out`` and ``lse``.
 
+Rules whose rows form a few large groups reading prefixes of one key segment (QK-drop, hash
+buckets of thousands of rows) run instead, on CPU, on :mod:`attngraph.ops.prefixes`: the
+groups padded into one layout per class, q, k and v gathered once per class, no merge of
+key pieces beyond a block's two.
+
 Memory: q, k, v, out and lse, plus one piece of work (``MAX_ELEMENTS`` scores) and one row
 chunk of float32 accumulators; for the backward also dq, float32 dk and dv.
 """
