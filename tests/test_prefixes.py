@@ -64,7 +64,11 @@ def test_hash_buckets_match_the_oracle(small_groups, num_buckets, shared):
     qb = torch.randint(0, num_buckets, (N,), generator=gen)
     kb = None if shared else torch.randint(0, num_buckets, (N,), generator=gen)
     g = ag.masks.hash_buckets(qb, kb, implicit=True)
-    assert prefixes.plan(g) is not None
+    classes = prefixes.plan(g)
+    assert classes is not None
+    # several query blocks per group; blocks with an unmasked prefix and a staircase
+    assert max(len(c.blocks) for c in classes) >= 4
+    assert any(a >= prefixes.SPLIT_MIN and w > a for c in classes for _, _, a, w in c.blocks)
     _check(g, N, N)
 
 

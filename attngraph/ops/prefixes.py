@@ -45,10 +45,12 @@ __all__ = ["plan", "forward", "backward", "computed_cells", "MIN_GROUP_ROWS"]
 # a class's lock-step blocks and win (benchmarks/scfa_cells.py on CPU: hash buckets of ~512
 # rows 1.26x slower here, of ~1024 rows even, of ~2048 rows and QK-drop 1.1-1.2x faster).
 MIN_GROUP_ROWS = 1536
-# Query rows per block: the staircase of a block wastes about BLOCK / 2 columns per row,
-# and the kernel's per-cell cost falls as blocks grow (measured on CPU, benchmarks/
-# scfa_cells.py); groups of more rows take larger blocks.
-BLOCK_MIN, BLOCK_MAX = 64, 256
+# Query blocks per group: a class's rows are cut into at most BLOCKS blocks (a power of
+# two) of at least BLOCK_MIN rows. A block's staircase wastes about half its rows' worth
+# of columns per row, and the kernel's cost per cell falls as blocks grow (measured on
+# CPU, benchmarks/scfa_cells.py): 16 blocks of a QK-drop group of 4096 rows compute 1.12
+# cells per attended cell.
+BLOCKS, BLOCK_MIN = 16, 48
 # A class pads its groups to its largest row and key counts: by at most this share of cells.
 CLASS_PAD = 0.1
 # The unmasked columns of a block run as their own call when at least this many.
@@ -116,44 +118,39 @@ def _plan(graph) -> Optional[List[Class]]:
     while i < len(sizes):
         j, cells, max_s, max_w = i + 1, sizes[i] * widths[i], sizes[i], widths[i]
         while j < len(sizes):
-            s_, w_ = max(max_s, sizes[j]), max(max_w, widths[j])
-            if (j - i + 1) * s_ * w_ > (1 + CLASS_PAD) * (cells + sizes[j] * widths[j]):
+            n_, w_ = max(max_s, sizes[j]), max(max_w, widths[j])
+            if (j - i + 1) * n_ * w_ > (1 + CLASS_PAD) * (cells + sizes[j] * widths[j]):
                 break
-            cells, max_s, max_w, j = cells + sizes[j] * widths[j], s_, w_, j + 1
+            cells, max_s, max_w, j = cells + sizes[j] * widths[j], n_, w_, j + 1
         classes.append(_layout(by_slope[i:j], first, size, width, active, lo, cnt, table))
         i = j
     return classes
 
 
-def _block(rows: int) -> int:
-    """Query rows per block for groups of ``rows`` rows: at most an eighth of a group,
-    within ``[BLOCK_MIN, BLOCK_MAX]``."""
-    b = BLOCK_MIN
-    while b < BLOCK_MAX and 8 * b <= rows:
-        b *= 2
-    return b
-
-
 def _layout(groups, first, size, width, active, lo, cnt, table) -> Class:
     device = first.device
     g_first, g_size, g_width = first[groups], size[groups], width[groups]
-    bq = _block(int(g_size.float().mean()))
-    Pq = -(-int(g_size.max()) // bq) * bq
+    n_max = int(g_size.max())
+    T = 1
+    while T < BLOCKS and -(-n_max // (2 * T)) >= BLOCK_MIN:
+        T *= 2
+    bq = -(-n_max // T)
+    Pq = T * bq
     Pk = int(g_width.max())
     lane = torch.arange(Pq, device=device)
     valid = lane < g_size.unsqueeze(1)
     rows = active[(g_first.unsqueeze(1) + lane).clamp_max(active.numel() - 1)]
     rows = torch.where(valid, rows, -1)
     row_cnt = torch.where(valid, cnt[rows.clamp_min(0)], Pk)
+    big = torch.iinfo(torch.long).max
+    lows = torch.where(valid, row_cnt, big).view(-1, T, bq).amin(2).amin(0).tolist()
+    highs = torch.where(valid, row_cnt, 0).view(-1, T, bq).amax(2).amax(0).tolist()
+    blocks = [(t * bq, (t + 1) * bq, min(lows[t], highs[t]), highs[t])
+              for t in range(T) if highs[t] > 0]
     kl = torch.arange(Pk, device=device)
     g_lo = lo[active[g_first]]
     pos = torch.where(kl < g_width.unsqueeze(1), g_lo.unsqueeze(1) + kl, g_lo.unsqueeze(1))
     keys = table[pos].long()
-    big = torch.iinfo(torch.long).max
-    lows = torch.where(valid, row_cnt, big).view(-1, Pq // bq, bq).amin(2).amin(0).tolist()
-    highs = torch.where(valid, row_cnt, 0).view(-1, Pq // bq, bq).amax(2).amax(0).tolist()
-    blocks = [(t * bq, (t + 1) * bq, min(lows[t], highs[t]), highs[t])
-              for t in range(Pq // bq) if highs[t] > 0]
     real = valid.view(-1).nonzero().view(-1)
     key_real = (kl < g_width.unsqueeze(1)).view(-1).nonzero().view(-1)
     return Class(rows, row_cnt, keys, blocks, real, rows.view(-1)[real], key_real,
@@ -276,3 +273,4 @@ def backward(ops, classes: List[Class], q: Tensor, k: Tensor, v: Tensor, out: Te
         dv.index_add_(0, cls.key_ids,
                       dV.view(m * Pk, H_kv, Dv).index_select(0, cls.key_real))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
