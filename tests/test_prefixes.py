@@ -12,8 +12,10 @@ pytestmark = pytest.mark.skipif(ranges.flash_ops(torch.zeros(1, 1, 4), torch.zer
 
 @pytest.fixture
 def small_groups(monkeypatch):
-    """Let groups of a few dozen rows qualify, so that small graphs exercise the engine."""
+    """Let groups of a few dozen rows qualify, in blocks of a few rows, so that small graphs
+    exercise the engine."""
     monkeypatch.setattr(prefixes, "MIN_GROUP_ROWS", 8)
+    monkeypatch.setattr(prefixes, "BLOCK_MIN", 8)
 
 
 def _oracle(q, k, v, graph, scale, w_out, w_lse):
