@@ -46,7 +46,8 @@ class GraphCaches:
         cuda: :mod:`attngraph.ops.cuda`: the kernels' index arrays (``"cuda_arrays"``, of
             ``stages.py``) and launch plan (``"cuda_plan"``, of ``fused.py``).
         distributed: :mod:`attngraph.distributed`: the graph's fingerprint, halo plans.
-        ranges: :mod:`attngraph.ops.prefixes`: the padded layout of a rule's row groups.
+        ranges: :mod:`attngraph.ops.ranges`: planned pieces (within a byte budget);
+            :mod:`attngraph.ops.prefixes`: the padded layout of a rule's row groups.
     """
 
     __slots__ = ("plan", "chunks", "cuda", "distributed", "ranges")

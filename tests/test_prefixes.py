@@ -149,3 +149,31 @@ def test_empty_rows_and_no_rows(small_groups):
     keep[::2] = True
     g = ag.masks.qk_drop(keep, torch.ones(300, dtype=torch.bool), implicit=True)
     _check(g, 300, 300)                                   # half the rows: 0 and -inf
+
+
+def test_the_general_path_keeps_its_pieces_for_the_backward(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    g = ag.masks.hash_buckets(torch.randint(0, 16, (2048,), generator=gen), implicit=True)
+    assert prefixes.plan(g) is None                       # small buckets: the general path
+    planned = []
+    real = ranges.pieces
+    monkeypatch.setattr(ranges, "pieces", lambda *a, **kw: planned.append(a) or real(*a, **kw))
+    q, k, v = (torch.randn(2048, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+    out, _ = ranges.attention(q, k, v, g, 0.25)
+    out.sum().backward()
+    n = len(planned)
+    assert n and 0 < g.caches.ranges["pieces_bytes"] <= ranges.PIECES_CACHE_BYTES
+    grads = [t.grad.clone() for t in (q, k, v)]
+    # within the budget nothing is planned twice: neither by the backward nor a second call
+    for t in (q, k, v):
+        t.grad = None
+    out2, _ = ranges.attention(q, k, v, g, 0.25)
+    out2.sum().backward()
+    assert len(planned) == n
+    assert torch.equal(out, out2) and all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))
+    # past the budget every pass plans again, with the same result
+    monkeypatch.setattr(ranges, "PIECES_CACHE_BYTES", 0)
+    g2 = ag.masks.hash_buckets(torch.randint(0, 16, (2048,), generator=gen), implicit=True)
+    out3, _ = ranges.attention(q, k, v, g2, 0.25)
+    out3.sum().backward()
+    assert len(planned) > n + 1 and not any(isinstance(x, tuple) for x in g2.caches.ranges)

@@ -29,6 +29,9 @@ buckets of thousands of rows) run instead, on CPU, on :mod:`attngraph.ops.prefix
 groups padded into one layout per class, q, k and v gathered once per class, no merge of
 key pieces beyond a block's two.
 
+The planned pieces are kept with the graph (within ``PIECES_CACHE_BYTES``), so the
+backward, and the next call on the same graph, do not plan them again.
+
 Memory: q, k, v, out and lse, plus one piece of work (``MAX_ELEMENTS`` scores) and one row
 chunk of float32 accumulators; for the backward also dq, float32 dk and dv.
 """
@@ -175,6 +178,35 @@ def pieces(graph, r0: int, r1: int, heads: int, dim: int,
             g_r = (group[rows - r0] if group is not None else None)
             yield from _sparse(rows, lo_r, cnt_r, g_r, key_of,
                                max(1, max_elements // max(1, heads * dim)))
+
+
+# A graph keeps its planned pieces (for the backward, for the next call), up to this many
+# bytes of index and mask tensors in all; past it they are planned again at every pass.
+PIECES_CACHE_BYTES = 1 << 26
+
+
+def _planned(graph, r0: int, r1: int, heads: int, dim: int, flash: bool) -> Iterator:
+    """:func:`pieces` of rows ``[r0, r1)``, kept in ``graph.caches.ranges`` the first time
+    while the graph's kept pieces stay within :data:`PIECES_CACHE_BYTES`: planning costs
+    as much as a fifth of a call on hash buckets, and the backward needs the same pieces."""
+    cache = graph.caches.ranges
+    key = ("pieces", r0, r1, heads, dim, flash, BLOCK, chunks.RANGE_MAX_ELEMENTS)
+    kept = cache.get(key)
+    if kept is not None:
+        yield from kept
+        return
+    kept, size = [], cache.get("pieces_bytes", 0)
+    for piece in pieces(graph, r0, r1, heads, dim, flash=flash):
+        if kept is not None:
+            size += sum(t.numel() * t.element_size() for t in piece if isinstance(t, Tensor))
+            if size > PIECES_CACHE_BYTES:
+                kept = None
+            else:
+                kept.append(piece)
+        yield piece
+    if kept is not None:
+        cache[key] = kept
+        cache["pieces_bytes"] = size
 
 
 def _is_take(run) -> bool:
@@ -582,7 +614,7 @@ def _forward(q, k, v, graph, scale):
         # the key pieces of one batch of blocks share its rows: their partials merge in
         # the batch's own (out, lse) first, then once into the chunk's accumulators
         batch = None                                # [piece, out, lse, q operand]
-        for piece in pieces(graph, r0, r1, H, max(q.size(-1), Dv), flash=flash):
+        for piece in _planned(graph, r0, r1, H, max(q.size(-1), Dv), flash):
             if isinstance(piece, Dense):
                 if batch is not None and piece.rows is batch[0].rows:
                     o, l, batch[3] = _dense_forward(piece, q, k, v, scale, cdt, batch[3])
@@ -648,7 +680,7 @@ def _backward(q, k, v, out, lse, dout, dlse, graph, scale):
         # the key pieces of one batch of blocks share its rows: their rows' out, dout and
         # lse are gathered once, their dq summed before it goes into the chunk's
         batch = None                            # [rows, local, pad, gathered, dq, q operand]
-        for piece in pieces(graph, r0, r1, H, max(D, Dv), flash=ops is not None):
+        for piece in _planned(graph, r0, r1, H, max(D, Dv), ops is not None):
             if isinstance(piece, Dense):
                 if batch is None or piece.rows is not batch[0]:
                     if batch is not None:
