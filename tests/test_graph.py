@@ -217,6 +217,7 @@ def test_derived_caches_have_one_namespace_per_owner_and_clear_together():
     ag.graph_attention(q, q, q, g, backend="torch")
     g.tile_plan(16)
     assert g.caches.chunks and g.caches.plan
-    assert set(type(g.caches).__slots__) == {"plan", "chunks", "cuda", "distributed"}
+    assert set(type(g.caches).__slots__) == {"plan", "chunks", "cuda", "distributed",
+                                           "ranges"}
     g.clear_caches()
     assert not any(getattr(g.caches, n) for n in type(g.caches).__slots__)
