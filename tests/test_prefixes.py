@@ -142,6 +142,16 @@ def test_which_rules_qualify():
     assert prefixes.plan(ag.masks.sliding_window(4096, 64, implicit=True)) is None
 
 
+def test_a_rule_of_another_kind_is_turned_away_from_one_row(monkeypatch):
+    g = ag.masks.causal(1 << 16, implicit=True)
+    asked = []
+    real = type(g).runs
+    monkeypatch.setattr(type(g), "runs", lambda self, r0, r1: asked.append(r1 - r0)
+                        or real(self, r0, r1))
+    assert prefixes.plan(g) is None
+    assert asked == [1]                  # never the runs of all 65,536 rows
+
+
 def test_empty_rows_and_no_rows(small_groups):
     keep = torch.zeros(300, dtype=torch.bool)
     g = ag.masks.qk_drop(keep, torch.ones(300, dtype=torch.bool), implicit=True)

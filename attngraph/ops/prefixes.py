@@ -9,8 +9,8 @@ contiguous segment of keys.
 
 The plan (made once per graph, kept in its caches, shared by forward and backward):
 
-* groups of similar size form a *class*; a class pads its groups to one row count ``Pq``
-  (rows of a group sorted by count) and one key count ``Pk``;
+* groups of similar slope (keys per row) and size form a *class*; a class pads its groups
+  to one row count ``Pq`` (rows of a group sorted by count) and one key count ``Pk``;
 * per call, a class gathers q, k and v once into that padded layout ``[m, P, H, D]``, so
   that query block ``t`` of every group of the class is one strided view, and its keys, a
   prefix ``[0, w_t)`` of every group's segment, another;
@@ -21,9 +21,10 @@ The plan (made once per graph, kept in its caches, shared by forward and backwar
 * the results go back to their rows with one copy per class; the backward accumulates dk
   and dv in the padded layout and adds them to their keys once.
 
-So a call costs the kernel's work on the computed cells (the staircase's blocks: about
-``1 + BLOCK / group rows`` cells per attended cell, plus the padding of a class) and a few
-copies of q, k, v, out per class, instead of a gather per piece.
+So a call costs the kernel's work on the computed cells (each block reads its rows'
+longest prefix, and a class's groups climb their staircases in lock step: 1.09-1.13 cells
+per attended cell on QK-drop) and a few copies of q, k, v, out per class, instead of a
+gather per piece.
 
 Used where the rows of a rule form few, large groups (:func:`plan` says when); the general
 path of :mod:`attngraph.ops.ranges` serves every other rule. docs/ARCHITECTURE.md, "Backends".
@@ -89,8 +90,15 @@ def _plan(graph) -> Optional[List[Class]]:
     n = graph.num_dst
     if n == 0 or graph.num_src == 0:
         return None
+    # one row tells the rule's kind: a rule that is not a single Take run (a window, a
+    # causal range on millions of rows) is turned away before its runs are made for all
+    def single_take(runs) -> bool:
+        return len(runs) == 1 and isinstance(runs[0], Take)
+
+    if not single_take(graph.runs(0, 1)):
+        return None
     runs = graph.runs(0, n)
-    if len(runs) != 1 or not isinstance(runs[0], Take):
+    if not single_take(runs):
         return None
     table, lo, cnt = runs[0].table, runs[0].lo.long(), runs[0].count.long()
     active = (cnt > 0).nonzero().view(-1)
