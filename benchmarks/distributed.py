@@ -207,7 +207,10 @@ def _longest_main(rank: int, world: int, port: int, spec: Dict, out: str) -> Non
             if backward:
                 y.backward(torch.ones_like(y))
             seconds = time.perf_counter() - t0
-            mine = dict(rank=rank, peak=_hwm() - base, seconds=seconds, tokens=r1 - r0)
+            # the kernel syncs a thread's resident-page counts lazily, so the high-water
+            # mark can read a few pages under the base when a step added nothing: 0 then
+            mine = dict(rank=rank, peak=max(0, _hwm() - base), seconds=seconds,
+                        tokens=r1 - r0)
             gathered: List = [None] * world
             dist.all_gather_object(gathered, mine)
             last = gathered
